@@ -1,0 +1,1 @@
+"""Execution strategies: shared-memory (anyio task group) and client-server (processes)."""

@@ -1,0 +1,296 @@
+"""``LightningStore``: the abstract control plane shared by the algorithm and the runners.
+
+Names, parameters and meaning follow Agent-Lightning 0.3.0's ``LightningStore`` so that code
+written against it ports unchanged. Every method is a coroutine; implementations make each call
+appear atomic to concurrent callers of the same event loop.
+
+Error conventions, shared by every implementation (in-memory, locked, HTTP client):
+
+* getters (``get_rollout_by_id``, ``get_latest_attempt``, ``get_resources_by_id``,
+  ``get_worker_by_id``) return ``None`` for an unknown id;
+* mutations (``update_*``, ``start_attempt``, ``add_span`` …) raise ``ValueError`` naming the
+  unknown id, and invalid arguments raise ``ValueError`` *before* anything is changed.
+
+Cancellation: cancelling a call to a store method never leaves a half-applied change; only
+``wait_for_rollouts`` (and the long-poll form of ``dequeue_rollout`` where offered) actually
+wait, and cancelling them changes nothing.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from typing import Any, Final, Literal
+
+import msgspec
+
+from ..types import (
+    Attempt,
+    AttemptedRollout,
+    AttemptStatus,
+    ResourcesUpdate,
+    Rollout,
+    RolloutConfig,
+    RolloutMode,
+    RolloutStatus,
+    Span,
+    Worker,
+    WorkerId,
+    WorkerStatus,
+)
+
+__all__ = ["UNSET", "EnqueueRolloutRequest", "LightningStore", "Unset"]
+
+
+class Unset:
+    """Type of :data:`UNSET`, the marker for "leave this field as it is" in ``update_*`` calls.
+
+    It distinguishes an omitted argument from an explicit ``None``. There is exactly one instance;
+    it survives pickling as itself.
+    """
+
+    _instance: Unset | None = None
+
+    def __new__(cls) -> Unset:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __reduce__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Final = Unset()
+
+
+class EnqueueRolloutRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One entry of ``enqueue_many_rollouts``: the parameters of ``enqueue_rollout``."""
+
+    input: Any
+    mode: RolloutMode | None = None
+    resources_id: str | None = None
+    config: RolloutConfig | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class LightningStore(abc.ABC):
+    """The control plane: rollout queue, attempts, spans, resources and workers.
+
+    Subclasses implement every abstract coroutine. The batched forms have default
+    implementations in terms of the single ones; stores with a cheaper bulk path override them.
+    """
+
+    # ------------------------------------------------------------------ rollouts and the queue
+    @abc.abstractmethod
+    async def enqueue_rollout(
+        self,
+        input: Any,
+        mode: RolloutMode | None = None,
+        resources_id: str | None = None,
+        config: RolloutConfig | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Rollout:
+        """Add a rollout in status ``"queuing"`` at the tail of the queue; no attempt yet.
+
+        Without ``resources_id`` the rollout is bound to the latest resources at this moment
+        (``None`` when there are none). An unknown ``resources_id`` raises ``ValueError``.
+        """
+
+    async def enqueue_many_rollouts(
+        self, rollouts: Sequence[EnqueueRolloutRequest | Mapping[str, Any]]
+    ) -> list[Rollout]:
+        """Enqueue several rollouts, in order; each entry holds ``enqueue_rollout``'s parameters."""
+        out = []
+        for request in _as_enqueue_requests(rollouts):
+            out.append(
+                await self.enqueue_rollout(
+                    request.input, request.mode, request.resources_id, request.config, request.metadata
+                )
+            )
+        return out
+
+    @abc.abstractmethod
+    async def dequeue_rollout(self, worker_id: WorkerId | None = None) -> AttemptedRollout | None:
+        """Claim the oldest queued rollout, or return ``None`` at once when the queue is empty.
+
+        The claimed rollout becomes ``"preparing"`` with a new attempt (``sequence_id`` = number of
+        earlier attempts + 1, status ``"preparing"``, ``worker_id`` recorded).
+        """
+
+    async def dequeue_many_rollouts(
+        self, *, limit: int = 1, worker_id: WorkerId | None = None
+    ) -> list[AttemptedRollout]:
+        """Claim up to ``limit`` rollouts in FIFO order (fewer when the queue runs out)."""
+        out: list[AttemptedRollout] = []
+        for _ in range(max(limit, 0)):
+            claimed = await self.dequeue_rollout(worker_id=worker_id)
+            if claimed is None:
+                break
+            out.append(claimed)
+        return out
+
+    @abc.abstractmethod
+    async def start_rollout(
+        self,
+        input: Any,
+        mode: RolloutMode | None = None,
+        resources_id: str | None = None,
+        config: RolloutConfig | None = None,
+        metadata: dict[str, Any] | None = None,
+        worker_id: WorkerId | None = None,
+    ) -> AttemptedRollout:
+        """Create a rollout and claim it in one step (it never visits the queue)."""
+
+    @abc.abstractmethod
+    async def start_attempt(self, rollout_id: str, worker_id: WorkerId | None = None) -> AttemptedRollout:
+        """Make a new attempt of an existing rollout outside the queue (a manual retry)."""
+
+    @abc.abstractmethod
+    async def update_rollout(
+        self,
+        rollout_id: str,
+        input: Any | Unset = UNSET,
+        mode: RolloutMode | Unset | None = UNSET,
+        resources_id: str | Unset | None = UNSET,
+        status: RolloutStatus | Unset = UNSET,
+        config: RolloutConfig | Unset = UNSET,
+        metadata: dict[str, Any] | Unset | None = UNSET,
+    ) -> Rollout:
+        """Replace the given fields. A terminal status stamps ``end_time`` and wakes waiters; a
+        queue status (``queuing``/``requeuing``) puts the rollout back in the queue exactly once."""
+
+    @abc.abstractmethod
+    async def update_attempt(
+        self,
+        rollout_id: str,
+        attempt_id: str | Literal["latest"],
+        status: AttemptStatus | Unset = UNSET,
+        worker_id: WorkerId | Unset | None = UNSET,
+        last_heartbeat_time: float | Unset = UNSET,
+        metadata: dict[str, Any] | Unset | None = UNSET,
+    ) -> Attempt:
+        """Update an attempt (``"latest"`` = highest ``sequence_id``); counts as a heartbeat.
+
+        When the attempt is the rollout's latest, its status drives the rollout's: ``preparing``,
+        ``running`` and ``succeeded`` carry over; ``failed``, ``timeout`` and ``unresponsive`` send
+        the rollout back to the queue (``requeuing``) when the status is in the config's
+        ``retry_condition`` and ``sequence_id < max_attempts``, and fail it otherwise.
+        """
+
+    @abc.abstractmethod
+    async def wait_for_rollouts(
+        self, *, rollout_ids: list[str], timeout: float | None = None
+    ) -> list[Rollout]:
+        """Wait until all ``rollout_ids`` are terminal or ``timeout`` seconds pass; return the
+        terminal ones (in the order asked). ``timeout=None`` waits without limit, ``0`` only looks.
+
+        Woken by the status change itself (no polling). Cancelling the wait changes nothing.
+        """
+
+    @abc.abstractmethod
+    async def get_rollout_by_id(self, rollout_id: str) -> Rollout | None: ...
+
+    @abc.abstractmethod
+    async def query_rollouts(
+        self,
+        *,
+        status_in: Sequence[RolloutStatus] | None = None,
+        rollout_id_in: Sequence[str] | None = None,
+    ) -> list[Rollout]:
+        """Rollouts in creation order, filtered by status and/or id when given."""
+
+    @abc.abstractmethod
+    async def query_attempts(self, rollout_id: str) -> list[Attempt]:
+        """The attempts of a rollout by ``sequence_id`` (empty for an unknown rollout)."""
+
+    @abc.abstractmethod
+    async def get_latest_attempt(self, rollout_id: str) -> Attempt | None: ...
+
+    # ------------------------------------------------------------------ spans
+    @abc.abstractmethod
+    async def add_span(self, span: Span) -> Span | None:
+        """Store a span; it counts as a heartbeat of its attempt (a ``preparing`` or
+        ``unresponsive`` attempt becomes ``running``). Unknown rollout/attempt: ``ValueError``."""
+
+    async def add_many_spans(self, spans: Sequence[Span]) -> list[Span]:
+        """Store several spans, in order."""
+        out = []
+        for span in spans:
+            stored = await self.add_span(span)
+            if stored is not None:
+                out.append(stored)
+        return out
+
+    @abc.abstractmethod
+    async def query_spans(self, rollout_id: str, attempt_id: str | None = None) -> list[Span]:
+        """Spans of a rollout ordered by attempt then ``sequence_id``; ``attempt_id`` narrows it to
+        one attempt (``"latest"`` = the latest attempt)."""
+
+    @abc.abstractmethod
+    async def get_next_span_sequence_id(self, rollout_id: str, attempt_id: str) -> int:
+        """Reserve the next span ``sequence_id`` of an attempt (1, 2, …; never issued twice)."""
+
+    # ------------------------------------------------------------------ resources
+    @abc.abstractmethod
+    async def add_resources(self, resources: Mapping[str, Any]) -> ResourcesUpdate:
+        """Store a new snapshot under a fresh id; it becomes the latest."""
+
+    @abc.abstractmethod
+    async def update_resources(self, resources_id: str, resources: Mapping[str, Any]) -> ResourcesUpdate:
+        """Replace an existing snapshot (version + 1); it becomes the latest."""
+
+    @abc.abstractmethod
+    async def get_latest_resources(self) -> ResourcesUpdate | None: ...
+
+    @abc.abstractmethod
+    async def get_resources_by_id(self, resources_id: str) -> ResourcesUpdate | None: ...
+
+    @abc.abstractmethod
+    async def query_resources(self) -> list[ResourcesUpdate]:
+        """Every snapshot, in creation order."""
+
+    # ------------------------------------------------------------------ workers
+    @abc.abstractmethod
+    async def query_workers(self, *, status_in: Sequence[WorkerStatus] | None = None) -> list[Worker]: ...
+
+    @abc.abstractmethod
+    async def get_worker_by_id(self, worker_id: WorkerId) -> Worker | None: ...
+
+    @abc.abstractmethod
+    async def update_worker(
+        self, worker_id: WorkerId, heartbeat_stats: dict[str, Any] | Unset = UNSET
+    ) -> Worker:
+        """Record a heartbeat of a worker (registering it on first contact); also a heartbeat of
+        the attempt it currently holds."""
+
+    # ------------------------------------------------------------------ misc
+    @abc.abstractmethod
+    async def statistics(self) -> dict[str, Any]:
+        """Counts by status (``rollouts``, ``attempts``, ``workers``), queue length, totals."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook, not abstract
+        """Release what the store holds (connections, files). A no-op for in-memory stores."""
+
+
+def _as_enqueue_requests(
+    rollouts: Sequence[EnqueueRolloutRequest | Mapping[str, Any]],
+) -> list[EnqueueRolloutRequest]:
+    """Accept request structs or plain mappings with ``enqueue_rollout``'s keyword names."""
+    out = []
+    for item in rollouts:
+        if isinstance(item, EnqueueRolloutRequest):
+            out.append(item)
+        elif isinstance(item, Mapping):
+            try:
+                out.append(EnqueueRolloutRequest(**item))
+            except TypeError as exc:
+                raise ValueError(f"invalid enqueue request {dict(item)!r}: {exc}") from None
+        else:
+            raise ValueError(f"enqueue requests must be EnqueueRolloutRequest or mappings, got {item!r}")
+    return out

@@ -1,0 +1,90 @@
+"""``LightningStoreLocked``: serialise every call to a store through one anyio lock.
+
+Shared-memory mode hands this wrapper to all bundles so that each compound operation of the
+wrapped store (dequeue with its new attempt, an update with its status propagation) is seen as
+atomic by the other tasks, even for stores that await in the middle of an operation.
+
+``wait_for_rollouts`` is the exception: it does not hold the lock while it waits (that would stop
+every other bundle); each of its checks is a single atomic step of the wrapped store.
+
+The lock is an ``anyio.Lock``, so the wrapper works on asyncio and trio; it can be created
+outside an event loop. Cancellation while waiting for the lock leaves the store untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+import anyio
+
+from ..types import Rollout
+from .base import LightningStore
+
+__all__ = ["LightningStoreLocked"]
+
+F = TypeVar("F", bound=Callable[..., Coroutine[Any, Any, Any]])
+
+
+def _locked(name: str) -> Any:
+    async def method(self: LightningStoreLocked, *args: Any, **kwargs: Any) -> Any:
+        async with self._lock:
+            return await getattr(self.store, name)(*args, **kwargs)
+
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = getattr(LightningStore, name).__doc__
+    return method
+
+
+class LightningStoreLocked(LightningStore):
+    """Wrap ``store`` so that each call runs under one ``anyio.Lock`` (``wait_for_rollouts``
+    excepted: it waits without the lock)."""
+
+    def __init__(self, store: LightningStore) -> None:
+        if not isinstance(store, LightningStore):
+            raise TypeError(f"LightningStoreLocked wraps a LightningStore, got {type(store).__name__}")
+        self.store = store
+        self._lock = anyio.Lock(fast_acquire=True)
+
+    def __repr__(self) -> str:
+        return f"LightningStoreLocked({self.store!r})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"store": self.store}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["store"])  # type: ignore[misc]
+
+    async def wait_for_rollouts(
+        self, *, rollout_ids: list[str], timeout: float | None = None
+    ) -> list[Rollout]:
+        return await self.store.wait_for_rollouts(rollout_ids=rollout_ids, timeout=timeout)
+
+    async def close(self) -> None:
+        await self.store.close()
+
+    enqueue_rollout = _locked("enqueue_rollout")
+    enqueue_many_rollouts = _locked("enqueue_many_rollouts")
+    dequeue_rollout = _locked("dequeue_rollout")
+    dequeue_many_rollouts = _locked("dequeue_many_rollouts")
+    start_rollout = _locked("start_rollout")
+    start_attempt = _locked("start_attempt")
+    update_rollout = _locked("update_rollout")
+    update_attempt = _locked("update_attempt")
+    get_rollout_by_id = _locked("get_rollout_by_id")
+    query_rollouts = _locked("query_rollouts")
+    query_attempts = _locked("query_attempts")
+    get_latest_attempt = _locked("get_latest_attempt")
+    add_span = _locked("add_span")
+    add_many_spans = _locked("add_many_spans")
+    query_spans = _locked("query_spans")
+    get_next_span_sequence_id = _locked("get_next_span_sequence_id")
+    add_resources = _locked("add_resources")
+    update_resources = _locked("update_resources")
+    get_latest_resources = _locked("get_latest_resources")
+    get_resources_by_id = _locked("get_resources_by_id")
+    query_resources = _locked("query_resources")
+    query_workers = _locked("query_workers")
+    get_worker_by_id = _locked("get_worker_by_id")
+    update_worker = _locked("update_worker")
+    statistics = _locked("statistics")

@@ -1,0 +1,691 @@
+"""``InMemoryLightningStore``: the whole store in this process's memory.
+
+Atomicity: no method awaits between reading and writing state, so on one event loop every call
+is atomic by construction (``LightningStoreLocked`` adds a lock for stores where that is not so).
+The store is not thread-safe; use it from the event loop that runs the bundles.
+
+The watchdog is deadline bookkeeping, not a polling task: each live attempt whose rollout has a
+``timeout_seconds`` / ``unresponsive_seconds`` gets an entry in a heap ordered by deadline. Every
+store call first settles the deadlines that have passed, and ``wait_for_rollouts`` sleeps no
+longer than the nearest deadline, so a waiter sees an expired attempt's rollout requeued or failed
+at that moment without anyone polling. The attempt's ``end_time`` is the deadline itself.
+
+Pickling copies the data (rollouts, attempts, spans, resources, workers, queue); waiters belong
+to the event loop they wait on and are not carried over.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import time
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal, TypeVar
+
+import anyio
+import msgspec
+
+from ..types import (
+    ATTEMPT_STATUSES,
+    QUEUE_STATUSES,
+    ROLLOUT_STATUSES,
+    TERMINAL_ATTEMPT_STATUSES,
+    TERMINAL_ROLLOUT_STATUSES,
+    Attempt,
+    AttemptedRollout,
+    AttemptStatus,
+    ResourcesUpdate,
+    Rollout,
+    RolloutConfig,
+    RolloutMode,
+    RolloutStatus,
+    Span,
+    Worker,
+    WorkerId,
+    WorkerStatus,
+)
+from .base import UNSET, EnqueueRolloutRequest, LightningStore, Unset, _as_enqueue_requests
+
+__all__ = ["InMemoryLightningStore"]
+
+_LIVE_ATTEMPT_STATUSES = frozenset({"preparing", "running"})
+_MODES = frozenset({"train", "val", "test"})
+
+
+_S = TypeVar("_S", bound=msgspec.Struct)
+
+
+def _copy(obj: _S) -> _S:
+    """Shallow copy of a model: callers get snapshots, never the store's own objects."""
+    return obj.__copy__()  # type: ignore[attr-defined,no-any-return]
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}-{os.urandom(8).hex()}"
+
+
+def _rollout_status_for(attempt: Attempt, config: RolloutConfig) -> RolloutStatus:
+    """The rollout status implied by its latest attempt's status (retry rules included)."""
+    status = attempt.status
+    if status in ("preparing", "running", "succeeded"):
+        return status
+    if status in config.retry_condition and attempt.sequence_id < config.max_attempts:
+        return "requeuing"
+    return "failed"
+
+
+class _Waiter:
+    """One ``wait_for_rollouts`` call: the ids it still waits for and the event that ends it."""
+
+    __slots__ = ("event", "remaining")
+
+    def __init__(self, remaining: set[str]) -> None:
+        self.remaining = remaining
+        self.event = anyio.Event()
+
+
+class InMemoryLightningStore(LightningStore):
+    """A complete ``LightningStore`` kept in memory (the default store of a ``Trainer``)."""
+
+    def __init__(self) -> None:
+        self._rollouts: dict[str, Rollout] = {}
+        self._attempts: dict[str, list[Attempt]] = {}  # rollout_id -> attempts by sequence_id
+        self._attempt_by_id: dict[str, Attempt] = {}
+        self._queue: deque[str] = deque()
+        self._queued: set[str] = set()
+        self._spans: dict[str, list[Span]] = {}  # attempt_id -> spans
+        self._span_seq: dict[str, int] = {}  # attempt_id -> next sequence id
+        self._resources: dict[str, ResourcesUpdate] = {}
+        self._latest_resources_id: str | None = None
+        self._workers: dict[WorkerId, Worker] = {}
+        self._deadlines: list[tuple[float, str]] = []  # (deadline, attempt_id) min-heap
+        self._waiters: dict[str, list[_Waiter]] = {}
+
+    # ------------------------------------------------------------------ pickling
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_waiters"] = {}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    # ------------------------------------------------------------------ lookups
+    def _rollout(self, rollout_id: str) -> Rollout:
+        try:
+            return self._rollouts[rollout_id]
+        except (KeyError, TypeError):
+            raise ValueError(f"rollout {rollout_id!r} not found") from None
+
+    def _attempt(self, rollout_id: str, attempt_id: str) -> Attempt:
+        self._rollout(rollout_id)
+        if attempt_id == "latest":
+            attempts = self._attempts.get(rollout_id)
+            if not attempts:
+                raise ValueError(f"rollout {rollout_id!r} has no attempts")
+            return attempts[-1]
+        attempt = self._attempt_by_id.get(attempt_id) if isinstance(attempt_id, str) else None
+        if attempt is None or attempt.rollout_id != rollout_id:
+            raise ValueError(f"attempt {attempt_id!r} not found in rollout {rollout_id!r}")
+        return attempt
+
+    def _is_latest(self, attempt: Attempt) -> bool:
+        return self._attempts[attempt.rollout_id][-1] is attempt
+
+    def _attempted(self, rollout: Rollout, attempt: Attempt) -> AttemptedRollout:
+        fields = msgspec.structs.asdict(rollout)
+        return AttemptedRollout(**fields, attempt=_copy(attempt))
+
+    # ------------------------------------------------------------------ validation
+    @staticmethod
+    def _check_rollout_args(
+        mode: Any, resources_id: Any, config: Any, metadata: Any, resources: Mapping[str, ResourcesUpdate]
+    ) -> RolloutConfig:
+        if mode is not None and mode not in _MODES:
+            raise ValueError(f"unknown rollout mode {mode!r}; expected one of {sorted(_MODES)}")
+        if resources_id is not None and resources_id not in resources:
+            raise ValueError(f"resources {resources_id!r} not found")
+        if metadata is not None and not isinstance(metadata, dict):
+            raise ValueError(f"metadata must be a dict or None, got {type(metadata).__name__}")
+        return _as_config(config)
+
+    # ------------------------------------------------------------------ watchdog
+    def _settle_deadlines(self, now: float | None = None) -> None:
+        """Turn every live attempt past its deadline ``timeout`` / ``unresponsive``."""
+        heap = self._deadlines
+        if not heap:
+            return
+        if now is None:
+            now = time.time()
+        while heap and heap[0][0] <= now:
+            _, attempt_id = heapq.heappop(heap)
+            attempt = self._attempt_by_id.get(attempt_id)
+            if attempt is None or attempt.status not in _LIVE_ATTEMPT_STATUSES:
+                continue
+            verdict, due = self._attempt_deadline(attempt)
+            if due is None:
+                continue
+            if due <= now:
+                self._set_attempt_status(attempt, verdict, due)
+            else:
+                heapq.heappush(heap, (due, attempt_id))
+
+    def _attempt_deadline(self, attempt: Attempt) -> tuple[AttemptStatus, float | None]:
+        """The status an attempt will get if nothing happens, and when."""
+        config = self._rollouts[attempt.rollout_id].config
+        verdict: AttemptStatus = "timeout"
+        due: float | None = None
+        if config.timeout_seconds is not None:
+            due = attempt.start_time + config.timeout_seconds
+        if config.unresponsive_seconds is not None:
+            last = attempt.last_heartbeat_time or attempt.start_time
+            silent_due = last + config.unresponsive_seconds
+            if due is None or silent_due < due:
+                verdict, due = "unresponsive", silent_due
+        return verdict, due
+
+    def _watch(self, attempt: Attempt) -> None:
+        _, due = self._attempt_deadline(attempt)
+        if due is not None:
+            heapq.heappush(self._deadlines, (due, attempt.attempt_id))
+
+    def _next_deadline(self) -> float | None:
+        return self._deadlines[0][0] if self._deadlines else None
+
+    # ------------------------------------------------------------------ state transitions
+    def _set_rollout_status(self, rollout: Rollout, status: RolloutStatus, now: float) -> None:
+        if rollout.status == status:
+            return
+        rollout.status = status
+        if status in TERMINAL_ROLLOUT_STATUSES:
+            rollout.end_time = now
+            self._wake(rollout.rollout_id)
+        else:
+            rollout.end_time = None
+            if status in QUEUE_STATUSES and rollout.rollout_id not in self._queued:
+                self._queue.append(rollout.rollout_id)
+                self._queued.add(rollout.rollout_id)
+
+    def _set_attempt_status(self, attempt: Attempt, status: AttemptStatus, now: float) -> None:
+        previous = attempt.status
+        attempt.status = status
+        if status in TERMINAL_ATTEMPT_STATUSES:
+            attempt.end_time = attempt.end_time if previous == status else now
+        else:
+            attempt.end_time = None
+            if previous not in _LIVE_ATTEMPT_STATUSES:
+                self._watch(attempt)  # revived: supervise it again
+        self._sync_worker(attempt, now)
+        if self._is_latest(attempt):
+            rollout = self._rollouts[attempt.rollout_id]
+            if rollout.status != "cancelled":
+                self._set_rollout_status(rollout, _rollout_status_for(attempt, rollout.config), now)
+
+    def _new_attempt(self, rollout: Rollout, worker_id: WorkerId | None, now: float) -> Attempt:
+        attempts = self._attempts.setdefault(rollout.rollout_id, [])
+        attempt = Attempt(
+            rollout_id=rollout.rollout_id,
+            attempt_id=_new_id("at"),
+            sequence_id=len(attempts) + 1,
+            start_time=now,
+            worker_id=worker_id,
+        )
+        attempts.append(attempt)
+        self._attempt_by_id[attempt.attempt_id] = attempt
+        self._queued.discard(rollout.rollout_id)
+        rollout.status = "preparing"
+        rollout.end_time = None
+        config = rollout.config
+        if config.timeout_seconds is not None or config.unresponsive_seconds is not None:
+            self._watch(attempt)
+        if worker_id is not None:
+            self._sync_worker(attempt, now, dequeued=True)
+        return attempt
+
+    def _sync_worker(self, attempt: Attempt, now: float, dequeued: bool = False) -> None:
+        if attempt.worker_id is None:
+            return
+        worker = self._worker(attempt.worker_id)
+        if dequeued:
+            worker.last_dequeue_time = now
+        if attempt.status in ("succeeded", "failed"):
+            self._release_worker(worker, "idle", now, attempt.attempt_id)
+        elif attempt.status in ("unresponsive", "timeout"):
+            self._release_worker(worker, "unknown", now, attempt.attempt_id)
+        else:
+            worker.status = "busy"
+            worker.last_busy_time = now
+            worker.current_rollout_id = attempt.rollout_id
+            worker.current_attempt_id = attempt.attempt_id
+
+    @staticmethod
+    def _release_worker(worker: Worker, status: WorkerStatus, now: float, attempt_id: str) -> None:
+        if worker.current_attempt_id not in (None, attempt_id):
+            return  # the worker has moved on to another attempt already
+        worker.status = status
+        worker.last_idle_time = now
+        worker.current_rollout_id = None
+        worker.current_attempt_id = None
+
+    def _worker(self, worker_id: WorkerId) -> Worker:
+        worker = self._workers.get(worker_id)
+        if worker is None:
+            worker = self._workers[worker_id] = Worker(worker_id=worker_id)
+        return worker
+
+    def _heartbeat(self, attempt: Attempt, now: float) -> None:
+        attempt.last_heartbeat_time = now
+        if attempt.status in ("preparing", "unresponsive"):
+            self._set_attempt_status(attempt, "running", now)
+
+    def _wake(self, rollout_id: str) -> None:
+        for waiter in self._waiters.pop(rollout_id, ()):
+            waiter.remaining.discard(rollout_id)
+            if not waiter.remaining:
+                waiter.event.set()
+
+    # ------------------------------------------------------------------ rollouts and the queue
+    def _create_rollout(
+        self,
+        input: Any,
+        mode: RolloutMode | None,
+        resources_id: str | None,
+        config: RolloutConfig | None,
+        metadata: dict[str, Any] | None,
+        now: float,
+    ) -> Rollout:
+        cfg = self._check_rollout_args(mode, resources_id, config, metadata, self._resources)
+        rollout = Rollout(
+            rollout_id=_new_id("ro"),
+            input=input,
+            start_time=now,
+            mode=mode,
+            resources_id=resources_id if resources_id is not None else self._latest_resources_id,
+            config=cfg,
+            metadata=dict(metadata) if metadata else {},
+        )
+        self._rollouts[rollout.rollout_id] = rollout
+        return rollout
+
+    def _enqueue(self, rollout: Rollout) -> None:
+        self._queue.append(rollout.rollout_id)
+        self._queued.add(rollout.rollout_id)
+
+    async def enqueue_rollout(
+        self,
+        input: Any,
+        mode: RolloutMode | None = None,
+        resources_id: str | None = None,
+        config: RolloutConfig | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Rollout:
+        self._settle_deadlines()
+        rollout = self._create_rollout(input, mode, resources_id, config, metadata, time.time())
+        self._enqueue(rollout)
+        return _copy(rollout)
+
+    async def enqueue_many_rollouts(
+        self, rollouts: Sequence[EnqueueRolloutRequest | Mapping[str, Any]]
+    ) -> list[Rollout]:
+        self._settle_deadlines()
+        requests = _as_enqueue_requests(rollouts)
+        for r in requests:  # validate all before creating any: nothing half-applied
+            self._check_rollout_args(r.mode, r.resources_id, r.config, r.metadata, self._resources)
+        now = time.time()
+        out = []
+        for r in requests:
+            rollout = self._create_rollout(r.input, r.mode, r.resources_id, r.config, r.metadata, now)
+            self._enqueue(rollout)
+            out.append(_copy(rollout))
+        return out
+
+    def _pop_queued(self) -> Rollout | None:
+        queue, queued = self._queue, self._queued
+        while queue:
+            rollout_id = queue.popleft()
+            if rollout_id not in queued:
+                continue  # claimed meanwhile through start_attempt
+            queued.discard(rollout_id)
+            rollout = self._rollouts[rollout_id]
+            if rollout.status in QUEUE_STATUSES:
+                return rollout
+        return None
+
+    async def dequeue_rollout(self, worker_id: WorkerId | None = None) -> AttemptedRollout | None:
+        self._settle_deadlines()
+        now = time.time()
+        rollout = self._pop_queued()
+        if rollout is None:
+            if worker_id is not None:
+                worker = self._worker(worker_id)
+                worker.last_dequeue_time = now
+                if worker.current_attempt_id is None:
+                    worker.status = "idle"
+            return None
+        attempt = self._new_attempt(rollout, worker_id, now)
+        return self._attempted(rollout, attempt)
+
+    async def dequeue_many_rollouts(
+        self, *, limit: int = 1, worker_id: WorkerId | None = None
+    ) -> list[AttemptedRollout]:
+        self._settle_deadlines()
+        now = time.time()
+        out = []
+        for _ in range(max(limit, 0)):
+            rollout = self._pop_queued()
+            if rollout is None:
+                break
+            out.append(self._attempted(rollout, self._new_attempt(rollout, worker_id, now)))
+        return out
+
+    async def start_rollout(
+        self,
+        input: Any,
+        mode: RolloutMode | None = None,
+        resources_id: str | None = None,
+        config: RolloutConfig | None = None,
+        metadata: dict[str, Any] | None = None,
+        worker_id: WorkerId | None = None,
+    ) -> AttemptedRollout:
+        self._settle_deadlines()
+        now = time.time()
+        rollout = self._create_rollout(input, mode, resources_id, config, metadata, now)
+        return self._attempted(rollout, self._new_attempt(rollout, worker_id, now))
+
+    async def start_attempt(self, rollout_id: str, worker_id: WorkerId | None = None) -> AttemptedRollout:
+        self._settle_deadlines()
+        rollout = self._rollout(rollout_id)
+        now = time.time()
+        return self._attempted(rollout, self._new_attempt(rollout, worker_id, now))
+
+    async def update_rollout(
+        self,
+        rollout_id: str,
+        input: Any | Unset = UNSET,
+        mode: RolloutMode | Unset | None = UNSET,
+        resources_id: str | Unset | None = UNSET,
+        status: RolloutStatus | Unset = UNSET,
+        config: RolloutConfig | Unset = UNSET,
+        metadata: dict[str, Any] | Unset | None = UNSET,
+    ) -> Rollout:
+        self._settle_deadlines()
+        rollout = self._rollout(rollout_id)
+        # Validate everything first: a failing call changes nothing.
+        if status is not UNSET and status not in ROLLOUT_STATUSES:
+            raise ValueError(f"unknown rollout status {status!r}; expected one of {sorted(ROLLOUT_STATUSES)}")
+        self._check_rollout_args(
+            None if mode is UNSET else mode,
+            None if resources_id is UNSET else resources_id,
+            None,
+            None if metadata is UNSET else metadata,
+            self._resources,
+        )
+        new_config = None if config is UNSET else _as_config(config)
+        if not isinstance(input, Unset):
+            rollout.input = input
+        if not isinstance(mode, Unset):
+            rollout.mode = mode
+        if not isinstance(resources_id, Unset):
+            rollout.resources_id = resources_id
+        if new_config is not None:
+            rollout.config = new_config
+        if not isinstance(metadata, Unset):
+            rollout.metadata = dict(metadata) if metadata else {}
+        if not isinstance(status, Unset):
+            self._set_rollout_status(rollout, status, time.time())
+        return _copy(rollout)
+
+    async def update_attempt(
+        self,
+        rollout_id: str,
+        attempt_id: str | Literal["latest"],
+        status: AttemptStatus | Unset = UNSET,
+        worker_id: WorkerId | Unset | None = UNSET,
+        last_heartbeat_time: float | Unset = UNSET,
+        metadata: dict[str, Any] | Unset | None = UNSET,
+    ) -> Attempt:
+        self._settle_deadlines()
+        attempt = self._attempt(rollout_id, attempt_id)
+        if status is not UNSET and status not in ATTEMPT_STATUSES:
+            raise ValueError(f"unknown attempt status {status!r}; expected one of {sorted(ATTEMPT_STATUSES)}")
+        if not isinstance(metadata, (Unset, dict)) and metadata is not None:
+            raise ValueError(f"metadata must be a dict or None, got {type(metadata).__name__}")
+        if not isinstance(last_heartbeat_time, (Unset, int, float)) or isinstance(last_heartbeat_time, bool):
+            raise ValueError(f"last_heartbeat_time must be a number, got {last_heartbeat_time!r}")
+        now = time.time()
+        if not isinstance(metadata, Unset):
+            attempt.metadata = dict(metadata) if metadata else {}
+        if not isinstance(worker_id, Unset) and worker_id != attempt.worker_id:
+            attempt.worker_id = worker_id
+            if attempt.status in _LIVE_ATTEMPT_STATUSES:
+                self._sync_worker(attempt, now)
+        if attempt.status in _LIVE_ATTEMPT_STATUSES or status in _LIVE_ATTEMPT_STATUSES:
+            attempt.last_heartbeat_time = (
+                now if isinstance(last_heartbeat_time, Unset) else float(last_heartbeat_time)
+            )
+        elif not isinstance(last_heartbeat_time, Unset):
+            attempt.last_heartbeat_time = float(last_heartbeat_time)
+        if not isinstance(status, Unset):
+            self._set_attempt_status(attempt, status, now)
+        return _copy(attempt)
+
+    async def wait_for_rollouts(
+        self, *, rollout_ids: list[str], timeout: float | None = None
+    ) -> list[Rollout]:
+        if timeout is not None and timeout < 0:
+            raise ValueError(f"timeout must be >= 0 or None, got {timeout}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self._settle_deadlines()
+            pending = {rid for rid in rollout_ids if not self._is_finished(rid)}
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if not pending or (remaining is not None and remaining <= 0):
+                break
+            # Sleep until a rollout we wait for finishes, our timeout, or the next watchdog
+            # deadline (which may finish one of ours), whichever comes first.
+            next_due = self._next_deadline()
+            if next_due is not None:
+                until_due = max(next_due - time.time(), 0.0) + 0.001
+                remaining = until_due if remaining is None else min(remaining, until_due)
+            waiter = _Waiter(pending)
+            for rid in pending:
+                self._waiters.setdefault(rid, []).append(waiter)
+            try:
+                with anyio.move_on_after(remaining):
+                    await waiter.event.wait()
+            finally:
+                self._forget(waiter)
+        return [_copy(self._rollouts[rid]) for rid in rollout_ids if self._is_finished(rid)]
+
+    def _is_finished(self, rollout_id: str) -> bool:
+        rollout = self._rollouts.get(rollout_id)
+        return rollout is not None and rollout.status in TERMINAL_ROLLOUT_STATUSES
+
+    def _forget(self, waiter: _Waiter) -> None:
+        for rid in waiter.remaining:
+            waiters = self._waiters.get(rid)
+            if waiters is not None:
+                try:
+                    waiters.remove(waiter)
+                except ValueError:
+                    pass
+                if not waiters:
+                    del self._waiters[rid]
+
+    async def get_rollout_by_id(self, rollout_id: str) -> Rollout | None:
+        self._settle_deadlines()
+        rollout = self._rollouts.get(rollout_id)
+        return None if rollout is None else _copy(rollout)
+
+    async def query_rollouts(
+        self,
+        *,
+        status_in: Sequence[RolloutStatus] | None = None,
+        rollout_id_in: Sequence[str] | None = None,
+    ) -> list[Rollout]:
+        self._settle_deadlines()
+        rollouts: Iterable[Rollout]
+        if rollout_id_in is not None:
+            rollouts = (self._rollouts[r] for r in dict.fromkeys(rollout_id_in) if r in self._rollouts)
+        else:
+            rollouts = self._rollouts.values()
+        if status_in is not None:
+            wanted = set(status_in)
+            rollouts = (r for r in rollouts if r.status in wanted)
+        return [_copy(r) for r in rollouts]
+
+    async def query_attempts(self, rollout_id: str) -> list[Attempt]:
+        self._settle_deadlines()
+        return [_copy(a) for a in self._attempts.get(rollout_id, ())]
+
+    async def get_latest_attempt(self, rollout_id: str) -> Attempt | None:
+        self._settle_deadlines()
+        attempts = self._attempts.get(rollout_id)
+        return _copy(attempts[-1]) if attempts else None
+
+    # ------------------------------------------------------------------ spans
+    def _store_span(self, span: Span, now: float) -> Span:
+        if not isinstance(span, Span):
+            raise ValueError(f"expected a Span, got {type(span).__name__}")
+        attempt = self._attempt(span.rollout_id, span.attempt_id)
+        self._spans.setdefault(attempt.attempt_id, []).append(span)
+        if span.sequence_id >= self._span_seq.get(attempt.attempt_id, 1):
+            self._span_seq[attempt.attempt_id] = span.sequence_id + 1
+        self._heartbeat(attempt, now)
+        return span
+
+    async def add_span(self, span: Span) -> Span | None:
+        self._settle_deadlines()
+        return self._store_span(span, time.time())
+
+    async def add_many_spans(self, spans: Sequence[Span]) -> list[Span]:
+        self._settle_deadlines()
+        for span in spans:  # validate all first: nothing half-applied
+            if not isinstance(span, Span):
+                raise ValueError(f"expected a Span, got {type(span).__name__}")
+            self._attempt(span.rollout_id, span.attempt_id)
+        now = time.time()
+        return [self._store_span(span, now) for span in spans]
+
+    async def query_spans(self, rollout_id: str, attempt_id: str | None = None) -> list[Span]:
+        self._settle_deadlines()
+        attempts = self._attempts.get(rollout_id, [])
+        if attempt_id == "latest":
+            attempts = attempts[-1:]
+        elif attempt_id is not None:
+            attempts = [a for a in attempts if a.attempt_id == attempt_id]
+        out: list[Span] = []
+        for attempt in attempts:
+            out.extend(sorted(self._spans.get(attempt.attempt_id, ()), key=lambda s: s.sequence_id))
+        return out
+
+    async def get_next_span_sequence_id(self, rollout_id: str, attempt_id: str) -> int:
+        self._settle_deadlines()
+        attempt = self._attempt(rollout_id, attempt_id)
+        seq = self._span_seq.get(attempt.attempt_id, 1)
+        self._span_seq[attempt.attempt_id] = seq + 1
+        return seq
+
+    # ------------------------------------------------------------------ resources
+    async def add_resources(self, resources: Mapping[str, Any]) -> ResourcesUpdate:
+        update = ResourcesUpdate(_new_id("rs"), _as_resources(resources))
+        self._resources[update.resources_id] = update
+        self._latest_resources_id = update.resources_id
+        return _copy(update)
+
+    async def update_resources(self, resources_id: str, resources: Mapping[str, Any]) -> ResourcesUpdate:
+        current = self._resources.get(resources_id)
+        if current is None:
+            raise ValueError(f"resources {resources_id!r} not found")
+        mapping = _as_resources(resources)
+        current.resources = mapping
+        current.update_time = time.time()
+        current.version += 1
+        self._latest_resources_id = resources_id
+        return _copy(current)
+
+    async def get_latest_resources(self) -> ResourcesUpdate | None:
+        if self._latest_resources_id is None:
+            return None
+        return _copy(self._resources[self._latest_resources_id])
+
+    async def get_resources_by_id(self, resources_id: str) -> ResourcesUpdate | None:
+        found = self._resources.get(resources_id)
+        return None if found is None else _copy(found)
+
+    async def query_resources(self) -> list[ResourcesUpdate]:
+        return [_copy(r) for r in self._resources.values()]
+
+    # ------------------------------------------------------------------ workers
+    async def query_workers(self, *, status_in: Sequence[WorkerStatus] | None = None) -> list[Worker]:
+        self._settle_deadlines()
+        wanted = None if status_in is None else set(status_in)
+        return [_copy(w) for w in self._workers.values() if wanted is None or w.status in wanted]
+
+    async def get_worker_by_id(self, worker_id: WorkerId) -> Worker | None:
+        self._settle_deadlines()
+        worker = self._workers.get(worker_id)
+        return None if worker is None else _copy(worker)
+
+    async def update_worker(
+        self, worker_id: WorkerId, heartbeat_stats: dict[str, Any] | Unset = UNSET
+    ) -> Worker:
+        self._settle_deadlines()
+        if isinstance(worker_id, bool) or not isinstance(worker_id, (str, int)):
+            raise ValueError(f"worker_id must be a string or an integer, got {worker_id!r}")
+        if not isinstance(heartbeat_stats, (Unset, dict)):
+            raise ValueError(f"heartbeat_stats must be a dict, got {type(heartbeat_stats).__name__}")
+        now = time.time()
+        worker = self._worker(worker_id)
+        worker.last_heartbeat_time = now
+        if not isinstance(heartbeat_stats, Unset):
+            worker.heartbeat_stats = dict(heartbeat_stats)
+        if worker.current_attempt_id is not None:
+            attempt = self._attempt_by_id.get(worker.current_attempt_id)
+            if attempt is not None and attempt.status in _LIVE_ATTEMPT_STATUSES:
+                attempt.last_heartbeat_time = now
+        return _copy(worker)
+
+    # ------------------------------------------------------------------ misc
+    async def statistics(self) -> dict[str, Any]:
+        self._settle_deadlines()
+        rollouts: dict[str, int] = dict.fromkeys(sorted(ROLLOUT_STATUSES), 0)
+        for r in self._rollouts.values():
+            rollouts[r.status] += 1
+        attempts: dict[str, int] = dict.fromkeys(sorted(ATTEMPT_STATUSES), 0)
+        for a in self._attempt_by_id.values():
+            attempts[a.status] += 1
+        workers: dict[str, int] = {"busy": 0, "idle": 0, "unknown": 0}
+        for w in self._workers.values():
+            workers[w.status] += 1
+        return {
+            "name": type(self).__name__,
+            "total_rollouts": len(self._rollouts),
+            "total_attempts": len(self._attempt_by_id),
+            "total_spans": sum(len(s) for s in self._spans.values()),
+            "total_resources": len(self._resources),
+            "queue_length": len(self._queued),
+            "rollouts": rollouts,
+            "attempts": attempts,
+            "workers": workers,
+        }
+
+
+def _as_config(config: Any) -> RolloutConfig:
+    if config is None:
+        return RolloutConfig()
+    if isinstance(config, RolloutConfig):
+        return _copy(config)
+    if isinstance(config, Mapping):
+        try:
+            return RolloutConfig(**config)
+        except TypeError as exc:
+            raise ValueError(f"invalid rollout config {dict(config)!r}: {exc}") from None
+    raise ValueError(f"config must be a RolloutConfig, a mapping or None, got {type(config).__name__}")
+
+
+def _as_resources(resources: Any) -> dict[str, Any]:
+    if not isinstance(resources, Mapping):
+        raise ValueError(f"resources must be a mapping of names to values, got {type(resources).__name__}")
+    return dict(resources)
