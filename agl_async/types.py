@@ -83,8 +83,12 @@ class RolloutConfig(_Model):
             raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
         for name in ("timeout_seconds", "unresponsive_seconds"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not value > 0):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
+            ):
                 raise ValueError(f"{name} must be a positive number or None, got {value!r}")
+        if not isinstance(self.retry_condition, (list, tuple)):
+            raise ValueError(f"retry_condition must be a list of statuses, got {self.retry_condition!r}")
         for status in self.retry_condition:
             if status not in ATTEMPT_STATUSES:
                 raise ValueError(

@@ -7,7 +7,8 @@ The store is not thread-safe; use it from the event loop that runs the bundles.
 The watchdog is deadline bookkeeping, not a polling task: each live attempt whose rollout has a
 ``timeout_seconds`` / ``unresponsive_seconds`` gets an entry in a heap ordered by deadline. Every
 store call first settles the deadlines that have passed, and ``wait_for_rollouts`` sleeps no
-longer than the nearest deadline, so a waiter sees an expired attempt's rollout requeued or failed
+longer than the nearest deadline (a new attempt with a nearer one wakes it to sleep less), so a
+waiter sees an expired attempt's rollout requeued or failed
 at that moment without anyone polling. The attempt's ``end_time`` is the deadline itself.
 
 Pickling copies the data (rollouts, attempts, spans, resources, workers, queue); waiters belong
@@ -188,7 +189,12 @@ class InMemoryLightningStore(LightningStore):
     def _watch(self, attempt: Attempt) -> None:
         _, due = self._attempt_deadline(attempt)
         if due is not None:
-            heapq.heappush(self._deadlines, (due, attempt.attempt_id))
+            heap = self._deadlines
+            earliest = not heap or due < heap[0][0]
+            heapq.heappush(heap, (due, attempt.attempt_id))
+            if earliest:
+                # Waiters sleep until the nearest deadline they knew of; this one comes sooner.
+                self._nudge_waiters()
 
     def _next_deadline(self) -> float | None:
         return self._deadlines[0][0] if self._deadlines else None
@@ -206,6 +212,19 @@ class InMemoryLightningStore(LightningStore):
             if status in QUEUE_STATUSES and rollout.rollout_id not in self._queued:
                 self._queue.append(rollout.rollout_id)
                 self._queued.add(rollout.rollout_id)
+                return
+        if status not in QUEUE_STATUSES:
+            self._unqueue(rollout.rollout_id)
+
+    def _unqueue(self, rollout_id: str) -> None:
+        """Take a rollout out of the queue when it leaves it other than by being dequeued.
+
+        O(queue length), but only on that rare path (a status set by hand, ``start_attempt`` on a
+        queued rollout, a late update of a requeued rollout's attempt); ``dequeue`` pops in O(1).
+        """
+        if rollout_id in self._queued:
+            self._queued.discard(rollout_id)
+            self._queue.remove(rollout_id)
 
     def _set_attempt_status(self, attempt: Attempt, status: AttemptStatus, now: float) -> None:
         previous = attempt.status
@@ -233,7 +252,7 @@ class InMemoryLightningStore(LightningStore):
         )
         attempts.append(attempt)
         self._attempt_by_id[attempt.attempt_id] = attempt
-        self._queued.discard(rollout.rollout_id)
+        self._unqueue(rollout.rollout_id)
         rollout.status = "preparing"
         rollout.end_time = None
         config = rollout.config
@@ -278,6 +297,12 @@ class InMemoryLightningStore(LightningStore):
         attempt.last_heartbeat_time = now
         if attempt.status in ("preparing", "unresponsive"):
             self._set_attempt_status(attempt, "running", now)
+
+    def _nudge_waiters(self) -> None:
+        """Wake every ``wait_for_rollouts`` call so that it recomputes how long to sleep."""
+        for waiters in self._waiters.values():
+            for waiter in waiters:
+                waiter.event.set()
 
     def _wake(self, rollout_id: str) -> None:
         for waiter in self._waiters.pop(rollout_id, ()):
@@ -345,7 +370,7 @@ class InMemoryLightningStore(LightningStore):
         while queue:
             rollout_id = queue.popleft()
             if rollout_id not in queued:
-                continue  # claimed meanwhile through start_attempt
+                continue  # defensive: every way out of the queue also removes the entry
             queued.discard(rollout_id)
             rollout = self._rollouts[rollout_id]
             if rollout.status in QUEUE_STATUSES:
@@ -353,6 +378,7 @@ class InMemoryLightningStore(LightningStore):
         return None
 
     async def dequeue_rollout(self, worker_id: WorkerId | None = None) -> AttemptedRollout | None:
+        _check_worker_id(worker_id)
         self._settle_deadlines()
         now = time.time()
         rollout = self._pop_queued()
@@ -369,6 +395,7 @@ class InMemoryLightningStore(LightningStore):
     async def dequeue_many_rollouts(
         self, *, limit: int = 1, worker_id: WorkerId | None = None
     ) -> list[AttemptedRollout]:
+        _check_worker_id(worker_id)
         self._settle_deadlines()
         now = time.time()
         out = []
@@ -388,12 +415,14 @@ class InMemoryLightningStore(LightningStore):
         metadata: dict[str, Any] | None = None,
         worker_id: WorkerId | None = None,
     ) -> AttemptedRollout:
+        _check_worker_id(worker_id)
         self._settle_deadlines()
         now = time.time()
         rollout = self._create_rollout(input, mode, resources_id, config, metadata, now)
         return self._attempted(rollout, self._new_attempt(rollout, worker_id, now))
 
     async def start_attempt(self, rollout_id: str, worker_id: WorkerId | None = None) -> AttemptedRollout:
+        _check_worker_id(worker_id)
         self._settle_deadlines()
         rollout = self._rollout(rollout_id)
         now = time.time()
@@ -430,6 +459,9 @@ class InMemoryLightningStore(LightningStore):
             rollout.resources_id = resources_id
         if new_config is not None:
             rollout.config = new_config
+            for attempt in self._attempts.get(rollout_id, ()):
+                if attempt.status in _LIVE_ATTEMPT_STATUSES:
+                    self._watch(attempt)  # the new limits apply to attempts already running
         if not isinstance(metadata, Unset):
             rollout.metadata = dict(metadata) if metadata else {}
         if not isinstance(status, Unset):
@@ -453,6 +485,8 @@ class InMemoryLightningStore(LightningStore):
             raise ValueError(f"metadata must be a dict or None, got {type(metadata).__name__}")
         if not isinstance(last_heartbeat_time, (Unset, int, float)) or isinstance(last_heartbeat_time, bool):
             raise ValueError(f"last_heartbeat_time must be a number, got {last_heartbeat_time!r}")
+        if not isinstance(worker_id, Unset):
+            _check_worker_id(worker_id)
         now = time.time()
         if not isinstance(metadata, Unset):
             attempt.metadata = dict(metadata) if metadata else {}
@@ -672,11 +706,19 @@ class InMemoryLightningStore(LightningStore):
         }
 
 
+def _check_worker_id(worker_id: Any) -> None:
+    if worker_id is not None and (isinstance(worker_id, bool) or not isinstance(worker_id, (str, int))):
+        raise ValueError(f"worker_id must be a string, an integer or None, got {worker_id!r}")
+
+
 def _as_config(config: Any) -> RolloutConfig:
     if config is None:
         return RolloutConfig()
     if isinstance(config, RolloutConfig):
-        return _copy(config)
+        copy = _copy(config)
+        copy.retry_condition = list(copy.retry_condition)
+        copy.__post_init__()  # fields may have been assigned after construction: check again
+        return copy
     if isinstance(config, Mapping):
         try:
             return RolloutConfig(**config)
