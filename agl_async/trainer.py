@@ -1,5 +1,447 @@
-"""Placeholder: being written."""
+"""The :class:`Trainer` and the runner loop: an algorithm and an agent, run by an execution strategy.
+
+The trainer builds two *bundles* and hands them to the strategy:
+
+* the algorithm bundle publishes ``initial_resources`` (before anything else), sets the
+  algorithm's ``store`` and awaits :meth:`Algorithm.run <agl_async.algorithm.Algorithm.run>`;
+* each runner bundle runs :func:`runner_loop`: dequeue a rollout, mark its attempt ``running``,
+  call the agent with the rollout's input and resources, record the reward (a span named
+  :data:`REWARD_SPAN_NAME` and ``rollout.metadata["reward"]``), then mark the attempt
+  ``succeeded`` — or ``failed`` with the error and its traceback in the attempt's metadata.
+
+Both bundles are small picklable objects (client-server mode sends them to worker processes), so
+the agent and the algorithm must pickle too: a module-level function or class instance, not a
+lambda or closure, when runners live in other processes.
+
+Shutdown: a runner checks the stop event between rollouts and while it waits for work; the
+rollout it holds when the event is set is finished first (the strategy's grace period). If the
+runner is cancelled while the agent runs (grace over, Ctrl-C), the attempt is marked ``failed``
+with ``error = "cancelled"`` under a shielded scope before the cancellation propagates, so no
+attempt is left ``running`` by a runner that is gone; a synchronous agent's worker thread is
+abandoned (it cannot be interrupted) and its result discarded.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import time
+import traceback
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Protocol, cast
+
+import anyio
+import anyio.to_thread
+
+from .algorithm import REWARD_KEY, Algorithm, Baseline
+from .execution.base import ExecutionStrategy
+from .execution.client_server import ClientServerExecutionStrategy
+from .execution.shared_memory import SharedMemoryExecutionStrategy
+from .store.base import LightningStore
+from .store.memory import InMemoryLightningStore
+from .types import AttemptedRollout, Span, WorkerId
+
+__all__ = ["REWARD_SPAN_NAME", "Agent", "Trainer", "runner_loop"]
+
+logger = logging.getLogger(__name__)
+
+#: Name of the span the runner loop records for an agent's reward (attribute ``"reward"``).
+REWARD_SPAN_NAME = "agl_async.reward"
+
+#: An agent: ``agent(task_input, resources) -> reward`` (``float`` or ``None``), sync or async.
+Agent = Callable[[Any, dict[str, Any]], "float | None | Awaitable[float | None]"]
+
+#: Seconds between heartbeats while an agent call runs (shortened for rollouts whose
+#: ``config.unresponsive_seconds`` is smaller: a third of it).
+DEFAULT_HEARTBEAT_INTERVAL = 10.0
+#: Idle runners poll an in-process store with exponential backoff between these bounds (seconds);
+#: a store with a long-poll ``dequeue_rollout(worker_id=..., timeout=...)`` is waited on instead.
+_MIN_BACKOFF, _MAX_BACKOFF = 0.002, 0.1
+_LONG_POLL_TIMEOUT = 0.5
+#: Upper bound for recording the failure of a cancelled attempt (runs shielded from the cancellation).
+_CANCEL_RECORD_TIMEOUT = 5.0
+
+
+class StopEvent(Protocol):
+    """What the runner loop needs of an :class:`~agl_async.ExecutionEvent`."""
+
+    def is_set(self) -> bool: ...
+
+    async def wait(self) -> Any: ...
+
+
+# ---------------------------------------------------------------------------------------- runner
+def _supports_long_poll(store: LightningStore) -> bool:
+    """True when ``store.dequeue_rollout`` takes a ``timeout`` (a long poll that waits for work)."""
+    try:
+        return "timeout" in inspect.signature(store.dequeue_rollout).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _is_async_callable(fn: Any) -> bool:
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))  # noqa: B004
+
+
+def _as_reward(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, (bool, int, float)):
+        return float(value)
+    raise TypeError(f"the agent must return a float reward or None, got {type(value).__name__}: {value!r}")
+
+
+async def _next_rollout(
+    store: LightningStore, worker_id: WorkerId, event: StopEvent, long_poll: bool
+) -> AttemptedRollout | None:
+    """Claim the next rollout, waiting for one; ``None`` once the event is set."""
+    delay = _MIN_BACKOFF
+    while not event.is_set():
+        if long_poll:
+            rollout = await store.dequeue_rollout(worker_id=worker_id, timeout=_LONG_POLL_TIMEOUT)  # type: ignore[call-arg]
+        else:
+            rollout = await store.dequeue_rollout(worker_id=worker_id)
+        if rollout is not None:
+            return rollout
+        if not long_poll:
+            with anyio.move_on_after(delay):
+                await event.wait()
+            delay = min(delay * 2, _MAX_BACKOFF)
+    return None
+
+
+async def _heartbeat(store: LightningStore, worker_id: WorkerId, rollout_id: str, interval: float) -> None:
+    """Tell the store the worker (and so its attempt) is alive every ``interval`` seconds until
+    cancelled. A failing heartbeat is logged, never raised: it must not kill the agent call."""
+    while True:
+        await anyio.sleep(interval)
+        try:
+            await store.update_worker(
+                worker_id, heartbeat_stats={"rollout_id": rollout_id, "time": time.time()}
+            )
+        except Exception:
+            logger.warning("runner %s: heartbeat failed", worker_id, exc_info=True)
+
+
+async def _call_agent(agent: Agent, task_input: Any, resources: dict[str, Any]) -> Any:
+    if _is_async_callable(agent):
+        result: Any = await cast(Callable[..., Awaitable[Any]], agent)(task_input, resources)
+    else:
+        # A worker thread keeps the loop free; abandoned (not interrupted) on cancellation.
+        result = await anyio.to_thread.run_sync(
+            functools.partial(agent, task_input, resources), abandon_on_cancel=True
+        )
+    if inspect.isawaitable(result):
+        result = await result
+    return result
+
+
+async def run_rollout(
+    store: LightningStore,
+    worker_id: WorkerId,
+    rollout: AttemptedRollout,
+    agent: Agent,
+    *,
+    heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+) -> float | None:
+    """Run one claimed rollout through ``agent`` and record the outcome; returns the reward.
+
+    An exception from the agent (or a non-numeric result) is recorded — attempt ``failed`` with
+    ``metadata = {"error": "<Type>: <message>", "traceback": "..."}`` — and not raised. Errors of
+    the store itself propagate. Cancellation while the agent runs marks the attempt ``failed``
+    (``error = "cancelled"``), shielded and bounded, and then propagates.
+    """
+    rollout_id, attempt_id = rollout.rollout_id, rollout.attempt.attempt_id
+    await store.update_attempt(rollout_id, attempt_id, status="running", worker_id=worker_id)
+    resources: dict[str, Any] = {}
+    if rollout.resources_id is not None:
+        update = await store.get_resources_by_id(rollout.resources_id)
+        if update is not None:
+            resources = dict(update.resources)
+    unresponsive = rollout.config.unresponsive_seconds
+    interval = heartbeat_interval if unresponsive is None else min(heartbeat_interval, unresponsive / 3)
+
+    started = time.time()
+    reward: float | None = None
+    error: BaseException | None = None
+    error_traceback = ""
+    try:
+        async with anyio.create_task_group() as tg:
+            if interval > 0:
+                tg.start_soon(_heartbeat, store, worker_id, rollout_id, interval)
+            try:
+                reward = _as_reward(await _call_agent(agent, rollout.input, resources))
+            except Exception as exc:
+                error, error_traceback = exc, traceback.format_exc()
+            finally:
+                tg.cancel_scope.cancel()
+    except BaseException:
+        # Cancelled (or interrupted) while the agent ran: do not leave the attempt "running".
+        with anyio.CancelScope(shield=True), anyio.move_on_after(_CANCEL_RECORD_TIMEOUT):
+            try:
+                await store.update_attempt(
+                    rollout_id, attempt_id, status="failed", metadata={"error": "cancelled"}
+                )
+            except Exception:
+                logger.warning("runner %s: could not record the cancelled attempt", worker_id, exc_info=True)
+        raise
+    ended = time.time()
+
+    if error is not None:
+        logger.warning("runner %s: rollout %s failed: %r", worker_id, rollout_id, error)
+        await store.update_attempt(
+            rollout_id,
+            attempt_id,
+            status="failed",
+            metadata={"error": f"{type(error).__name__}: {error}", "traceback": error_traceback},
+        )
+        return None
+    if reward is not None:
+        sequence_id = await store.get_next_span_sequence_id(rollout_id, attempt_id)
+        await store.add_span(
+            Span(
+                rollout_id=rollout_id,
+                attempt_id=attempt_id,
+                sequence_id=sequence_id,
+                trace_id=uuid.uuid4().hex,
+                span_id=uuid.uuid4().hex[:16],
+                name=REWARD_SPAN_NAME,
+                start_time=started,
+                end_time=ended,
+                attributes={REWARD_KEY: reward},
+                status_code="ok",
+            )
+        )
+        # Written before the attempt succeeds, so whoever is woken by the success sees the reward.
+        await store.update_rollout(rollout_id, metadata={**rollout.metadata, REWARD_KEY: reward})
+    await store.update_attempt(rollout_id, attempt_id, status="succeeded")
+    return reward
+
+
+async def runner_loop(
+    store: LightningStore,
+    worker_id: WorkerId,
+    event: StopEvent,
+    agent: Agent,
+    *,
+    max_rollouts: int | None = None,
+    heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+) -> int:
+    """Run rollouts from ``store`` through ``agent`` until ``event`` is set or ``max_rollouts``
+    rollouts (of this runner) are done; returns how many it ran.
+
+    Stops: checked between rollouts and while waiting for work (the wait is an ``event.wait()``
+    with backoff, or the store's long poll of at most 0.5 s), so a set event is noticed promptly;
+    the rollout already claimed is always run to the end. See :func:`run_rollout` for what is
+    recorded and for cancellation.
+    """
+    if max_rollouts is not None and max_rollouts < 0:
+        raise ValueError(f"max_rollouts must be >= 0 or None, got {max_rollouts}")
+    long_poll = _supports_long_poll(store)
+    await store.update_worker(worker_id, heartbeat_stats={"time": time.time()})
+    done = 0
+    while max_rollouts is None or done < max_rollouts:
+        rollout = await _next_rollout(store, worker_id, event, long_poll)
+        if rollout is None:
+            break
+        await run_rollout(store, worker_id, rollout, agent, heartbeat_interval=heartbeat_interval)
+        done += 1
+    logger.debug("runner %s: stopping after %d rollouts", worker_id, done)
+    return done
+
+
+class _RunnerBundle:
+    """``runner(store, worker_id, event)`` for the strategy; picklable when the agent is."""
+
+    def __init__(self, agent: Agent, max_rollouts: int | None, heartbeat_interval: float) -> None:
+        self.agent = agent
+        self.max_rollouts = max_rollouts
+        self.heartbeat_interval = heartbeat_interval
+
+    async def __call__(self, store: LightningStore, worker_id: int, event: StopEvent) -> None:
+        await runner_loop(
+            store,
+            worker_id,
+            event,
+            self.agent,
+            max_rollouts=self.max_rollouts,
+            heartbeat_interval=self.heartbeat_interval,
+        )
+
+
+class _AlgorithmBundle:
+    """``algorithm(store, event)`` for the strategy; picklable when the algorithm is.
+
+    Publishes ``initial_resources`` first (so every rollout the algorithm enqueues is bound to
+    them), then runs the algorithm. Without an algorithm it waits for the event: the runners
+    serve an algorithm elsewhere, or stop by ``max_rollouts``.
+    """
+
+    def __init__(
+        self,
+        algorithm: Algorithm | None,
+        train_dataset: Sequence[Any] | None,
+        val_dataset: Sequence[Any] | None,
+        initial_resources: Mapping[str, Any] | None,
+    ) -> None:
+        self.algorithm = algorithm
+        self.train_dataset = train_dataset
+        self.val_dataset = val_dataset
+        self.initial_resources = initial_resources
+
+    async def __call__(self, store: LightningStore, event: StopEvent) -> None:
+        if self.initial_resources is not None:
+            await store.add_resources(dict(self.initial_resources))
+        if self.algorithm is None:
+            await event.wait()
+            return
+        self.algorithm.store = store
+        if self.initial_resources is not None:
+            self.algorithm.initial_resources = dict(self.initial_resources)
+        await self.algorithm.run(train_dataset=self.train_dataset, val_dataset=self.val_dataset)
+
+
+# --------------------------------------------------------------------------------------- trainer
+_STRATEGY_ALIASES: dict[str, type[Any]] = {
+    "shm": SharedMemoryExecutionStrategy,
+    "shared_memory": SharedMemoryExecutionStrategy,
+    "cs": ClientServerExecutionStrategy,
+    "client_server": ClientServerExecutionStrategy,
+}
+
+
+def _make_strategy(spec: Any, n_runners: int | None) -> ExecutionStrategy:
+    """An ExecutionStrategy from an instance, an alias or a ``{"type": alias, **kwargs}`` dict.
+
+    ``n_runners`` fills in the strategy's ``n_runners`` when the alias/dict does not set it.
+    """
+    if spec is None:
+        spec = "shm"
+    if isinstance(spec, str):
+        spec = {"type": spec}
+    if isinstance(spec, Mapping):
+        kwargs = dict(spec)
+        kind = kwargs.pop("type", None)
+        if kind not in _STRATEGY_ALIASES:
+            raise ValueError(f"unknown strategy type {kind!r}; expected one of {sorted(_STRATEGY_ALIASES)}")
+        if n_runners is not None:
+            kwargs.setdefault("n_runners", n_runners)
+        try:
+            return cast(ExecutionStrategy, _STRATEGY_ALIASES[kind](**kwargs))
+        except TypeError as exc:
+            raise ValueError(f"invalid options for strategy {kind!r}: {exc}") from None
+    if isinstance(spec, ExecutionStrategy):
+        own = getattr(spec, "n_runners", None)
+        if n_runners is not None and own is not None and own != n_runners:
+            raise ValueError(f"n_runners={n_runners} conflicts with the strategy's n_runners={own}")
+        return spec
+    raise ValueError(f"strategy must be an ExecutionStrategy, 'shm', 'cs' or a dict, got {spec!r}")
 
 
 class Trainer:
-    """Not implemented yet."""
+    """Run an :class:`~agl_async.algorithm.Algorithm` and an agent with an execution strategy.
+
+    ``strategy``: an :class:`~agl_async.ExecutionStrategy`, the alias ``"shm"`` / ``"cs"``, or a
+    dict ``{"type": "shm" | "cs", **options}``; ``None`` means shared-memory. ``n_runners`` sets
+    the number of runners of a strategy made from an alias or dict (and must agree with a given
+    strategy object); ``trainer.n_runners`` is the resolved number. ``store`` defaults to a fresh
+    :class:`~agl_async.InMemoryLightningStore` (kept on ``trainer.store``, so results can be read
+    after the run). ``algorithm`` ``None`` with a dataset means :class:`~agl_async.algorithm.Baseline`;
+    with no dataset the algorithm side just waits (runners stop by ``max_rollouts`` or the event).
+    ``max_rollouts`` caps the rollouts of *each* runner. ``initial_resources`` (a mapping of JSON
+    values) is published with ``add_resources`` before the algorithm starts. ``heartbeat_interval``:
+    seconds between runner heartbeats while an agent call runs.
+
+    Shutdown and errors are the strategy's: the run ends when the algorithm returns (runners finish
+    their current rollout within the grace period); an exception in a bundle stops the run and is
+    re-raised by ``fit``; Ctrl-C under ``fit`` stops everything and raises ``KeyboardInterrupt``.
+    """
+
+    def __init__(
+        self,
+        strategy: ExecutionStrategy | str | Mapping[str, Any] | None = None,
+        n_runners: int | None = None,
+        store: LightningStore | None = None,
+        algorithm: Algorithm | None = None,
+        agent: Agent | None = None,
+        train_dataset: Sequence[Any] | None = None,
+        val_dataset: Sequence[Any] | None = None,
+        max_rollouts: int | None = None,
+        initial_resources: Mapping[str, Any] | None = None,
+        *,
+        heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+    ) -> None:
+        if n_runners is not None and (
+            isinstance(n_runners, bool) or not isinstance(n_runners, int) or n_runners < 1
+        ):
+            raise ValueError(f"n_runners must be a positive integer, got {n_runners!r}")
+        if max_rollouts is not None and (
+            isinstance(max_rollouts, bool) or not isinstance(max_rollouts, int) or max_rollouts < 0
+        ):
+            raise ValueError(f"max_rollouts must be a non-negative integer or None, got {max_rollouts!r}")
+        if initial_resources is not None and not isinstance(initial_resources, Mapping):
+            raise ValueError(f"initial_resources must be a mapping, got {type(initial_resources).__name__}")
+        if store is not None and not isinstance(store, LightningStore):
+            raise ValueError(f"store must be a LightningStore, got {type(store).__name__}")
+        if algorithm is not None and not isinstance(algorithm, Algorithm):
+            raise ValueError(f"algorithm must be an Algorithm, got {type(algorithm).__name__}")
+        self.strategy = _make_strategy(strategy, n_runners)
+        self.n_runners: int = getattr(self.strategy, "n_runners", n_runners or 1)
+        self.store: LightningStore = store if store is not None else InMemoryLightningStore()
+        self.algorithm = algorithm
+        self.agent = agent
+        self.train_dataset = train_dataset
+        self.val_dataset = val_dataset
+        self.max_rollouts = max_rollouts
+        self.initial_resources = initial_resources
+        self.heartbeat_interval = heartbeat_interval
+
+    def _bundles(
+        self, agent: Agent | None, train_dataset: Sequence[Any] | None, val_dataset: Sequence[Any] | None
+    ) -> tuple[_AlgorithmBundle, _RunnerBundle]:
+        if agent is None:
+            raise ValueError("no agent: pass one to fit() or to Trainer(agent=...)")
+        if not callable(agent):
+            raise ValueError(f"the agent must be callable as agent(task_input, resources), got {agent!r}")
+        algorithm = self.algorithm
+        if algorithm is None and (train_dataset or val_dataset):
+            algorithm = Baseline()
+        return (
+            _AlgorithmBundle(algorithm, train_dataset, val_dataset, self.initial_resources),
+            _RunnerBundle(agent, self.max_rollouts, self.heartbeat_interval),
+        )
+
+    def fit(
+        self,
+        agent: Agent,
+        train_dataset: Sequence[Any] | None = None,
+        val_dataset: Sequence[Any] | None = None,
+    ) -> None:
+        """Train ``agent``; blocks until the run is over (starts its own event loop).
+
+        Not for use inside a running event loop: there, ``await fit_async(...)``.
+        """
+        algorithm_bundle, runner_bundle = self._bundles(agent, train_dataset, val_dataset)
+        self.strategy.run(algorithm_bundle, runner_bundle, self.store)
+
+    async def fit_async(
+        self,
+        agent: Agent,
+        train_dataset: Sequence[Any] | None = None,
+        val_dataset: Sequence[Any] | None = None,
+    ) -> None:
+        """Train ``agent`` inside the caller's event loop; cancelling it stops the run cleanly."""
+        algorithm_bundle, runner_bundle = self._bundles(agent, train_dataset, val_dataset)
+        await self.strategy.execute(algorithm_bundle, runner_bundle, self.store)
+
+    def run(self) -> None:
+        """:meth:`fit` with the agent and datasets given to the constructor."""
+        self.fit(cast(Agent, self.agent), self.train_dataset, self.val_dataset)
+
+    async def arun(self) -> None:
+        """:meth:`fit_async` with the agent and datasets given to the constructor."""
+        await self.fit_async(cast(Agent, self.agent), self.train_dataset, self.val_dataset)

@@ -1,0 +1,1 @@
+"""Runnable examples. :mod:`agl_async.examples.evolution` is the ``agl-async demo``."""
