@@ -8,8 +8,8 @@ The watchdog is deadline bookkeeping, not a polling task: each live attempt whos
 ``timeout_seconds`` / ``unresponsive_seconds`` gets an entry in a heap ordered by deadline. Every
 store call first settles the deadlines that have passed, and ``wait_for_rollouts`` sleeps no
 longer than the nearest deadline (a new attempt with a nearer one wakes it to sleep less), so a
-waiter sees an expired attempt's rollout requeued or failed
-at that moment without anyone polling. The attempt's ``end_time`` is the deadline itself.
+waiter sees an expired attempt's rollout requeued or failed at that moment without anyone polling.
+The attempt's ``end_time`` is the deadline itself.
 
 Pickling copies the data (rollouts, attempts, spans, resources, workers, queue); waiters belong
 to the event loop they wait on and are not carried over.
@@ -102,11 +102,14 @@ class InMemoryLightningStore(LightningStore):
         self._workers: dict[WorkerId, Worker] = {}
         self._deadlines: list[tuple[float, str]] = []  # (deadline, attempt_id) min-heap
         self._waiters: dict[str, list[_Waiter]] = {}
+        # Set (and dropped) whenever a rollout enters the queue: wakes long-polling dequeuers.
+        self._queue_event: anyio.Event | None = None
 
     # ------------------------------------------------------------------ pickling
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_waiters"] = {}
+        state["_queue_event"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -212,6 +215,7 @@ class InMemoryLightningStore(LightningStore):
             if status in QUEUE_STATUSES and rollout.rollout_id not in self._queued:
                 self._queue.append(rollout.rollout_id)
                 self._queued.add(rollout.rollout_id)
+                self._notify_queue()
                 return
         if status not in QUEUE_STATUSES:
             self._unqueue(rollout.rollout_id)
@@ -303,6 +307,7 @@ class InMemoryLightningStore(LightningStore):
         for waiters in self._waiters.values():
             for waiter in waiters:
                 waiter.event.set()
+        self._notify_queue()  # long-polling dequeuers recompute their sleep as well
 
     def _wake(self, rollout_id: str) -> None:
         for waiter in self._waiters.pop(rollout_id, ()):
@@ -336,6 +341,13 @@ class InMemoryLightningStore(LightningStore):
     def _enqueue(self, rollout: Rollout) -> None:
         self._queue.append(rollout.rollout_id)
         self._queued.add(rollout.rollout_id)
+        self._notify_queue()
+
+    def _notify_queue(self) -> None:
+        """Wake the long-polling ``dequeue_rollout`` calls: the queue has something again."""
+        event, self._queue_event = self._queue_event, None
+        if event is not None:
+            event.set()
 
     async def enqueue_rollout(
         self,
@@ -377,20 +389,37 @@ class InMemoryLightningStore(LightningStore):
                 return rollout
         return None
 
-    async def dequeue_rollout(self, worker_id: WorkerId | None = None) -> AttemptedRollout | None:
-        _check_worker_id(worker_id)
-        self._settle_deadlines()
-        now = time.time()
-        rollout = self._pop_queued()
-        if rollout is None:
+    async def dequeue_rollout(
+        self, worker_id: WorkerId | None = None, *, timeout: float | None = None
+    ) -> AttemptedRollout | None:
+        if timeout is not None and (isinstance(timeout, bool) or not timeout >= 0):
+            raise ValueError(f"timeout must be >= 0 or None, got {timeout!r}")
+        deadline = time.monotonic() + timeout if timeout else None
+        while True:
+            self._settle_deadlines()
+            now = time.time()
+            rollout = self._pop_queued()
+            if rollout is not None:
+                attempt = self._new_attempt(rollout, worker_id, now)
+                return self._attempted(rollout, attempt)
             if worker_id is not None:
                 worker = self._worker(worker_id)
                 worker.last_dequeue_time = now
                 if worker.current_attempt_id is None:
                     worker.status = "idle"
-            return None
-        attempt = self._new_attempt(rollout, worker_id, now)
-        return self._attempted(rollout, attempt)
+            remaining = 0.0 if deadline is None else deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            # Long poll: sleep until something is queued, our timeout, or the next watchdog
+            # deadline (which may requeue a rollout), whichever comes first. Cancelling this
+            # sleep changes nothing: the claim above happens without awaiting.
+            next_due = self._next_deadline()
+            if next_due is not None:
+                remaining = min(remaining, max(next_due - time.time(), 0.0) + 0.001)
+            if self._queue_event is None:
+                self._queue_event = anyio.Event()
+            with anyio.move_on_after(remaining):
+                await self._queue_event.wait()
 
     async def dequeue_many_rollouts(
         self, *, limit: int = 1, worker_id: WorkerId | None = None
