@@ -1,5 +1,550 @@
-"""Placeholder: being written."""
+"""``LightningStoreClient``: the whole ``LightningStore`` API over HTTP (httpx).
+
+Connections
+    One ``httpx.AsyncClient`` (one keep-alive connection pool) per client, created lazily by the
+    first call in the process and event loop that use it. Pickling keeps only the configuration,
+    so a client handed to a spawned/forked process reconnects there on first use; a client used
+    from a second event loop (or after a fork) starts a fresh pool and drops the old one
+    unclosed (it belongs to the other loop). Works on asyncio and trio.
+
+Failures
+    Connection failures (refused, reset, closed before the answer) are retried after each delay
+    of ``retry_delays`` (bounded backoff, default ~8 s in all); after the last one the call raises
+    :class:`StoreConnectionError` (a ``ConnectionError``) naming the endpoint. A request that gets
+    no answer within its HTTP timeout raises it too. Nothing waits unbounded except the calls the
+    caller asked to wait unbounded (``wait_for_rollouts(timeout=None)``,
+    ``dequeue_rollout(timeout=inf)``): for those the HTTP read timeout is the wait plus
+    ``request_timeout`` (or none), so the server's answer always arrives first.
+
+    The server's 400/404/413/422 answers are raised as ``ValueError`` with the server's message
+    (exactly what the in-process store raises); 401/403 as :class:`StoreAuthError`
+    (a ``PermissionError``); other answers as ``RuntimeError`` naming the endpoint.
+
+Idempotency
+    Every mutating call sends an ``Idempotency-Key`` header, the same on each of its retries; the
+    server replays its first answer to a repeated key, so a retry after a lost response never
+    enqueues, claims or stores anything twice.
+
+Cancellation
+    Cancelling a call abandons its request (the connection is closed). The server notices the
+    disconnect during long polls and claims nothing for it; a short mutating request already
+    received by the server may still be applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import Any, Literal, TypeVar
+
+import anyio
+import httpx
+import msgspec
+
+from ..store.base import UNSET, EnqueueRolloutRequest, LightningStore, Unset, _as_enqueue_requests
+from ..types import (
+    Attempt,
+    AttemptedRollout,
+    AttemptStatus,
+    ResourcesUpdate,
+    Rollout,
+    RolloutConfig,
+    RolloutMode,
+    RolloutStatus,
+    Span,
+    Worker,
+    WorkerId,
+    WorkerStatus,
+)
+from . import protocol as p
+
+__all__ = ["DEFAULT_RETRY_DELAYS", "LightningStoreClient", "StoreAuthError", "StoreConnectionError"]
+
+#: Seconds to wait before each retry of a request that could not reach the server (7.85 s in all).
+DEFAULT_RETRY_DELAYS: tuple[float, ...] = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 4.0)
+
+_RETRYABLE = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.ReadError,
+    httpx.WriteError,
+    httpx.RemoteProtocolError,
+    httpx.PoolTimeout,
+)
+
+T = TypeVar("T")
+_encoder = msgspec.json.Encoder()
+_decoders: dict[str, msgspec.json.Decoder[Any]] = {
+    name: msgspec.json.Decoder(spec.result) for name, spec in p.ROUTES.items()
+}
+_error_decoder = msgspec.json.Decoder(p.ErrorBody)
 
 
-class LightningStoreClient:
-    """Not implemented yet."""
+class StoreConnectionError(ConnectionError):
+    """The store server could not be reached (after the retries) or did not answer in time."""
+
+
+class StoreAuthError(PermissionError):
+    """The store server refused the request's credentials (401/403)."""
+
+
+def _m(value: Any) -> Any:
+    """The store's ``UNSET`` -> msgspec's (an absent field on the wire)."""
+    return msgspec.UNSET if isinstance(value, Unset) else value
+
+
+def _loop_token() -> object:
+    """Identity of the running event loop (asyncio loop or trio run)."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        import trio
+
+        return trio.lowlevel.current_root_task()
+
+
+def _as_config(config: Any) -> RolloutConfig | None:
+    if config is None or isinstance(config, RolloutConfig):
+        return config
+    if isinstance(config, Mapping):
+        try:
+            return RolloutConfig(**config)
+        except TypeError as exc:
+            raise ValueError(f"invalid rollout config {dict(config)!r}: {exc}") from None
+    raise ValueError(f"config must be a RolloutConfig, a mapping or None, got {type(config).__name__}")
+
+
+class LightningStoreClient(LightningStore):
+    """Talk to a ``LightningStoreServer`` at ``endpoint`` (e.g. ``"http://127.0.0.1:4747"``).
+
+    ``auth_token`` (default: env ``AGL_SERVER_TOKEN``; ``""`` sends none) is sent as a bearer
+    token. ``request_timeout`` bounds each request that does not wait by design;
+    ``connect_timeout`` each connection attempt; ``retry_delays`` the retries (see the module
+    docstring). ``max_connections`` caps the pool (concurrent requests of this client).
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        auth_token: str | None = None,
+        *,
+        request_timeout: float = 30.0,
+        connect_timeout: float = 5.0,
+        retry_delays: Sequence[float] = DEFAULT_RETRY_DELAYS,
+        max_connections: int = 100,
+    ) -> None:
+        if not isinstance(endpoint, str) or not endpoint.startswith(("http://", "https://")):
+            raise ValueError(
+                f"endpoint must be an http(s) URL such as 'http://127.0.0.1:4747', got {endpoint!r}"
+            )
+        self.endpoint = endpoint.rstrip("/")
+        if auth_token is None:
+            auth_token = os.environ.get("AGL_SERVER_TOKEN") or None
+        self.auth_token = auth_token or None
+        self.request_timeout = float(request_timeout)
+        self.connect_timeout = float(connect_timeout)
+        self.retry_delays = tuple(float(d) for d in retry_delays)
+        self.max_connections = int(max_connections)
+        self._http: httpx.AsyncClient | None = None
+        self._http_owner: tuple[int, object] | None = None
+
+    def __repr__(self) -> str:
+        return f"LightningStoreClient({self.endpoint!r})"
+
+    # ------------------------------------------------------------------ pickling: config only
+    def __getstate__(self) -> dict[str, Any]:
+        return {
+            "endpoint": self.endpoint,
+            "auth_token": self.auth_token,
+            "request_timeout": self.request_timeout,
+            "connect_timeout": self.connect_timeout,
+            "retry_delays": self.retry_delays,
+            "max_connections": self.max_connections,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(  # type: ignore[misc]
+            state["endpoint"],
+            state["auth_token"] or "",
+            request_timeout=state["request_timeout"],
+            connect_timeout=state["connect_timeout"],
+            retry_delays=state["retry_delays"],
+            max_connections=state["max_connections"],
+        )
+
+    # ------------------------------------------------------------------ connection pool
+    def _client(self) -> httpx.AsyncClient:
+        owner = (os.getpid(), _loop_token())
+        if (
+            self._http is None
+            or self._http_owner is None
+            or self._http_owner[0] != owner[0]
+            or (self._http_owner[1] is not owner[1])
+        ):
+            headers = {"content-type": "application/json"}
+            if self.auth_token:
+                headers["authorization"] = f"Bearer {self.auth_token}"
+            self._http = httpx.AsyncClient(
+                base_url=self.endpoint,
+                headers=headers,
+                timeout=httpx.Timeout(self.request_timeout, connect=self.connect_timeout),
+                limits=httpx.Limits(
+                    max_connections=self.max_connections, max_keepalive_connections=self.max_connections
+                ),
+                trust_env=False,  # a loopback store must not go through HTTP(S)_PROXY
+            )
+            self._http_owner = owner
+        return self._http
+
+    async def close(self) -> None:
+        """Close the connection pool of this process/loop (the client can be used again later)."""
+        http, owner = self._http, self._http_owner
+        self._http = self._http_owner = None
+        if http is not None and owner is not None and owner[0] == os.getpid():
+            try:
+                same_loop = owner[1] is _loop_token()
+            except Exception:
+                same_loop = False
+            if same_loop:
+                await http.aclose()
+
+    async def __aenter__(self) -> LightningStoreClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------------ one call
+    async def _call(self, name: str, body: Any, *, wait: float | None = 0.0) -> Any:
+        """POST ``body`` to the method's route and decode its result.
+
+        ``wait``: how long the server may legitimately take before answering (a long poll);
+        ``None`` = without limit. The read timeout is that plus ``request_timeout``.
+        """
+        spec = p.ROUTES[name]
+        try:
+            content = _encoder.encode(body)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise ValueError(f"{name}: arguments are not JSON-serialisable: {exc}") from None
+        headers = {p.IDEMPOTENCY_HEADER: os.urandom(16).hex()} if spec.mutating else None
+        timeout: httpx.Timeout | None = None
+        if wait is None or math.isinf(wait):
+            timeout = httpx.Timeout(None, connect=self.connect_timeout)
+        elif wait > 0:
+            timeout = httpx.Timeout(self.request_timeout + wait, connect=self.connect_timeout)
+        http = self._client()
+        delays = iter(self.retry_delays)
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                if timeout is None:
+                    response = await http.post(spec.path, content=content, headers=headers)
+                else:
+                    response = await http.post(spec.path, content=content, headers=headers, timeout=timeout)
+                break
+            except _RETRYABLE as exc:
+                delay = next(delays, None)
+                if delay is None:
+                    raise StoreConnectionError(
+                        f"cannot reach the LightningStoreServer at {self.endpoint} ({name}, {tries} tries): "
+                        f"{type(exc).__name__}: {exc or 'connection failed'}"
+                    ) from exc
+                await anyio.sleep(delay)
+            except httpx.TimeoutException as exc:
+                raise StoreConnectionError(
+                    f"the LightningStoreServer at {self.endpoint} did not answer {name} in time: "
+                    f"{type(exc).__name__}"
+                ) from exc
+        status = response.status_code
+        if status == 200:
+            return _decoders[name].decode(response.content)
+        detail = self._error_detail(response)
+        if status in (401, 403):
+            raise StoreAuthError(f"the LightningStoreServer at {self.endpoint} refused {name}: {detail}")
+        if 400 <= status < 500:
+            raise ValueError(detail)
+        raise RuntimeError(
+            f"the LightningStoreServer at {self.endpoint} failed {name} (HTTP {status}): {detail}"
+        )
+
+    @staticmethod
+    def _error_detail(response: httpx.Response) -> str:
+        try:
+            return _error_decoder.decode(response.content).detail
+        except msgspec.MsgspecError:
+            return response.text or response.reason_phrase
+
+    async def health(self) -> bool:
+        """Whether the server answers its health check (one request, no retries)."""
+        try:
+            response = await self._client().get(f"{p.API_PREFIX}/health")
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    # ------------------------------------------------------------------ rollouts and the queue
+    async def enqueue_rollout(
+        self,
+        input: Any,
+        mode: RolloutMode | None = None,
+        resources_id: str | None = None,
+        config: RolloutConfig | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Rollout:
+        body = p.EnqueueRolloutBody(
+            input=input, mode=mode, resources_id=resources_id, config=_as_config(config), metadata=metadata
+        )
+        result: Rollout = await self._call("enqueue_rollout", body)
+        return result
+
+    async def enqueue_many_rollouts(
+        self, rollouts: Sequence[EnqueueRolloutRequest | Mapping[str, Any]]
+    ) -> list[Rollout]:
+        items = [
+            p.EnqueueRolloutBody(
+                input=r.input,
+                mode=r.mode,
+                resources_id=r.resources_id,
+                config=_as_config(r.config),
+                metadata=r.metadata,
+            )
+            for r in _as_enqueue_requests(rollouts)
+        ]
+        result: list[Rollout] = await self._call("enqueue_many_rollouts", p.EnqueueManyBody(rollouts=items))
+        return result
+
+    async def dequeue_rollout(
+        self, worker_id: WorkerId | None = None, *, timeout: float | None = None
+    ) -> AttemptedRollout | None:
+        result: AttemptedRollout | None = await self._call(
+            "dequeue_rollout",
+            p.DequeueBody(worker_id=worker_id, timeout=timeout),
+            wait=_wait_of(timeout, none_waits=False),
+        )
+        return result
+
+    async def dequeue_many_rollouts(
+        self, *, limit: int = 1, worker_id: WorkerId | None = None
+    ) -> list[AttemptedRollout]:
+        result: list[AttemptedRollout] = await self._call(
+            "dequeue_many_rollouts", p.DequeueManyBody(limit=limit, worker_id=worker_id)
+        )
+        return result
+
+    async def finish_and_dequeue(
+        self,
+        rollout_id: str,
+        attempt_id: str,
+        status: AttemptStatus = "succeeded",
+        *,
+        worker_id: WorkerId | None = None,
+        timeout: float | None = None,
+    ) -> AttemptedRollout | None:
+        """One request: end the attempt and claim the next rollout (see ``LightningStore``)."""
+        body = p.FinishAndDequeueBody(
+            rollout_id=rollout_id, attempt_id=attempt_id, status=status, worker_id=worker_id, timeout=timeout
+        )
+        result: AttemptedRollout | None = await self._call(
+            "finish_and_dequeue", body, wait=_wait_of(timeout, none_waits=False)
+        )
+        return result
+
+    async def start_rollout(
+        self,
+        input: Any,
+        mode: RolloutMode | None = None,
+        resources_id: str | None = None,
+        config: RolloutConfig | None = None,
+        metadata: dict[str, Any] | None = None,
+        worker_id: WorkerId | None = None,
+    ) -> AttemptedRollout:
+        body = p.StartRolloutBody(
+            input=input,
+            mode=mode,
+            resources_id=resources_id,
+            config=_as_config(config),
+            metadata=metadata,
+            worker_id=worker_id,
+        )
+        result: AttemptedRollout = await self._call("start_rollout", body)
+        return result
+
+    async def start_attempt(self, rollout_id: str, worker_id: WorkerId | None = None) -> AttemptedRollout:
+        result: AttemptedRollout = await self._call(
+            "start_attempt", p.StartAttemptBody(rollout_id=rollout_id, worker_id=worker_id)
+        )
+        return result
+
+    async def update_rollout(
+        self,
+        rollout_id: str,
+        input: Any | Unset = UNSET,
+        mode: RolloutMode | Unset | None = UNSET,
+        resources_id: str | Unset | None = UNSET,
+        status: RolloutStatus | Unset = UNSET,
+        config: RolloutConfig | Unset = UNSET,
+        metadata: dict[str, Any] | Unset | None = UNSET,
+    ) -> Rollout:
+        body = p.UpdateRolloutBody(
+            rollout_id=rollout_id,
+            input=_m(input),
+            mode=_m(mode),
+            resources_id=_m(resources_id),
+            status=_m(status),
+            config=msgspec.UNSET if isinstance(config, Unset) else _as_config(config),  # type: ignore[arg-type]
+            metadata=_m(metadata),
+        )
+        result: Rollout = await self._call("update_rollout", body)
+        return result
+
+    async def update_attempt(
+        self,
+        rollout_id: str,
+        attempt_id: str | Literal["latest"],
+        status: AttemptStatus | Unset = UNSET,
+        worker_id: WorkerId | Unset | None = UNSET,
+        last_heartbeat_time: float | Unset = UNSET,
+        metadata: dict[str, Any] | Unset | None = UNSET,
+    ) -> Attempt:
+        body = p.UpdateAttemptBody(
+            rollout_id=rollout_id,
+            attempt_id=attempt_id,
+            status=_m(status),
+            worker_id=_m(worker_id),
+            last_heartbeat_time=_m(last_heartbeat_time),
+            metadata=_m(metadata),
+        )
+        result: Attempt = await self._call("update_attempt", body)
+        return result
+
+    async def wait_for_rollouts(
+        self, *, rollout_ids: list[str], timeout: float | None = None
+    ) -> list[Rollout]:
+        result: list[Rollout] = await self._call(
+            "wait_for_rollouts",
+            p.WaitForRolloutsBody(rollout_ids=list(rollout_ids), timeout=timeout),
+            wait=_wait_of(timeout, none_waits=True),
+        )
+        return result
+
+    async def get_rollout_by_id(self, rollout_id: str) -> Rollout | None:
+        result: Rollout | None = await self._call("get_rollout_by_id", p.RolloutIdBody(rollout_id=rollout_id))
+        return result
+
+    async def query_rollouts(
+        self,
+        *,
+        status_in: Sequence[RolloutStatus] | None = None,
+        rollout_id_in: Sequence[str] | None = None,
+    ) -> list[Rollout]:
+        body = p.QueryRolloutsBody(
+            status_in=None if status_in is None else list(status_in),
+            rollout_id_in=None if rollout_id_in is None else list(rollout_id_in),
+        )
+        result: list[Rollout] = await self._call("query_rollouts", body)
+        return result
+
+    async def query_attempts(self, rollout_id: str) -> list[Attempt]:
+        result: list[Attempt] = await self._call("query_attempts", p.RolloutIdBody(rollout_id=rollout_id))
+        return result
+
+    async def get_latest_attempt(self, rollout_id: str) -> Attempt | None:
+        result: Attempt | None = await self._call(
+            "get_latest_attempt", p.RolloutIdBody(rollout_id=rollout_id)
+        )
+        return result
+
+    # ------------------------------------------------------------------ spans
+    async def add_span(self, span: Span) -> Span | None:
+        if not isinstance(span, Span):
+            raise ValueError(f"expected a Span, got {type(span).__name__}")
+        result: Span | None = await self._call("add_span", span)
+        return result
+
+    async def add_many_spans(self, spans: Sequence[Span]) -> list[Span]:
+        for span in spans:
+            if not isinstance(span, Span):
+                raise ValueError(f"expected a Span, got {type(span).__name__}")
+        result: list[Span] = await self._call("add_many_spans", p.AddManySpansBody(spans=list(spans)))
+        return result
+
+    async def query_spans(self, rollout_id: str, attempt_id: str | None = None) -> list[Span]:
+        result: list[Span] = await self._call(
+            "query_spans", p.QuerySpansBody(rollout_id=rollout_id, attempt_id=attempt_id)
+        )
+        return result
+
+    async def get_next_span_sequence_id(self, rollout_id: str, attempt_id: str) -> int:
+        result: int = await self._call(
+            "get_next_span_sequence_id", p.SpanSequenceBody(rollout_id=rollout_id, attempt_id=attempt_id)
+        )
+        return result
+
+    # ------------------------------------------------------------------ resources
+    async def add_resources(self, resources: Mapping[str, Any]) -> ResourcesUpdate:
+        result: ResourcesUpdate = await self._call(
+            "add_resources", p.AddResourcesBody(resources=_as_resources(resources))
+        )
+        return result
+
+    async def update_resources(self, resources_id: str, resources: Mapping[str, Any]) -> ResourcesUpdate:
+        body = p.UpdateResourcesBody(resources_id=resources_id, resources=_as_resources(resources))
+        result: ResourcesUpdate = await self._call("update_resources", body)
+        return result
+
+    async def get_latest_resources(self) -> ResourcesUpdate | None:
+        result: ResourcesUpdate | None = await self._call("get_latest_resources", p.NoArgs())
+        return result
+
+    async def get_resources_by_id(self, resources_id: str) -> ResourcesUpdate | None:
+        result: ResourcesUpdate | None = await self._call(
+            "get_resources_by_id", p.ResourcesIdBody(resources_id=resources_id)
+        )
+        return result
+
+    async def query_resources(self) -> list[ResourcesUpdate]:
+        result: list[ResourcesUpdate] = await self._call("query_resources", p.NoArgs())
+        return result
+
+    # ------------------------------------------------------------------ workers
+    async def query_workers(self, *, status_in: Sequence[WorkerStatus] | None = None) -> list[Worker]:
+        body = p.QueryWorkersBody(status_in=None if status_in is None else list(status_in))
+        result: list[Worker] = await self._call("query_workers", body)
+        return result
+
+    async def get_worker_by_id(self, worker_id: WorkerId) -> Worker | None:
+        result: Worker | None = await self._call("get_worker_by_id", p.WorkerIdBody(worker_id=worker_id))
+        return result
+
+    async def update_worker(
+        self, worker_id: WorkerId, heartbeat_stats: dict[str, Any] | Unset = UNSET
+    ) -> Worker:
+        body = p.UpdateWorkerBody(worker_id=worker_id, heartbeat_stats=_m(heartbeat_stats))
+        result: Worker = await self._call("update_worker", body)
+        return result
+
+    # ------------------------------------------------------------------ misc
+    async def statistics(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call("statistics", p.NoArgs())
+        return result
+
+
+def _wait_of(timeout: float | None, *, none_waits: bool) -> float | None:
+    """How long the server may wait before answering, from a store call's ``timeout``."""
+    if timeout is None:
+        return None if none_waits else 0.0
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise ValueError(f"timeout must be a number or None, got {timeout!r}")
+    return max(float(timeout), 0.0)
+
+
+def _as_resources(resources: Any) -> dict[str, Any]:
+    if not isinstance(resources, Mapping):
+        raise ValueError(f"resources must be a mapping of names to values, got {type(resources).__name__}")
+    return dict(resources)

@@ -116,12 +116,39 @@ class LightningStore(abc.ABC):
         return out
 
     @abc.abstractmethod
-    async def dequeue_rollout(self, worker_id: WorkerId | None = None) -> AttemptedRollout | None:
-        """Claim the oldest queued rollout, or return ``None`` at once when the queue is empty.
+    async def dequeue_rollout(
+        self, worker_id: WorkerId | None = None, *, timeout: float | None = None
+    ) -> AttemptedRollout | None:
+        """Claim the oldest queued rollout, or return ``None`` when the queue is empty.
 
         The claimed rollout becomes ``"preparing"`` with a new attempt (``sequence_id`` = number of
         earlier attempts + 1, status ``"preparing"``, ``worker_id`` recorded).
+
+        Extension to Agent-Lightning's API, ``timeout`` (keyword-only): ``None`` or ``0`` returns
+        at once (Agent-Lightning's behaviour); a positive number long-polls: wait up to that many
+        seconds for a rollout to be queued (woken by the enqueue/requeue itself, not by polling)
+        and return ``None`` only when none came. ``float("inf")`` waits without limit. Negative:
+        ``ValueError``. Cancelling the wait claims nothing.
         """
+
+    async def finish_and_dequeue(
+        self,
+        rollout_id: str,
+        attempt_id: str,
+        status: AttemptStatus = "succeeded",
+        *,
+        worker_id: WorkerId | None = None,
+        timeout: float | None = None,
+    ) -> AttemptedRollout | None:
+        """Extension: end an attempt and claim the next rollout in one call.
+
+        Equivalent to ``update_attempt(rollout_id, attempt_id, status=status)`` followed by
+        ``dequeue_rollout(worker_id=worker_id, timeout=timeout)``; the HTTP client sends it as one
+        request, which saves a round trip per rollout for runners. When the update raises
+        (``ValueError`` for an unknown id or status) nothing is dequeued.
+        """
+        await self.update_attempt(rollout_id, attempt_id, status=status)
+        return await self.dequeue_rollout(worker_id=worker_id, timeout=timeout)
 
     async def dequeue_many_rollouts(
         self, *, limit: int = 1, worker_id: WorkerId | None = None

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import anyio
 
-from ..types import Rollout
+from ..types import AttemptedRollout, Rollout, WorkerId
 from .base import LightningStore
 
 __all__ = ["LightningStoreLocked"]
@@ -63,9 +63,18 @@ class LightningStoreLocked(LightningStore):
     async def close(self) -> None:
         await self.store.close()
 
+    async def dequeue_rollout(
+        self, worker_id: WorkerId | None = None, *, timeout: float | None = None
+    ) -> AttemptedRollout | None:
+        """Non-blocking form under the lock; the long-poll form (``timeout > 0``) waits without
+        the lock, like ``wait_for_rollouts``: each of its claims is one atomic step of the store."""
+        if timeout:
+            return await self.store.dequeue_rollout(worker_id, timeout=timeout)
+        async with self._lock:
+            return await self.store.dequeue_rollout(worker_id, timeout=timeout)
+
     enqueue_rollout = _locked("enqueue_rollout")
     enqueue_many_rollouts = _locked("enqueue_many_rollouts")
-    dequeue_rollout = _locked("dequeue_rollout")
     dequeue_many_rollouts = _locked("dequeue_many_rollouts")
     start_rollout = _locked("start_rollout")
     start_attempt = _locked("start_attempt")
