@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 REWARD_SPAN_NAME = "agl_async.reward"
 
 #: An agent: ``agent(task_input, resources) -> reward`` (``float`` or ``None``), sync or async.
-Agent = Callable[[Any, dict[str, Any]], "float | None | Awaitable[float | None]"]
+Agent = Callable[[Any, dict[str, Any]], "float | Awaitable[float | None] | None"]
 
 #: Seconds between heartbeats while an agent call runs (shortened for rollouts whose
 #: ``config.unresponsive_seconds`` is smaller: a third of it).
@@ -102,7 +102,7 @@ async def _next_rollout(
     delay = _MIN_BACKOFF
     while not event.is_set():
         if long_poll:
-            rollout = await store.dequeue_rollout(worker_id=worker_id, timeout=_LONG_POLL_TIMEOUT)  # type: ignore[call-arg]
+            rollout = await store.dequeue_rollout(worker_id=worker_id, timeout=_LONG_POLL_TIMEOUT)
         else:
             rollout = await store.dequeue_rollout(worker_id=worker_id)
         if rollout is not None:

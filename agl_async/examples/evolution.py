@@ -37,7 +37,7 @@ __all__ = ["EpochStats", "EvolutionStrategy", "agent", "make_tasks", "print_summ
 
 
 def _dot(a: Sequence[float], b: Sequence[float]) -> float:
-    return sum(x * y for x, y in zip(a, b))
+    return sum(x * y for x, y in zip(a, b, strict=True))
 
 
 async def agent(task: dict[str, Any], resources: dict[str, Any]) -> float:
@@ -135,8 +135,8 @@ class EvolutionStrategy(Algorithm):
         eps = [[self.rng.gauss(0.0, 1.0) for _ in range(self.dim)] for _ in range(self.pairs)]
         candidates: list[list[float]] = []
         for e in eps:
-            candidates.append([m + self.sigma * z for m, z in zip(self.mu, e)])
-            candidates.append([m - self.sigma * z for m, z in zip(self.mu, e)])
+            candidates.append([m + self.sigma * z for m, z in zip(self.mu, e, strict=True)])
+            candidates.append([m - self.sigma * z for m, z in zip(self.mu, e, strict=True)])
         requests: list[EnqueueRolloutRequest] = []
         for k, theta in enumerate(candidates):
             resources = await store.add_resources({"theta": theta})
@@ -176,7 +176,7 @@ class EvolutionStrategy(Algorithm):
                 sums[k] += reward
                 counts[k] += 1
                 train_rewards.append(reward)
-        fitness = [s / c if c else 0.0 for s, c in zip(sums, counts)]
+        fitness = [s / c if c else 0.0 for s, c in zip(sums, counts, strict=True)]
 
         # Centered ranks in [-0.5, 0.5]: robust to the scale of the reward.
         order = sorted(range(len(fitness)), key=fitness.__getitem__)
@@ -188,7 +188,7 @@ class EvolutionStrategy(Algorithm):
             diff = ranks[2 * p] - ranks[2 * p + 1]
             for d in range(self.dim):
                 step[d] += diff * e[d]
-        self.mu = [m + self.lr * self.sigma * 2 * s / self.pairs for m, s in zip(self.mu, step)]
+        self.mu = [m + self.lr * self.sigma * 2 * s / self.pairs for m, s in zip(self.mu, step, strict=True)]
 
         stats = EpochStats(
             epoch=epoch,
@@ -241,8 +241,8 @@ def print_summary(history: Sequence[EpochStats], out: TextIO = sys.stdout) -> No
     for s in history:
         val = "       n/a" if s.val_reward is None else f"{s.val_reward:10.3f}"
         out.write(
-            f" {s.epoch:5} | {s.rollouts:8} | {s.failed:6} | {s.train_reward:11.3f} | {s.best_candidate:14.3f} "
-            f"| {val} | {s.sigma:6.3f} | {s.rollouts_per_second:9.1f}\n"
+            f" {s.epoch:5} | {s.rollouts:8} | {s.failed:6} | {s.train_reward:11.3f} "
+            f"| {s.best_candidate:14.3f} | {val} | {s.sigma:6.3f} | {s.rollouts_per_second:9.1f}\n"
         )
     if history:
         first, last = history[0], history[-1]
