@@ -5,13 +5,15 @@ from __future__ import annotations
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 
 from .http.client import LightningStoreClient
 from .http.server import LightningStoreServer
 from .store.base import LightningStore
+from .store.locked import LightningStoreLocked
+from .store.memory import InMemoryLightningStore
 
-__all__ = ["free_port", "serve_store"]
+__all__ = ["STORE_KINDS", "free_port", "open_store", "serve_store", "store_fixture"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -36,3 +38,61 @@ async def serve_store(
     async with LightningStoreServer(store, host="127.0.0.1", port=0, auth_token=token) as server:
         async with LightningStoreClient(server.endpoint, auth_token=token, **client_kwargs) as client:
             yield client
+
+
+# ---------------------------------------------------------------------------- store fixtures
+StoreKind = Literal["memory", "locked", "http"]
+#: The store implementations :func:`open_store` can make.
+STORE_KINDS: tuple[StoreKind, ...] = ("memory", "locked", "http")
+
+
+@asynccontextmanager
+async def open_store(kind: StoreKind = "memory") -> AsyncIterator[LightningStore]:
+    """A fresh, empty store of one kind, closed on exit.
+
+    ``"memory"``: :class:`~agl_async.InMemoryLightningStore`; ``"locked"``: the same behind
+    :class:`~agl_async.LightningStoreLocked` (what shared-memory mode hands to bundles);
+    ``"http"``: a :class:`~agl_async.LightningStoreClient` talking to a server on a free loopback
+    port (asyncio only), as runners see the store in client-server mode.
+    """
+    if kind in ("memory", "locked"):
+        memory = InMemoryLightningStore()
+        store: LightningStore = memory if kind == "memory" else LightningStoreLocked(memory)
+        try:
+            yield store
+        finally:
+            await store.close()
+    elif kind == "http":
+        async with serve_store(InMemoryLightningStore()) as client:
+            yield client
+    else:
+        raise ValueError(f"unknown store kind {kind!r}; expected one of {list(STORE_KINDS)}")
+
+
+def store_fixture(*kinds: StoreKind, name: str = "store") -> Any:
+    """Make a pytest fixture that yields a fresh store, parametrised over ``kinds``.
+
+    For suites run with anyio's pytest plugin (``@pytest.mark.anyio``). In a ``conftest.py``::
+
+        from agl_async.testing import store_fixture
+
+        store = store_fixture("memory", "http")  # every test taking `store` runs twice
+
+    ``kinds`` defaults to all of :data:`STORE_KINDS`. The ``http`` kind is skipped on trio (the
+    server runs on asyncio). pytest is imported only when this is called.
+    """
+    import pytest
+
+    for kind in kinds:
+        if kind not in STORE_KINDS:
+            raise ValueError(f"unknown store kind {kind!r}; expected one of {list(STORE_KINDS)}")
+
+    @pytest.fixture(name=name, params=list(kinds or STORE_KINDS))
+    async def _store(request: Any, anyio_backend: Any) -> AsyncIterator[LightningStore]:
+        backend = anyio_backend[0] if isinstance(anyio_backend, tuple) else anyio_backend
+        if request.param == "http" and backend != "asyncio":
+            pytest.skip("the HTTP store server runs on asyncio")
+        async with open_store(request.param) as store:
+            yield store
+
+    return _store

@@ -23,6 +23,7 @@ from agl_async import (
 from agl_async.algorithm import Baseline, PassStats, reward_of
 from agl_async.examples.evolution import agent as es_agent
 from agl_async.examples.evolution import make_tasks
+from agl_async.testing import open_store, store_fixture
 from agl_async.trainer import REWARD_SPAN_NAME, runner_loop
 
 TIMEOUT = 30  # hang guard only: the machine is shared and slow
@@ -448,3 +449,24 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+# ------------------------------------------------------------------------ agl_async.testing
+user_store = store_fixture("memory", "locked", "http", name="user_store")
+
+
+@pytest.mark.anyio
+async def test_store_fixture_for_users_suites(user_store: LightningStore) -> None:
+    rollout = await user_store.enqueue_rollout(3)
+    assert await run_until_done(user_store, double, [rollout.rollout_id]) == 1
+    finished = await user_store.get_rollout_by_id(rollout.rollout_id)
+    assert finished is not None and reward_of(finished) == 3.0
+
+
+@pytest.mark.anyio
+async def test_open_store_rejects_unknown_kinds() -> None:
+    with pytest.raises(ValueError, match="unknown store kind 'disk'"):
+        async with open_store("disk"):  # type: ignore[arg-type]
+            pass
+    with pytest.raises(ValueError, match="unknown store kind 'disk'"):
+        store_fixture("disk")  # type: ignore[arg-type]
