@@ -36,9 +36,7 @@ import anyio
 import anyio.to_thread
 
 from .algorithm import REWARD_KEY, Algorithm, Baseline
-from .execution.base import ExecutionStrategy
-from .execution.client_server import ClientServerExecutionStrategy
-from .execution.shared_memory import SharedMemoryExecutionStrategy
+from .execution.base import ExecutionStrategy, resolve_strategy
 from .store.base import LightningStore
 from .store.memory import InMemoryLightningStore
 from .types import AttemptedRollout, Span, WorkerId
@@ -306,40 +304,22 @@ class _AlgorithmBundle:
 
 
 # --------------------------------------------------------------------------------------- trainer
-_STRATEGY_ALIASES: dict[str, type[Any]] = {
-    "shm": SharedMemoryExecutionStrategy,
-    "shared_memory": SharedMemoryExecutionStrategy,
-    "cs": ClientServerExecutionStrategy,
-    "client_server": ClientServerExecutionStrategy,
-}
-
-
 def _make_strategy(spec: Any, n_runners: int | None) -> ExecutionStrategy:
-    """An ExecutionStrategy from an instance, an alias or a ``{"type": alias, **kwargs}`` dict.
+    """An ExecutionStrategy from an instance, a class, an alias or a ``{"type": alias, **options}``
+    dict (:func:`~agl_async.execution.base.resolve_strategy`); ``None`` means shared-memory.
 
-    ``n_runners`` fills in the strategy's ``n_runners`` when the alias/dict does not set it.
+    ``n_runners`` fills in the strategy's ``n_runners`` when the alias/dict does not set it, and
+    must agree with a given instance. Every mistake is a ``ValueError``.
     """
-    if spec is None:
-        spec = "shm"
-    if isinstance(spec, str):
-        spec = {"type": spec}
-    if isinstance(spec, Mapping):
-        kwargs = dict(spec)
-        kind = kwargs.pop("type", None)
-        if kind not in _STRATEGY_ALIASES:
-            raise ValueError(f"unknown strategy type {kind!r}; expected one of {sorted(_STRATEGY_ALIASES)}")
-        if n_runners is not None:
-            kwargs.setdefault("n_runners", n_runners)
-        try:
-            return cast(ExecutionStrategy, _STRATEGY_ALIASES[kind](**kwargs))
-        except TypeError as exc:
-            raise ValueError(f"invalid options for strategy {kind!r}: {exc}") from None
     if isinstance(spec, ExecutionStrategy):
         own = getattr(spec, "n_runners", None)
         if n_runners is not None and own is not None and own != n_runners:
             raise ValueError(f"n_runners={n_runners} conflicts with the strategy's n_runners={own}")
         return spec
-    raise ValueError(f"strategy must be an ExecutionStrategy, 'shm', 'cs' or a dict, got {spec!r}")
+    try:
+        return resolve_strategy(spec, n_runners=n_runners)
+    except TypeError as exc:
+        raise ValueError(f"invalid strategy {spec!r}: {exc}") from None
 
 
 class Trainer:

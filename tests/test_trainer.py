@@ -410,10 +410,11 @@ def test_strategy_from_alias_dict_and_object() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"strategy": "gpu"}, "unknown strategy type 'gpu'"),
-        ({"strategy": {"n_runners": 2}}, "unknown strategy type None"),
-        ({"strategy": {"type": "shm", "bogus": 1}}, "invalid options for strategy 'shm'"),
-        ({"strategy": 42}, "strategy must be"),
+        ({"strategy": "gpu"}, "unknown execution strategy 'gpu'"),
+        ({"strategy": {"n_runners": 2}}, 'needs a "type" key'),
+        ({"strategy": {"type": "shm", "bogus": 1}}, "invalid strategy .*bogus"),
+        ({"strategy": {"type": "shm", "main_thread": "gpu"}}, "main_thread must be"),
+        ({"strategy": 42}, "invalid strategy 42: strategy must be"),
         ({"n_runners": 0}, "n_runners must be a positive integer"),
         ({"max_rollouts": -1}, "max_rollouts must be"),
         ({"initial_resources": [1, 2]}, "initial_resources must be a mapping"),
