@@ -141,7 +141,8 @@ async def _check_reachable(endpoint: str, token: str | None, timeout: float) -> 
 
     from .http.client import LightningStoreClient
 
-    client = LightningStoreClient(endpoint, auth_token=token)
+    # No retries: an unreachable server is reported at once instead of after the retry backoff.
+    client = LightningStoreClient(endpoint, auth_token=token or "", connect_timeout=timeout, retry_delays=())
     try:
         with anyio.fail_after(timeout):
             await client.statistics()
