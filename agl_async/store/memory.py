@@ -394,6 +394,7 @@ class InMemoryLightningStore(LightningStore):
     ) -> AttemptedRollout | None:
         if timeout is not None and (isinstance(timeout, bool) or not timeout >= 0):
             raise ValueError(f"timeout must be >= 0 or None, got {timeout!r}")
+        _check_worker_id(worker_id)
         deadline = time.monotonic() + timeout if timeout else None
         while True:
             self._settle_deadlines()
