@@ -147,6 +147,8 @@ class LightningStore(abc.ABC):
         request, which saves a round trip per rollout for runners. When the update raises
         (``ValueError`` for an unknown id or status) nothing is dequeued.
         """
+        if timeout is not None and (isinstance(timeout, bool) or not timeout >= 0):
+            raise ValueError(f"timeout must be >= 0 or None, got {timeout!r}")  # before changing anything
         await self.update_attempt(rollout_id, attempt_id, status=status)
         return await self.dequeue_rollout(worker_id=worker_id, timeout=timeout)
 

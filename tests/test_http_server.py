@@ -1,0 +1,190 @@
+"""LightningStoreServer: lifecycle, embedding (signals, tasks), addresses, auth, the OpenAPI document."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pickle
+import signal
+import socket
+
+import anyio
+import httpx
+import pytest
+
+from agl_async import InMemoryLightningStore, LightningStore, LightningStoreClient, LightningStoreServer
+from agl_async.http.client import StoreAuthError
+from agl_async.http.protocol import ROUTES
+
+pytestmark = pytest.mark.anyio
+
+
+def _other_tasks() -> set[asyncio.Task[object]]:
+    return {t for t in asyncio.all_tasks() if t is not asyncio.current_task()}
+
+
+async def test_start_returns_when_accepting_and_stop_leaves_no_task() -> None:
+    before = _other_tasks()
+    server = LightningStoreServer(InMemoryLightningStore(), host="127.0.0.1", port=0)
+    await server.start()
+    assert server.port != 0 and server.endpoint == f"http://127.0.0.1:{server.port}"
+    # Accepting right away: no retry needed.
+    async with httpx.AsyncClient(base_url=server.endpoint) as http:
+        assert (await http.get("/v1/health")).json() == {"status": "ok"}
+    async with LightningStoreClient(server.endpoint, auth_token="") as client:
+        await client.enqueue_rollout(1)
+        assert await client.dequeue_rollout() is not None
+    await server.stop()
+    assert _other_tasks() == before
+    with pytest.raises(httpx.ConnectError):
+        async with httpx.AsyncClient(base_url=server.endpoint) as http:
+            await http.get("/v1/health")
+    await server.stop()  # idempotent
+
+
+async def test_async_with_and_restart() -> None:
+    server = LightningStoreServer(InMemoryLightningStore(), host="127.0.0.1", port=0)
+    async with server:
+        with pytest.raises(RuntimeError, match="already started"):
+            await server.start()
+    async with server:  # can be started again after a stop
+        async with LightningStoreClient(server.endpoint, auth_token="") as client:
+            assert (await client.statistics())["total_rollouts"] == 0
+
+
+async def test_port_in_use_fails_at_once_naming_the_address() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = LightningStoreServer(InMemoryLightningStore(), host="127.0.0.1", port=port)
+        with anyio.fail_after(5), pytest.raises(OSError, match=f"127.0.0.1:{port}"):
+            await server.start()
+        assert not server.started
+        await server.stop()
+
+
+async def test_server_does_not_capture_signals() -> None:
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    async with LightningStoreServer(InMemoryLightningStore(), host="127.0.0.1", port=0) as server:
+        # Serving, and a request has been handled: the host's handlers are still in place.
+        async with httpx.AsyncClient(base_url=server.endpoint) as http:
+            assert (await http.get("/v1/health")).status_code == 200
+        assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+async def test_in_process_calls_go_to_the_wrapped_store() -> None:
+    store = InMemoryLightningStore()
+    server = LightningStoreServer(store, host="127.0.0.1", port=0)
+    assert isinstance(server, LightningStore)
+    # Not started: in-process calls work all the same.
+    rollout = await server.enqueue_rollout({"x": 1})
+    assert (await store.get_rollout_by_id(rollout.rollout_id)) == rollout
+    claimed = await server.finish_and_dequeue(
+        *(lambda a: (a.rollout_id, a.attempt.attempt_id))(await server.start_rollout(0)), worker_id="w"
+    )
+    assert claimed is not None and claimed.rollout_id == rollout.rollout_id
+
+
+async def test_stop_ends_long_polls_promptly() -> None:
+    server = LightningStoreServer(InMemoryLightningStore(), host="127.0.0.1", port=0, graceful_timeout=30)
+    await server.start()
+    client = LightningStoreClient(server.endpoint, auth_token="")
+    results: list[object] = []
+
+    async def poll() -> None:
+        results.append(await client.dequeue_rollout(timeout=60))
+
+    async def wait() -> None:
+        results.append(await client.wait_for_rollouts(rollout_ids=["ro-x"], timeout=None))
+
+    with anyio.fail_after(10):  # far below the 60 s waits and the 30 s grace
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(poll)
+            tg.start_soon(wait)
+            await _until_requests_in_flight(server, 2)
+            await server.stop()
+    assert sorted(map(repr, results)) == ["None", "[]"]
+    await client.close()
+
+
+async def _until_requests_in_flight(server: LightningStoreServer, n: int) -> None:
+    """Wait (bounded by the caller's fail_after) until the server has ``n`` requests in flight."""
+    assert server._server is not None
+    while len(server._server.server_state.tasks) < n:  # noqa: ASYNC110 - uvicorn offers no event for it
+        await anyio.sleep(0.01)
+
+
+def test_non_loopback_bind_without_token_warns(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="agl_async"):
+        LightningStoreServer(InMemoryLightningStore(), host="0.0.0.0", port=0, auth_token="")
+    assert any("0.0.0.0" in r.getMessage() and "token" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="agl_async"):
+        LightningStoreServer(InMemoryLightningStore(), host="0.0.0.0", port=0, auth_token="s3cret")
+        LightningStoreServer(InMemoryLightningStore(), host="127.0.0.1", port=0, auth_token="")
+        LightningStoreServer(InMemoryLightningStore(), auth_token="")
+    assert not caplog.records
+
+
+def test_constructor_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="port"):
+        LightningStoreServer(InMemoryLightningStore(), port=70000)
+    with pytest.raises(TypeError, match="LightningStore"):
+        LightningStoreServer(object(), port=0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="LightningStoreClient"):
+        pickle.dumps(LightningStoreServer(InMemoryLightningStore(), port=0))
+
+
+def test_token_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AGL_SERVER_TOKEN", "from-env")
+    assert LightningStoreServer(InMemoryLightningStore(), port=0).auth_token == "from-env"
+    assert LightningStoreServer(InMemoryLightningStore(), port=0, auth_token="").auth_token is None
+    assert LightningStoreClient("http://127.0.0.1:1").auth_token == "from-env"
+    assert LightningStoreClient("http://127.0.0.1:1", auth_token="").auth_token is None
+
+
+async def test_auth_required_on_every_route_but_health() -> None:
+    async with LightningStoreServer(
+        InMemoryLightningStore(), host="127.0.0.1", port=0, auth_token="s3cret"
+    ) as server:
+        async with httpx.AsyncClient(base_url=server.endpoint) as http:
+            assert (await http.get("/v1/health")).status_code == 200
+            paths = [("POST", spec.path) for spec in ROUTES.values()] + [("GET", "/v1/openapi.json")]
+            for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "s3cret"}):
+                for method, path in paths:
+                    response = await http.request(method, path, content=b"{}", headers=headers)
+                    assert response.status_code == 401, (path, headers)
+                    assert response.json()["error"] == "unauthorized"
+            good = {"authorization": "Bearer s3cret"}
+            assert (await http.post("/v1/statistics", content=b"{}", headers=good)).status_code == 200
+            assert (await http.get("/v1/openapi.json", headers=good)).status_code == 200
+        async with LightningStoreClient(server.endpoint, auth_token="s3cret") as client:
+            rollout = await client.enqueue_rollout("x")
+            assert (await client.get_rollout_by_id(rollout.rollout_id)) == rollout
+        async with LightningStoreClient(server.endpoint, auth_token="") as anonymous:
+            with pytest.raises(StoreAuthError, match=server.endpoint):
+                await anonymous.statistics()
+            assert await anonymous.health()
+
+
+async def test_no_auth_when_no_token() -> None:
+    async with LightningStoreServer(
+        InMemoryLightningStore(), host="127.0.0.1", port=0, auth_token=""
+    ) as server:
+        async with httpx.AsyncClient(base_url=server.endpoint) as http:
+            assert (await http.post("/v1/statistics", content=b"{}")).status_code == 200
+
+
+async def test_openapi_document_lists_every_route() -> None:
+    async with LightningStoreServer(
+        InMemoryLightningStore(), host="127.0.0.1", port=0, auth_token=""
+    ) as server:
+        async with httpx.AsyncClient(base_url=server.endpoint) as http:
+            doc = (await http.get("/v1/openapi.json")).json()
+    assert doc["openapi"].startswith("3.")
+    assert set(doc["paths"]) == {spec.path for spec in ROUTES.values()} | {"/v1/health"}
+    enqueue = doc["paths"]["/v1/enqueue_rollout"]["post"]
+    assert "Idempotency-Key" in [param["name"] for param in enqueue["parameters"]]
+    schema_ref = enqueue["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    assert schema_ref.rsplit("/", 1)[-1] in doc["components"]["schemas"]
