@@ -19,10 +19,11 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol, TypeVar
 
 import anyio
+from anyio.abc import TaskStatus
 
 from ..store.base import LightningStore
 from .events import ExecutionEvent
@@ -32,6 +33,7 @@ __all__ = [
     "ExecutionEvent",
     "ExecutionStrategy",
     "RunnerBundle",
+    "cancel_on_sigint",
     "env_bool",
     "env_choice",
     "env_int",
@@ -93,53 +95,55 @@ class ExecutionStrategy(abc.ABC):
     async def _run_main(
         self, algorithm: AlgorithmBundle, runner: RunnerBundle, store: LightningStore
     ) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            await self.execute(algorithm, runner, store)
-            return
-        interrupted = False
-        outcome: list[BaseException] = []
-
-        async def run_execute(watcher: anyio.CancelScope) -> None:
-            try:
-                await self.execute(algorithm, runner, store)
-            except anyio.get_cancelled_exc_class():
-                raise
-            except BaseException as exc:
-                outcome.append(exc)
-            finally:
-                watcher.cancel()
-
-        async def watch_sigint(scope: anyio.CancelScope) -> None:
-            nonlocal interrupted
-            with anyio.open_signal_receiver(signal.SIGINT) as signals:
-                async for _ in signals:
-                    if interrupted:
-                        logger.warning(
-                            "Ctrl-C again: the shutdown already in progress is bounded; waiting for it"
-                        )
-                        continue
-                    interrupted = True
-                    logger.warning("Ctrl-C: shutting the run down")
-                    scope.cancel()
-
-        async with anyio.create_task_group() as tg:
-            execute_scope = anyio.CancelScope()
-            watcher_scope = anyio.CancelScope()
-
-            async def watcher() -> None:
-                with watcher_scope:
-                    await watch_sigint(execute_scope)
-
-            async def executor() -> None:
-                with execute_scope:
-                    await run_execute(watcher_scope)
-
-            tg.start_soon(watcher)
-            tg.start_soon(executor)
-        if outcome:
-            raise outcome[0]
-        if interrupted:
+        if await cancel_on_sigint(self.execute, algorithm, runner, store):
             raise KeyboardInterrupt
+
+
+async def cancel_on_sigint(fn: Callable[..., Awaitable[Any]], *args: Any) -> bool:
+    """Await ``fn(*args)``; a SIGINT cancels it instead of raising ``KeyboardInterrupt`` mid-flight.
+
+    Returns ``True`` when a SIGINT arrived (``fn`` was cancelled, or finished meanwhile), ``False``
+    when ``fn`` finished without one; ``fn``'s own exception propagates as itself. Further SIGINTs
+    while ``fn`` winds down are logged and ignored. Off the main thread (where no signal arrives)
+    this is just ``await fn(*args)``.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        await fn(*args)
+        return False
+    interrupted = False
+    outcome: list[BaseException] = []
+    fn_scope = anyio.CancelScope()
+    watcher_scope = anyio.CancelScope()
+
+    async def watcher(*, task_status: TaskStatus[None]) -> None:
+        nonlocal interrupted
+        with watcher_scope, anyio.open_signal_receiver(signal.SIGINT) as signals:
+            task_status.started()
+            async for _ in signals:
+                if interrupted:
+                    logger.warning("SIGINT again: the shutdown in progress is bounded by its timeouts")
+                    continue
+                interrupted = True
+                logger.warning("SIGINT: cancelling and shutting down")
+                fn_scope.cancel()
+
+    async def runner() -> None:
+        try:
+            with fn_scope:
+                await fn(*args)
+        except anyio.get_cancelled_exc_class():
+            raise
+        except BaseException as exc:  # anything but the cancellation absorbed by fn_scope
+            outcome.append(exc)
+        finally:
+            watcher_scope.cancel()
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(watcher)  # SIGINT is ours before fn starts
+        tg.start_soon(runner)
+    if outcome:
+        raise outcome[0]
+    return interrupted
 
 
 _BUILTIN: dict[str, str] = {

@@ -1,5 +1,410 @@
-"""Placeholder: being written."""
+"""``ClientServerExecutionStrategy``: the algorithm and the runners in separate processes, over HTTP.
+
+Roles (``role``, default env ``AGL_CURRENT_ROLE`` or ``"both"``):
+
+* ``"algorithm"``: serve ``store`` with :class:`~agl_async.http.server.LightningStoreServer` on
+  ``server_host:server_port`` and run the algorithm here against it. No runners.
+* ``"runner"``: connect ``LightningStoreClient(f"http://{host}:{port}")`` and run ``n_runners``
+  runners — in this process when there is one, else one child process each — until they return.
+* ``"both"``: server + algorithm here and ``n_runners`` runner processes; with
+  ``main_process="runner"`` (one runner) the runner runs here and the algorithm + server in a
+  child process (which therefore receives ``store``: it must pickle; changes made there stay
+  there).
+
+``managed_store=False``: no server or client is made; ``store`` itself goes to the bundles (and so
+to the child processes, where it must pickle).
+
+Bundles and stores that cross into a child are checked to pickle *before* anything is started
+(``TypeError``); the server binds its port before any child is spawned, so a port in use is an
+immediate ``OSError`` naming it.
+
+Shutdown (after the algorithm side finishes, anything fails, or the caller cancels — Ctrl-C under
+:meth:`run`): (1) set the event and wait ``graceful_timeout`` (in-process bundles still running
+at that deadline are cancelled); (2) SIGINT the surviving children, wait ``terminate_timeout``;
+(3) ``terminate()``, wait; (4) ``kill()``. The store server is stopped only after every runner
+process has exited; in ``main_process="runner"`` mode the algorithm child keeps serving until
+the runner here has finished. Every child is reaped before ``execute`` returns, and the
+multiprocessing helpers started on the way (aiomultiprocess's manager, the resource tracker)
+are shut down. A child exit code outside ``allowed_exit_codes`` stops the run and makes
+``execute`` raise ``RuntimeError`` naming the child and the code, unless another error came
+first (errors propagate as in shared-memory mode: the first one, as itself; a cancellation by the
+caller wins over both).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, Literal
+
+import anyio
+
+from ..http.client import LightningStoreClient
+from ..http.server import LightningStoreServer
+from ..store.base import LightningStore
+from .base import (
+    AlgorithmBundle,
+    ExecutionStrategy,
+    RunnerBundle,
+    env_bool,
+    env_choice,
+    env_int,
+    env_str,
+    register_strategy,
+)
+from .events import ExecutionEvent, ProcessExecutionEvent, ThreadingExecutionEvent
+from .processes import (
+    DEFINE_AT_MODULE_LEVEL,
+    Child,
+    MultiprocessingHelpers,
+    check_picklable,
+    escalate,
+    spawn,
+)
+from .shared_memory import _check_n_runners, _check_timeout
+from .supervision import Supervisor
+
+__all__ = ["ClientServerExecutionStrategy"]
+
+logger = logging.getLogger("agl_async.execution.cs")
+
+Role = Literal["algorithm", "runner", "both"]
 
 
-class ClientServerExecutionStrategy:
-    """Not implemented yet."""
+def _client_endpoint(host: str, port: int) -> str:
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Fail fast, naming the port, when ``host:port`` cannot be bound (for a server that a child
+    process will start)."""
+    bind_host = "127.0.0.1" if host == "localhost" else host
+    try:
+        infos = socket.getaddrinfo(bind_host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, type_, proto, _, address = infos[0]
+        with socket.socket(family, type_, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot serve the store on {host}:{port}: {exc.strerror or exc}") from exc
+
+
+def _free_port(host: str) -> int:
+    bind_host = "127.0.0.1" if host == "localhost" else host
+    infos = socket.getaddrinfo(bind_host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, type_, proto, _, address = infos[0]
+    with socket.socket(family, type_, proto) as sock:
+        sock.bind(address)
+        port: int = sock.getsockname()[1]
+        return port
+
+
+# ---------------------------------------------------------------------------- child targets
+async def _runner_child(
+    runner: RunnerBundle, store: LightningStore, worker_id: int, event: ExecutionEvent, owns_store: bool
+) -> None:
+    try:
+        await runner(store, worker_id, event)
+    finally:
+        if owns_store:  # the client made for this runner
+            with anyio.CancelScope(shield=True):
+                await store.close()
+
+
+async def _algorithm_child(
+    algorithm: AlgorithmBundle,
+    store: LightningStore,
+    host: str,
+    port: int,
+    managed: bool,
+    event: ExecutionEvent,
+    ready: ExecutionEvent,
+    release: ExecutionEvent,
+) -> None:
+    """``main_process="runner"``: serve ``store`` and run the algorithm; when it ends, set the
+    event, and keep serving until the parent's runner has finished (``release``)."""
+    try:
+        if not managed:
+            ready.set()
+            await algorithm(store, event)
+            return
+        server = LightningStoreServer(store, host=host, port=port)
+        await server.start()
+        try:
+            ready.set()
+            try:
+                await algorithm(server, event)
+            finally:
+                event.set()
+                await release.wait()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await server.stop()
+    finally:
+        event.set()
+
+
+async def _first_of(*events: ExecutionEvent) -> None:
+    async with anyio.create_task_group() as tg:
+
+        async def wait_one(event: ExecutionEvent) -> None:
+            await event.wait()
+            tg.cancel_scope.cancel()
+
+        for event in events:
+            tg.start_soon(wait_one, event)
+
+
+class ClientServerExecutionStrategy(ExecutionStrategy):
+    """Algorithm and runners in separate processes talking to one store over HTTP (asyncio only:
+    the embedded server is uvicorn). Parameters and semantics: see the module docstring."""
+
+    alias = "cs"
+
+    def __init__(
+        self,
+        role: Role | None = None,
+        server_host: str | None = None,
+        server_port: int | None = None,
+        n_runners: int = 1,
+        graceful_timeout: float = 10.0,
+        terminate_timeout: float = 10.0,
+        main_process: Literal["algorithm", "runner"] = "algorithm",
+        managed_store: bool | None = None,
+        allowed_exit_codes: Iterable[int] = (0, -15),
+    ) -> None:
+        self.role: Role = env_choice(  # type: ignore[assignment]
+            "AGL_CURRENT_ROLE", "role", role, "both", ("algorithm", "runner", "both")
+        )
+        self.server_host = env_str("AGL_SERVER_HOST", server_host, "localhost")
+        self.server_port = env_int("AGL_SERVER_PORT", "server_port", server_port, 4747)
+        if not 0 <= self.server_port <= 65535:
+            source = "server_port" if server_port is not None else "environment variable AGL_SERVER_PORT"
+            raise ValueError(f"{source} must be in 0..65535, got {self.server_port}")
+        _check_n_runners(n_runners)
+        _check_timeout("graceful_timeout", graceful_timeout)
+        _check_timeout("terminate_timeout", terminate_timeout)
+        if main_process not in ("algorithm", "runner"):
+            raise ValueError(f"main_process must be 'algorithm' or 'runner', got {main_process!r}")
+        if main_process == "runner":
+            if self.role != "both":
+                raise ValueError(f"main_process='runner' requires role='both', got role={self.role!r}")
+            if n_runners != 1:
+                raise ValueError(f"main_process='runner' requires n_runners == 1, got n_runners={n_runners}")
+        self.n_runners = n_runners
+        self.graceful_timeout = float(graceful_timeout)
+        self.terminate_timeout = float(terminate_timeout)
+        self.main_process: Literal["algorithm", "runner"] = main_process
+        self.managed_store = env_bool("AGL_MANAGED_STORE", "managed_store", managed_store, True)
+        codes = tuple(allowed_exit_codes)
+        if not all(isinstance(c, int) and not isinstance(c, bool) for c in codes):
+            raise ValueError(f"allowed_exit_codes must be integers, got {codes!r}")
+        self.allowed_exit_codes = codes
+
+    def __repr__(self) -> str:
+        return (
+            f"ClientServerExecutionStrategy(role={self.role!r}, server_host={self.server_host!r}, "
+            f"server_port={self.server_port}, n_runners={self.n_runners}, "
+            f"main_process={self.main_process!r}, managed_store={self.managed_store})"
+        )
+
+    # ------------------------------------------------------------------ entry point
+    async def execute(self, algorithm: AlgorithmBundle, runner: RunnerBundle, store: LightningStore) -> None:
+        """Run this process's part of the run (see the module docstring); asyncio only."""
+        logger.info("client-server run: %r", self)
+        try:
+            if self.role == "algorithm":
+                await self._run_algorithm_here(algorithm, store)
+            elif self.role == "runner":
+                await self._run_runners(runner, store)
+            elif self.main_process == "algorithm":
+                await self._run_both(algorithm, runner, store)
+            else:
+                await self._run_both_runner_main(algorithm, runner, store)
+        finally:
+            logger.info("client-server run finished")
+
+    # ------------------------------------------------------------------ pieces
+    def _supervisor(self, event: ExecutionEvent) -> Supervisor:
+        return Supervisor(event, self.graceful_timeout, "graceful_timeout")
+
+    def _on_child_exit(self, supervisor: Supervisor) -> Callable[[Child], None]:
+        def on_exit(child: Child) -> None:
+            if child.exitcode not in self.allowed_exit_codes:
+                supervisor.fail(
+                    repr(child),
+                    RuntimeError(
+                        f"{child.name} (pid {child.pid}) exited with code {child.exitcode}, "
+                        f"not one of allowed_exit_codes {self.allowed_exit_codes}"
+                    ),
+                    traceback=False,
+                )
+
+        return on_exit
+
+    async def _start_server(self, store: LightningStore) -> LightningStoreServer:
+        server = LightningStoreServer(store, host=self.server_host, port=self.server_port)
+        await server.start()  # OSError naming host:port when it is in use: nothing spawned yet
+        return server
+
+    @staticmethod
+    async def _stop_server(server: LightningStoreServer | None) -> None:
+        if server is not None:
+            with anyio.CancelScope(shield=True):
+                await server.stop()
+
+    async def _spawn_and_supervise(
+        self,
+        supervisor: Supervisor,
+        specs: Sequence[tuple[str, Callable[..., Awaitable[None]], tuple[Any, ...]]],
+        after_bundles: bool = False,
+    ) -> None:
+        """Spawn the children of ``specs``, then run ``supervisor`` with a watcher per child and the
+        four-step escalation as its stop hook. ``after_bundles``: escalate only once the in-process
+        bundles are done (the children serve them)."""
+        children: list[Child] = []
+        MultiprocessingHelpers.acquire()
+        try:
+            with anyio.CancelScope(shield=True):  # a half-spawned set is still stopped below
+                try:
+                    await anyio.to_thread.run_sync(spawn, specs, children)
+                except Exception as exc:
+                    supervisor.fail("spawning child processes", exc)
+            on_exit = self._on_child_exit(supervisor)
+            for child in children:
+                supervisor.add_monitor(lambda child=child: child.watch(on_exit))  # type: ignore[misc]
+
+            async def on_stop() -> None:
+                if after_bundles:
+                    await supervisor.bundles_done.wait()
+                await escalate(children, supervisor.event, self.graceful_timeout, self.terminate_timeout)
+
+            supervisor.on_stop = on_stop
+            await supervisor.run()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(MultiprocessingHelpers.release)
+
+    # ------------------------------------------------------------------ roles
+    async def _run_algorithm_here(self, algorithm: AlgorithmBundle, store: LightningStore) -> None:
+        server = await self._start_server(store) if self.managed_store else None
+        try:
+            event = ThreadingExecutionEvent()
+            supervisor = self._supervisor(event)
+            supervisor.add_bundle("algorithm", algorithm, server or store, event, on_return=event.set)
+            await supervisor.run()
+        finally:
+            await self._stop_server(server)
+
+    def _runner_store(self, store: LightningStore, endpoint: str) -> LightningStore:
+        return LightningStoreClient(endpoint) if self.managed_store else store
+
+    async def _run_runners(self, runner: RunnerBundle, store: LightningStore) -> None:
+        endpoint = _client_endpoint(self.server_host, self.server_port)
+        if self.n_runners == 1:
+            event = ThreadingExecutionEvent()
+            supervisor = self._supervisor(event)
+            runner_store = self._runner_store(store, endpoint)
+            supervisor.add_bundle(
+                "runner-0", _runner_child, runner, runner_store, 0, event, self.managed_store
+            )
+            await supervisor.run()
+            return
+        self._check_runner_crosses(runner, store)
+        process_event = ProcessExecutionEvent()
+        try:
+            specs = [
+                (
+                    f"runner-{i}",
+                    _runner_child,
+                    (runner, self._runner_store(store, endpoint), i, process_event, self.managed_store),
+                )
+                for i in range(self.n_runners)
+            ]
+            await self._spawn_and_supervise(self._supervisor(process_event), specs)
+        finally:
+            process_event.close()
+
+    def _check_runner_crosses(self, runner: RunnerBundle, store: LightningStore) -> None:
+        check_picklable("runner bundle", runner, DEFINE_AT_MODULE_LEVEL)
+        if not self.managed_store:
+            check_picklable(
+                "store",
+                store,
+                "With managed_store=False the store itself is handed to the runner processes and must "
+                "pickle; managed_store=True serves it over HTTP instead.",
+            )
+
+    async def _run_both(
+        self, algorithm: AlgorithmBundle, runner: RunnerBundle, store: LightningStore
+    ) -> None:
+        self._check_runner_crosses(runner, store)
+        server = await self._start_server(store) if self.managed_store else None
+        event = ProcessExecutionEvent()
+        try:
+            runner_store: LightningStore = (
+                LightningStoreClient(server.endpoint) if server is not None else store
+            )
+            specs = [
+                (f"runner-{i}", _runner_child, (runner, runner_store, i, event, self.managed_store))
+                for i in range(self.n_runners)
+            ]
+            supervisor = self._supervisor(event)
+
+            def algorithm_returned() -> None:
+                logger.info("algorithm returned: stopping the runners")
+                event.set()
+
+            supervisor.add_bundle(
+                "algorithm", algorithm, server or store, event, on_return=algorithm_returned
+            )
+            await self._spawn_and_supervise(supervisor, specs)
+        finally:
+            await self._stop_server(server)  # every runner process has exited by now
+            event.close()
+
+    async def _run_both_runner_main(
+        self, algorithm: AlgorithmBundle, runner: RunnerBundle, store: LightningStore
+    ) -> None:
+        check_picklable("algorithm bundle", algorithm, DEFINE_AT_MODULE_LEVEL)
+        check_picklable(
+            "store",
+            store,
+            "With main_process='runner' the algorithm and the store server run in a child process, "
+            "which receives the store: it must pickle.",
+        )
+        port = self.server_port
+        if self.managed_store:
+            if port == 0:
+                port = _free_port(self.server_host)
+            _check_port_free(self.server_host, port)
+        event, ready, release = ProcessExecutionEvent(), ProcessExecutionEvent(), ProcessExecutionEvent()
+        try:
+            spec = (
+                "algorithm",
+                _algorithm_child,
+                (algorithm, store, self.server_host, port, self.managed_store, event, ready, release),
+            )
+            supervisor = self._supervisor(event)
+            endpoint = _client_endpoint(
+                "127.0.0.1" if self.server_host == "localhost" else self.server_host, port
+            )
+            runner_store = self._runner_store(store, endpoint)
+
+            async def runner_here() -> None:
+                await _first_of(ready, event)  # the server is up, or the algorithm side has ended
+                if ready.is_set() and not event.is_set():
+                    await _runner_child(runner, runner_store, 0, event, self.managed_store)
+
+            supervisor.add_bundle("runner-0", runner_here)
+            supervisor.on_bundles_done = release.set  # the algorithm child may stop serving now
+            await self._spawn_and_supervise(supervisor, [spec], after_bundles=True)
+        finally:
+            for e in (event, ready, release):
+                e.close()
+
+
+register_strategy(ClientServerExecutionStrategy, "client_server")

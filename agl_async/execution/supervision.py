@@ -73,18 +73,19 @@ class Supervisor:
     def add_monitor(self, fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
         self._monitors.append(fn)
 
-    def fail(self, source: str, exc: BaseException) -> None:
+    def fail(self, source: str, exc: BaseException, *, traceback: bool = True) -> None:
         """Record ``exc`` (the first one wins) and set the event."""
+        info = exc if traceback else None
         if self.first_error is None:
             self.first_error, self.first_error_source = exc, source
-            logger.error("%s failed: %r; stopping the run", source, exc, exc_info=exc)
+            logger.error("%s failed: %r; stopping the run", source, exc, exc_info=info)
         else:
             logger.error(
                 "%s failed too: %r (the first error, from %s, will be raised)",
                 source,
                 exc,
                 self.first_error_source,
-                exc_info=exc,
+                exc_info=info,
             )
         self.event.set()
 

@@ -1,0 +1,237 @@
+"""Child processes of the client-server strategy: spawning, watching, stopping, cleaning up.
+
+* Children are ``aiomultiprocess.Process`` objects (spawn start method by default) whose
+  process entry point is :func:`child_main`: it runs the target coroutine with ``anyio.run`` on
+  asyncio and turns a SIGINT into a cancellation of that coroutine (exit code 0), so that the
+  SIGINT step of the shutdown is a clean stop for a child that is awaiting something.
+* :class:`Child` watches its process by waiting for the process sentinel to become readable
+  (``anyio.wait_readable``: no polling, unlike ``aiomultiprocess.Process.join``), then reaps it and
+  records the exit code.
+* :func:`escalate` is the four-step shutdown: set the event and wait ``graceful_timeout``;
+  SIGINT the survivors and wait ``terminate_timeout``; ``terminate()`` and wait; ``kill()`` and
+  wait. Each wait is an ``anyio.move_on_after`` deadline.
+* :class:`MultiprocessingHelpers` accounts for what spawning starts in *this* process besides
+  the children — aiomultiprocess's ``Manager`` singleton (a server process it never shuts down)
+  and multiprocessing's resource tracker — and shuts down the ones we started once the last run
+  that uses them has ended, so nothing started by a run outlives it.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import pickle
+import signal
+import sys
+import threading
+from collections.abc import Awaitable, Callable, Sequence
+from multiprocessing import resource_tracker
+from multiprocessing.reduction import ForkingPickler
+from typing import Any
+
+import aiomultiprocess
+import aiomultiprocess.core
+import anyio
+
+from .base import cancel_on_sigint
+from .events import ExecutionEvent
+
+logger = logging.getLogger("agl_async.execution.cs")
+
+DEFINE_AT_MODULE_LEVEL = (
+    "Child processes are started with the 'spawn' method: define bundles at module level (not inside "
+    "a function, not as a lambda or closure) in an importable module, and keep everything they "
+    "reference picklable."
+)
+
+
+def check_picklable(what: str, obj: Any, hint: str) -> None:
+    """Raise ``TypeError`` naming ``what`` when ``obj`` cannot travel to a spawned process."""
+    module = getattr(obj, "__module__", None)
+    if callable(obj) and module == "__main__" and not getattr(sys.modules.get("__main__"), "__file__", None):
+        raise TypeError(
+            f"{what} {obj!r} is defined in an interactive __main__, which a spawned process cannot "
+            f"import. {hint}"
+        )
+    try:
+        ForkingPickler.dumps(obj, pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:
+        raise TypeError(f"{what} {obj!r} cannot be sent to a child process ({exc}). {hint}") from exc
+
+
+# ---------------------------------------------------------------------------- inside the child
+def _configure_child_logging(level: int) -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(asctime)s %(processName)s %(name)s %(levelname)s: %(message)s")
+    logging.getLogger("agl_async").setLevel(level)
+
+
+def child_main(unit: Any) -> None:
+    """Process entry point (``process_target`` of aiomultiprocess): run ``unit.target`` on asyncio.
+
+    Exit code 0 when the coroutine returns or is cancelled by SIGINT; 1 when it raises (the
+    error is logged here, in the child).
+    """
+    name = multiprocessing.current_process().name
+    kwargs = dict(unit.kwargs)
+    _configure_child_logging(kwargs.pop("log_level", logging.WARNING))
+    try:
+        interrupted = anyio.run(cancel_on_sigint, unit.target, *unit.args, backend="asyncio")
+    except Exception:
+        logger.exception("%s (pid %d) failed", name, os.getpid())
+        sys.exit(1)
+    if interrupted:
+        logger.info("%s (pid %d): SIGINT cancelled it; exiting", name, os.getpid())
+
+
+# ---------------------------------------------------------------------------- in the parent
+class Child:
+    """One spawned child process and the task that watches it exit."""
+
+    def __init__(self, name: str, process: aiomultiprocess.Process) -> None:
+        self.name = name
+        self.process = process
+        self.exitcode: int | None = None
+        self.exited = anyio.Event()
+
+    @property
+    def pid(self) -> int | None:
+        pid: int | None = self.process.pid
+        return pid
+
+    def __repr__(self) -> str:
+        return f"{self.name} (pid {self.pid})"
+
+    async def watch(self, on_exit: Callable[[Child], None]) -> None:
+        """Wait until the process ends (its sentinel becomes readable), reap it, call ``on_exit``."""
+        try:
+            await anyio.wait_readable(self.process.aio_process.sentinel)
+            self.process.aio_process.join()  # reaps at once: the sentinel said it has ended
+            self.exitcode = self.process.exitcode
+            logger.info("%r exited with code %s", self, self.exitcode)
+        finally:
+            self.exited.set()
+        on_exit(self)
+
+    def signal(self, how: str) -> None:
+        try:
+            if how == "SIGINT":
+                os.kill(self.pid, signal.SIGINT)  # type: ignore[arg-type]
+            elif how == "terminate()":
+                self.process.terminate()
+            else:
+                self.process.kill()
+        except (ProcessLookupError, ValueError):  # it has just ended
+            pass
+
+
+def spawn(
+    specs: Sequence[tuple[str, Callable[..., Awaitable[None]], tuple[Any, ...]]], into: list[Child]
+) -> None:
+    """Start one child per ``(name, coroutine function, args)``; blocking (run it in a thread).
+
+    Each started child is appended to ``into`` at once, so that the caller can stop the ones
+    already started when a later one fails to start.
+    """
+    level = logging.getLogger("agl_async").getEffectiveLevel()
+    for name, target, args in specs:
+        process = aiomultiprocess.Process(
+            target=target, args=args, kwargs={"log_level": level}, name=name, process_target=child_main
+        )
+        process.start()
+        child = Child(name, process)
+        into.append(child)
+        logger.info("spawned %r", child)
+
+
+async def _all_exited(children: Sequence[Child], timeout: float) -> bool:
+    with anyio.move_on_after(timeout):
+        for child in children:
+            await child.exited.wait()
+        return True
+    return False
+
+
+async def escalate(
+    children: Sequence[Child], event: ExecutionEvent, graceful_timeout: float, terminate_timeout: float
+) -> bool:
+    """The four-step shutdown of ``children``; ``True`` when all of them have exited."""
+    event.set()
+
+    def alive() -> list[Child]:
+        return [c for c in children if not c.exited.is_set()]
+
+    survivors = alive()
+    if not survivors:
+        return True
+    logger.info(
+        "stopping %s: stop event set, waiting up to %.3g s (graceful_timeout)",
+        ", ".join(map(repr, survivors)),
+        graceful_timeout,
+    )
+    if await _all_exited(survivors, graceful_timeout):
+        return True
+    waited, waited_name = graceful_timeout, "graceful_timeout"
+    for step in ("SIGINT", "terminate()", "kill()"):
+        survivors = alive()
+        if not survivors:
+            return True
+        logger.warning(
+            "%s still running after %.3g s (%s): escalating to %s",
+            ", ".join(map(repr, survivors)),
+            waited,
+            waited_name,
+            step,
+        )
+        for child in survivors:
+            child.signal(step)
+        if await _all_exited(survivors, terminate_timeout):
+            return True
+        waited, waited_name = terminate_timeout, "terminate_timeout"
+    logger.error("%s did not exit even after kill()", ", ".join(map(repr, alive())))
+    return False
+
+
+class MultiprocessingHelpers:
+    """Reference-counted ownership of aiomultiprocess's Manager and multiprocessing's resource
+    tracker (see the module docstring). ``acquire()`` before spawning, ``release()`` (blocking:
+    run it in a thread) after every child has exited."""
+
+    _lock = threading.Lock()
+    _users = 0
+    _own_manager = False
+    _own_tracker = False
+
+    @classmethod
+    def acquire(cls) -> None:
+        with cls._lock:
+            if cls._users == 0:
+                cls._own_manager = aiomultiprocess.core._manager is None
+                cls._own_tracker = getattr(resource_tracker._resource_tracker, "_fd", None) is None
+            cls._users += 1
+
+    @classmethod
+    def release(cls) -> None:
+        with cls._lock:
+            cls._users -= 1
+            if cls._users > 0:
+                return
+            manager, tracker = cls._own_manager, cls._own_tracker
+            cls._own_manager = cls._own_tracker = False
+            if manager and aiomultiprocess.core._manager is not None:
+                logger.info("shutting down aiomultiprocess's manager process")
+                aiomultiprocess.core._manager.shutdown()
+                aiomultiprocess.core._manager = None
+            if tracker and getattr(resource_tracker._resource_tracker, "_fd", None) is not None:
+                logger.info("stopping the multiprocessing resource tracker started by this run")
+                _stop_resource_tracker()
+
+
+def _stop_resource_tracker() -> None:
+    # The tracker exits when every holder of its pipe has closed it; all our children are gone,
+    # so closing ours ends it. ResourceTracker._stop() does exactly this (close, waitpid).
+    tracker = resource_tracker._resource_tracker
+    stop = getattr(tracker, "_stop", None)
+    if stop is not None:
+        stop()
