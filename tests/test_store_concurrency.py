@@ -120,3 +120,23 @@ async def test_cancelling_a_call_waiting_for_the_lock_changes_nothing() -> None:
             release.set()
     assert scope.cancelled_caught
     assert await store.query_rollouts() == []
+
+
+async def test_long_polling_workers_are_woken_by_enqueues_and_claim_each_once(store: LightningStore) -> None:
+    claims: list[str] = []
+
+    async def worker(i: int) -> None:
+        while (claimed := await store.dequeue_rollout(worker_id=i, timeout=0.5)) is not None:
+            claims.append(claimed.rollout_id)
+            await store.update_attempt(claimed.rollout_id, claimed.attempt.attempt_id, status="succeeded")
+
+    with anyio.fail_after(HANG_GUARD):
+        async with anyio.create_task_group() as tg:
+            for i in range(20):
+                tg.start_soon(worker, i)
+            await anyio.wait_all_tasks_blocked()  # everyone waits on an empty queue
+            created = []
+            for batch in range(5):
+                created += await store.enqueue_many_rollouts([{"input": (batch, j)} for j in range(20)])
+                await anyio.lowlevel.checkpoint()
+    assert sorted(claims) == sorted(r.rollout_id for r in created)

@@ -218,3 +218,59 @@ async def test_statistics_count_by_status(store: LightningStore) -> None:
     assert stats["attempts"]["succeeded"] == 1
     assert stats["attempts"]["preparing"] == 1
     assert stats["workers"] == {"busy": 1, "idle": 1, "unknown": 0}
+
+
+# ---------------------------------------------------------------------------------- snapshots
+
+
+async def test_returned_objects_are_snapshots(store: LightningStore) -> None:
+    res = await store.add_resources({"model": "m"})
+    started = await store.start_rollout({"q": 1}, metadata={"k": 1}, worker_id="w")
+    rid, aid = started.rollout_id, started.attempt.attempt_id
+    span = _span(rid, aid, 1)
+    await store.add_span(span)
+    await store.update_worker("w", heartbeat_stats={"load": 1})
+
+    # mutate everything the caller holds; the store must not see any of it
+    span.attributes["reward"] = -1.0
+    span.name = "changed"
+    started.metadata["k"] = 2
+    started.config.max_attempts = 0
+    started.attempt.metadata["x"] = 1
+    for rollout in await store.query_rollouts():
+        rollout.metadata["k"] = 3
+        rollout.config.retry_condition.append("failed")
+        rollout.status = "succeeded"
+    for attempt in await store.query_attempts(rid):
+        attempt.metadata["y"] = 1
+        attempt.status = "failed"
+    for stored in await store.query_spans(rid):
+        stored.attributes.clear()
+    for resources in await store.query_resources():
+        resources.resources["model"] = "other"
+    for worker in await store.query_workers():
+        assert worker.heartbeat_stats is not None
+        worker.heartbeat_stats["load"] = 2
+
+    rollout = await store.get_rollout_by_id(rid)
+    assert rollout is not None
+    assert rollout.metadata == {"k": 1} and rollout.config.max_attempts == 1
+    assert rollout.config.retry_condition == [] and rollout.status == "running"
+    attempt = await store.get_latest_attempt(rid)
+    assert attempt is not None and attempt.metadata == {} and attempt.status == "running"
+    assert await store.query_spans(rid) == [_span(rid, aid, 1)]
+    assert await store.get_resources_by_id(res.resources_id) == res
+    worker = await store.get_worker_by_id("w")
+    assert worker is not None and worker.heartbeat_stats == {"load": 1}
+
+
+async def test_span_sequence_id_must_be_an_integer(store: LightningStore) -> None:
+    started = await store.start_rollout(1)
+    bad = _span(started.rollout_id, started.attempt.attempt_id, 1)
+    bad.sequence_id = "one"  # type: ignore[assignment]
+    with pytest.raises(ValueError, match="sequence_id"):
+        await store.add_span(bad)
+    good = _span(started.rollout_id, started.attempt.attempt_id, 1)
+    with pytest.raises(ValueError, match="sequence_id"):
+        await store.add_many_spans([good, bad])
+    assert await store.query_spans(started.rollout_id) == []

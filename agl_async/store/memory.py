@@ -57,9 +57,35 @@ _MODES = frozenset({"train", "val", "test"})
 _S = TypeVar("_S", bound=msgspec.Struct)
 
 
+#: The mutable containers of each model that ``_copy`` copies as well (one level deep).
+_CONTAINER_FIELDS: dict[type, tuple[str, ...]] = {
+    Rollout: ("config", "metadata"),
+    AttemptedRollout: ("config", "metadata", "attempt"),
+    Attempt: ("metadata",),
+    RolloutConfig: ("retry_condition",),
+    Span: ("attributes", "events"),
+    ResourcesUpdate: ("resources",),
+    Worker: ("heartbeat_stats",),
+}
+
+
 def _copy(obj: _S) -> _S:
-    """Shallow copy of a model: callers get snapshots, never the store's own objects."""
-    return obj.__copy__()  # type: ignore[attr-defined,no-any-return]
+    """A snapshot of a model: callers get copies, never the store's own objects.
+
+    The model and its containers (metadata, config, resources, span attributes …) are copied one
+    level deep, so assigning to a snapshot's fields or to keys of its dicts never reaches the
+    store, as over HTTP. ``input`` and values nested deeper are shared, not copied (cost).
+    """
+    copy: _S = obj.__copy__()  # type: ignore[attr-defined]
+    for name in _CONTAINER_FIELDS.get(type(obj), ()):
+        value = getattr(copy, name)
+        if type(value) is dict:
+            setattr(copy, name, dict(value))
+        elif type(value) is list:
+            setattr(copy, name, list(value))
+        elif isinstance(value, msgspec.Struct):
+            setattr(copy, name, _copy(value))
+    return copy
 
 
 def _new_id(prefix: str) -> str:
@@ -138,7 +164,7 @@ class InMemoryLightningStore(LightningStore):
         return self._attempts[attempt.rollout_id][-1] is attempt
 
     def _attempted(self, rollout: Rollout, attempt: Attempt) -> AttemptedRollout:
-        fields = msgspec.structs.asdict(rollout)
+        fields = msgspec.structs.asdict(_copy(rollout))
         return AttemptedRollout(**fields, attempt=_copy(attempt))
 
     # ------------------------------------------------------------------ validation
@@ -609,11 +635,17 @@ class InMemoryLightningStore(LightningStore):
         return _copy(attempts[-1]) if attempts else None
 
     # ------------------------------------------------------------------ spans
-    def _store_span(self, span: Span, now: float) -> Span:
+    def _check_span(self, span: Span) -> Attempt:
         if not isinstance(span, Span):
             raise ValueError(f"expected a Span, got {type(span).__name__}")
         attempt = self._attempt(span.rollout_id, span.attempt_id)
-        self._spans.setdefault(attempt.attempt_id, []).append(span)
+        if isinstance(span.sequence_id, bool) or not isinstance(span.sequence_id, int):
+            raise ValueError(f"span sequence_id must be an integer, got {span.sequence_id!r}")
+        return attempt
+
+    def _store_span(self, span: Span, now: float) -> Span:
+        attempt = self._check_span(span)
+        self._spans.setdefault(attempt.attempt_id, []).append(_copy(span))  # the caller keeps its own
         if span.sequence_id >= self._span_seq.get(attempt.attempt_id, 1):
             self._span_seq[attempt.attempt_id] = span.sequence_id + 1
         self._heartbeat(attempt, now)
@@ -626,9 +658,7 @@ class InMemoryLightningStore(LightningStore):
     async def add_many_spans(self, spans: Sequence[Span]) -> list[Span]:
         self._settle_deadlines()
         for span in spans:  # validate all first: nothing half-applied
-            if not isinstance(span, Span):
-                raise ValueError(f"expected a Span, got {type(span).__name__}")
-            self._attempt(span.rollout_id, span.attempt_id)
+            self._check_span(span)
         now = time.time()
         return [self._store_span(span, now) for span in spans]
 
@@ -642,7 +672,7 @@ class InMemoryLightningStore(LightningStore):
         out: list[Span] = []
         for attempt in attempts:
             out.extend(sorted(self._spans.get(attempt.attempt_id, ()), key=lambda s: s.sequence_id))
-        return out
+        return [_copy(span) for span in out]
 
     async def get_next_span_sequence_id(self, rollout_id: str, attempt_id: str) -> int:
         self._settle_deadlines()
