@@ -153,6 +153,22 @@ async def run_rollout(
     the store itself propagate. Cancellation while the agent runs marks the attempt ``failed``
     (``error = "cancelled"``), shielded and bounded, and then propagates.
     """
+    succeeded, reward = await _execute(store, worker_id, rollout, agent, heartbeat_interval)
+    if succeeded:
+        await store.update_attempt(rollout.rollout_id, rollout.attempt.attempt_id, status="succeeded")
+    return reward
+
+
+async def _execute(
+    store: LightningStore,
+    worker_id: WorkerId,
+    rollout: AttemptedRollout,
+    agent: Agent,
+    heartbeat_interval: float,
+) -> tuple[bool, float | None]:
+    """:func:`run_rollout` up to, not including, marking the attempt ``succeeded`` (the caller
+    does that, possibly together with the next dequeue). Returns ``(succeeded, reward)``; a failure
+    is already recorded when ``succeeded`` is false."""
     rollout_id, attempt_id = rollout.rollout_id, rollout.attempt.attempt_id
     await store.update_attempt(rollout_id, attempt_id, status="running", worker_id=worker_id)
     resources: dict[str, Any] = {}
@@ -197,7 +213,7 @@ async def run_rollout(
             status="failed",
             metadata={"error": f"{type(error).__name__}: {error}", "traceback": error_traceback},
         )
-        return None
+        return False, None
     if reward is not None:
         sequence_id = await store.get_next_span_sequence_id(rollout_id, attempt_id)
         await store.add_span(
@@ -216,8 +232,7 @@ async def run_rollout(
         )
         # Written before the attempt succeeds, so whoever is woken by the success sees the reward.
         await store.update_rollout(rollout_id, metadata={**rollout.metadata, REWARD_KEY: reward})
-    await store.update_attempt(rollout_id, attempt_id, status="succeeded")
-    return reward
+    return True, reward
 
 
 async def runner_loop(
@@ -242,12 +257,26 @@ async def runner_loop(
     long_poll = _supports_long_poll(store)
     await store.update_worker(worker_id, heartbeat_stats={"time": time.time()})
     done = 0
-    while max_rollouts is None or done < max_rollouts:
-        rollout = await _next_rollout(store, worker_id, event, long_poll)
-        if rollout is None:
-            break
-        await run_rollout(store, worker_id, rollout, agent, heartbeat_interval=heartbeat_interval)
+    rollout = None if max_rollouts == 0 else await _next_rollout(store, worker_id, event, long_poll)
+    while rollout is not None:
+        succeeded, _ = await _execute(store, worker_id, rollout, agent, heartbeat_interval)
         done += 1
+        more = (max_rollouts is None or done < max_rollouts) and not event.is_set()
+        if succeeded and more:
+            # One call (one round trip over HTTP) ends this attempt and claims the next rollout.
+            rollout = await store.finish_and_dequeue(
+                rollout.rollout_id,
+                rollout.attempt.attempt_id,
+                "succeeded",
+                worker_id=worker_id,
+                timeout=_LONG_POLL_TIMEOUT if long_poll else None,
+            )
+            if rollout is None:
+                rollout = await _next_rollout(store, worker_id, event, long_poll)
+            continue
+        if succeeded:
+            await store.update_attempt(rollout.rollout_id, rollout.attempt.attempt_id, status="succeeded")
+        rollout = await _next_rollout(store, worker_id, event, long_poll) if more else None
     logger.debug("runner %s: stopping after %d rollouts", worker_id, done)
     return done
 
