@@ -138,3 +138,14 @@ async def runner_drains(store: LightningStore, worker_id: int, event: ExecutionE
     await announce(store, worker_id)
     while (attempted := await store.dequeue_rollout(worker_id=worker_id, timeout=1.0)) is not None:
         await store.update_attempt(attempted.rollout_id, attempted.attempt.attempt_id, status="succeeded")
+
+
+async def runner_uses_store_after_event(store: LightningStore, worker_id: int, event: ExecutionEvent) -> None:
+    """Keeps talking to the store for a while after the event: the server must still be up."""
+    await announce(store, worker_id)
+    await event.wait()
+    for _ in range(5):
+        await anyio.sleep(0.02)
+        await store.update_worker(
+            worker_id, heartbeat_stats={"ready": True, "pid": os.getpid(), "after": True}
+        )
