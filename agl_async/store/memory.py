@@ -57,15 +57,52 @@ _MODES = frozenset({"train", "val", "test"})
 _S = TypeVar("_S", bound=msgspec.Struct)
 
 
-#: The mutable containers of each model that ``_copy`` copies as well (one level deep).
-_CONTAINER_FIELDS: dict[type, tuple[str, ...]] = {
-    Rollout: ("config", "metadata"),
-    AttemptedRollout: ("config", "metadata", "attempt"),
-    Attempt: ("metadata",),
-    RolloutConfig: ("retry_condition",),
-    Span: ("attributes", "events"),
-    ResourcesUpdate: ("resources",),
-    Worker: ("heartbeat_stats",),
+def _copy_config(c: RolloutConfig) -> RolloutConfig:
+    copy: RolloutConfig = c.__copy__()  # type: ignore[attr-defined]
+    copy.retry_condition = list(c.retry_condition)
+    return copy
+
+
+def _copy_rollout(r: Rollout) -> Rollout:
+    copy: Rollout = r.__copy__()  # type: ignore[attr-defined]
+    copy.config = _copy_config(r.config)
+    copy.metadata = r.metadata.copy()
+    return copy
+
+
+def _copy_attempt(a: Attempt) -> Attempt:
+    copy: Attempt = a.__copy__()  # type: ignore[attr-defined]
+    copy.metadata = a.metadata.copy()
+    return copy
+
+
+def _copy_span(s: Span) -> Span:
+    copy: Span = s.__copy__()  # type: ignore[attr-defined]
+    copy.attributes = s.attributes.copy()
+    copy.events = s.events.copy()
+    return copy
+
+
+def _copy_resources(r: ResourcesUpdate) -> ResourcesUpdate:
+    copy: ResourcesUpdate = r.__copy__()  # type: ignore[attr-defined]
+    copy.resources = r.resources.copy()
+    return copy
+
+
+def _copy_worker(w: Worker) -> Worker:
+    copy: Worker = w.__copy__()  # type: ignore[attr-defined]
+    if w.heartbeat_stats is not None:
+        copy.heartbeat_stats = w.heartbeat_stats.copy()
+    return copy
+
+
+_COPIERS: dict[type, Any] = {
+    RolloutConfig: _copy_config,
+    Rollout: _copy_rollout,
+    Attempt: _copy_attempt,
+    Span: _copy_span,
+    ResourcesUpdate: _copy_resources,
+    Worker: _copy_worker,
 }
 
 
@@ -76,16 +113,8 @@ def _copy(obj: _S) -> _S:
     level deep, so assigning to a snapshot's fields or to keys of its dicts never reaches the
     store, as over HTTP. ``input`` and values nested deeper are shared, not copied (cost).
     """
-    copy: _S = obj.__copy__()  # type: ignore[attr-defined]
-    for name in _CONTAINER_FIELDS.get(type(obj), ()):
-        value = getattr(copy, name)
-        if type(value) is dict:
-            setattr(copy, name, dict(value))
-        elif type(value) is list:
-            setattr(copy, name, list(value))
-        elif isinstance(value, msgspec.Struct):
-            setattr(copy, name, _copy(value))
-    return copy
+    copier = _COPIERS.get(type(obj))
+    return copier(obj) if copier is not None else obj.__copy__()  # type: ignore[attr-defined,no-any-return]
 
 
 def _new_id(prefix: str) -> str:
@@ -641,6 +670,8 @@ class InMemoryLightningStore(LightningStore):
         attempt = self._attempt(span.rollout_id, span.attempt_id)
         if isinstance(span.sequence_id, bool) or not isinstance(span.sequence_id, int):
             raise ValueError(f"span sequence_id must be an integer, got {span.sequence_id!r}")
+        if type(span.attributes) is not dict or type(span.events) is not list:
+            raise ValueError("span attributes must be a dict and events a list")
         return attempt
 
     def _store_span(self, span: Span, now: float) -> Span:
