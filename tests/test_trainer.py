@@ -345,6 +345,31 @@ def test_fit_client_server_both_roles() -> None:
     assert {w.worker_id for w in workers} <= {0, 1}
 
 
+def picky(task: int, resources: dict[str, Any]) -> float:
+    """Module level, so that it pickles into runner processes."""
+    if task < 0:
+        raise ValueError(f"negative task {task}")
+    return float(task * resources.get("factor", 1))
+
+
+@pytest.mark.anyio
+async def test_fit_async_client_server_records_failures_from_runner_processes() -> None:
+    algorithm = Baseline()
+    strategy = ClientServerExecutionStrategy(
+        role="both", n_runners=2, server_host="127.0.0.1", server_port=_free_port()
+    )
+    trainer = Trainer(strategy=strategy, algorithm=algorithm, initial_resources={"factor": 3})
+    with anyio.fail_after(TIMEOUT * 2):
+        await trainer.fit_async(picky, train_dataset=[1, -2, 3])
+    [stats] = algorithm.history
+    assert (stats.rollouts, stats.succeeded, stats.failed, stats.mean_reward) == (3, 2, 1, 6.0)
+    [failed] = await trainer.store.query_rollouts(status_in=["failed"])
+    attempt = await trainer.store.get_latest_attempt(failed.rollout_id)
+    assert attempt is not None and attempt.worker_id in (0, 1)
+    assert attempt.metadata["error"] == "ValueError: negative task -2"
+    assert "in picky" in attempt.metadata["traceback"]
+
+
 def test_max_rollouts_caps_each_runner() -> None:
     class Enqueue10(Algorithm):
         leftover: list[str] = []
