@@ -164,9 +164,10 @@ async def test_changing_the_config_supervises_a_live_attempt(store: LightningSto
 
 async def test_finished_attempts_are_not_judged(store: LightningStore) -> None:
     started = await store.start_rollout(1, config=RolloutConfig(timeout_seconds=0.1))
+    unsupervised = await store.start_rollout(2)
     await store.update_attempt(started.rollout_id, "latest", status="succeeded")
     # wait past the deadline without calling anything else
-    assert await store.wait_for_rollouts(rollout_ids=["ro-never"], timeout=0.2) == []
+    assert await store.wait_for_rollouts(rollout_ids=[unsupervised.rollout_id], timeout=0.2) == []
     attempt = await store.get_latest_attempt(started.rollout_id)
     assert attempt is not None and attempt.status == "succeeded"
 
@@ -194,6 +195,14 @@ async def test_wait_honours_its_timeout(store: LightningStore) -> None:
     elapsed = anyio.current_time() - started
     assert done == []
     assert 0.15 <= elapsed < 5.0
+
+
+async def test_unknown_ids_are_not_waited_for(store: LightningStore) -> None:
+    done = await store.start_rollout(1)
+    await store.update_attempt(done.rollout_id, "latest", status="succeeded")
+    with anyio.fail_after(2.0):  # timeout=None: returns at once all the same
+        result = await store.wait_for_rollouts(rollout_ids=["ro-missing", done.rollout_id])
+    assert [r.rollout_id for r in result] == [done.rollout_id]
 
 
 async def test_wait_with_zero_timeout_only_looks(store: LightningStore) -> None:

@@ -218,6 +218,7 @@ class LightningStore(abc.ABC):
     ) -> list[Rollout]:
         """Wait until all ``rollout_ids`` are terminal or ``timeout`` seconds pass; return the
         terminal ones (in the order asked). ``timeout=None`` waits without limit, ``0`` only looks.
+        Unknown ids are not waited for (they can never finish) and are left out of the result.
 
         Woken by the status change itself (no polling). Cancelling the wait changes nothing.
         """

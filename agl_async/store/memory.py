@@ -597,7 +597,8 @@ class InMemoryLightningStore(LightningStore):
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             self._settle_deadlines()
-            pending = {rid for rid in rollout_ids if not self._is_finished(rid)}
+            # Unknown ids are not waited for: ids come from the store, so they can never finish.
+            pending = {rid for rid in rollout_ids if rid in self._rollouts and not self._is_finished(rid)}
             remaining = None if deadline is None else deadline - time.monotonic()
             if not pending or (remaining is not None and remaining <= 0):
                 break
