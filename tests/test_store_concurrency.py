@@ -123,12 +123,19 @@ async def test_cancelling_a_call_waiting_for_the_lock_changes_nothing() -> None:
 
 
 async def test_long_polling_workers_are_woken_by_enqueues_and_claim_each_once(store: LightningStore) -> None:
+    total = 100
     claims: list[str] = []
+    all_claimed = anyio.Event()
 
     async def worker(i: int) -> None:
-        while (claimed := await store.dequeue_rollout(worker_id=i, timeout=0.5)) is not None:
+        while True:  # a runner: long-polls for as long as it lives
+            claimed = await store.dequeue_rollout(worker_id=i, timeout=30)
+            if claimed is None:
+                continue
             claims.append(claimed.rollout_id)
             await store.update_attempt(claimed.rollout_id, claimed.attempt.attempt_id, status="succeeded")
+            if len(claims) == total:
+                all_claimed.set()
 
     with anyio.fail_after(HANG_GUARD):
         async with anyio.create_task_group() as tg:
@@ -139,4 +146,9 @@ async def test_long_polling_workers_are_woken_by_enqueues_and_claim_each_once(st
             for batch in range(5):
                 created += await store.enqueue_many_rollouts([{"input": (batch, j)} for j in range(20)])
                 await anyio.lowlevel.checkpoint()
+            await all_claimed.wait()
+            tg.cancel_scope.cancel()  # cancelling the long polls claims nothing
     assert sorted(claims) == sorted(r.rollout_id for r in created)
+    await store.enqueue_rollout("after")
+    stats = await store.statistics()
+    assert stats["queue_length"] == 1 and stats["total_attempts"] == total
