@@ -67,7 +67,11 @@ class LightningStoreLocked(LightningStore):
         self, worker_id: WorkerId | None = None, *, timeout: float | None = None
     ) -> AttemptedRollout | None:
         """Non-blocking form under the lock; the long-poll form (``timeout > 0``) waits without
-        the lock, like ``wait_for_rollouts``: each of its claims is one atomic step of the store."""
+        the lock, like ``wait_for_rollouts``: each of its claims is one atomic step of the store.
+
+        That relies on the wrapped store's long-poll claim being atomic on its own (true of
+        ``InMemoryLightningStore``, whose claim never awaits); a store that awaits between reading
+        the queue and claiming must make its long poll safe itself."""
         if timeout:
             return await self.store.dequeue_rollout(worker_id, timeout=timeout)
         async with self._lock:
