@@ -479,3 +479,11 @@ async def test_invalid_config_raises_and_changes_nothing(
     with pytest.raises(ValueError, match=field):
         await store.update_rollout(r.rollout_id, config=bad, input=2)
     assert await store.get_rollout_by_id(r.rollout_id) == r
+
+
+async def test_config_with_a_non_list_retry_condition_is_refused(store: LightningStore) -> None:
+    bad = RolloutConfig()
+    bad.retry_condition = None  # type: ignore[assignment]
+    with pytest.raises(ValueError, match="retry_condition"):
+        await store.enqueue_rollout(1, config=bad)
+    assert await store.query_rollouts() == []

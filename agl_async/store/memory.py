@@ -193,8 +193,10 @@ class InMemoryLightningStore(LightningStore):
         return self._attempts[attempt.rollout_id][-1] is attempt
 
     def _attempted(self, rollout: Rollout, attempt: Attempt) -> AttemptedRollout:
-        fields = msgspec.structs.asdict(_copy(rollout))
-        return AttemptedRollout(**fields, attempt=_copy(attempt))
+        fields = msgspec.structs.asdict(rollout)
+        fields["config"] = _copy_config(rollout.config)
+        fields["metadata"] = rollout.metadata.copy()
+        return AttemptedRollout(**fields, attempt=_copy_attempt(attempt))
 
     # ------------------------------------------------------------------ validation
     @staticmethod
@@ -807,10 +809,8 @@ def _as_config(config: Any) -> RolloutConfig:
     if config is None:
         return RolloutConfig()
     if isinstance(config, RolloutConfig):
-        copy = _copy(config)
-        copy.retry_condition = list(copy.retry_condition)
-        copy.__post_init__()  # fields may have been assigned after construction: check again
-        return copy
+        config.__post_init__()  # fields may have been assigned after construction: check again
+        return _copy_config(config)
     if isinstance(config, Mapping):
         try:
             return RolloutConfig(**config)
