@@ -290,3 +290,39 @@ def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
 def test_parser_defaults() -> None:
     args = build_parser().parse_args(["demo"])
     assert (args.mode, args.runners, args.epochs) == ("shm", 4, 12)
+
+
+async def _wait_for_workers(endpoint: str, n: int) -> None:
+    from agl_async import LightningStoreClient
+
+    async with LightningStoreClient(endpoint, auth_token="") as client:
+        with anyio.fail_after(TIMEOUT):
+            while len(await client.query_workers()) < n:  # noqa: ASYNC110 - state of other processes
+                await anyio.sleep(0.05)
+
+
+@needs_proc
+def test_ctrl_c_stops_attached_runners_and_their_processes(procs: list[Proc]) -> None:
+    port = free_port()
+    server = Proc("serve", "--port", str(port), "--token", "")
+    procs.append(server)
+    server.wait_for_line("listening on")
+    runner = Proc(
+        "runner",
+        "--server",
+        f"http://127.0.0.1:{port}",
+        "--agent",
+        "agl_async.examples.evolution:agent",
+        "-n",
+        "2",
+    )
+    procs.append(runner)
+    anyio.run(_wait_for_workers, f"http://127.0.0.1:{port}", 2)  # both runner processes are up
+    children = descendants(runner.popen.pid)
+    assert children
+    runner.popen.send_signal(signal.SIGINT)
+    assert runner.wait() == 130, runner.output
+    assert "interrupted" in runner.output
+    assert alive(children) == set()
+    server.popen.send_signal(signal.SIGTERM)
+    assert server.wait() == 0, server.output
