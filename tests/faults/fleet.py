@@ -11,6 +11,9 @@ Entry points
     ``ctrlc``: a whole client-server ``run()`` (server + algorithm here, two runner processes)
     that prints ``READY`` once both runners have finished rollouts; a Ctrl-C makes it exit 130
     after ``interrupted`` on stderr.
+    ``mutate --port P --clients N --rounds R``: N concurrent clients each calling every mutating
+    route that must not duplicate (enqueue_rollout, enqueue_many_rollouts, dequeue_rollout,
+    add_span, add_many_spans, update_attempt) R times; prints one JSON line of what it got.
     ``load --port P --clients N --seconds S``: N concurrent store clients in this process, each
     looping dequeue -> running -> spans -> succeeded until S seconds have passed; prints one JSON
     line of counts and latencies.
@@ -52,7 +55,7 @@ HANG_GUARD = 60.0
 async def marking_agent(task_input: dict[str, Any], resources: dict[str, Any]) -> float:
     """Leave a marker ``<i>.<pid>`` in ``task_input["dir"]`` (so a test knows which process runs
     which task), then work for ``task_input["seconds"]``."""
-    Path(task_input["dir"], f"{task_input['i']}.{os.getpid()}.{uuid.uuid4().hex[:6]}").touch()
+    await anyio.Path(task_input["dir"], f"{task_input['i']}.{os.getpid()}.{uuid.uuid4().hex[:6]}").touch()
     await anyio.sleep(float(task_input.get("seconds", 0.0)))
     return 1.0
 
@@ -210,6 +213,66 @@ async def _load(port: int, clients: int, seconds: float, spans: int, tag: str) -
     return out
 
 
+async def _mutate_client(
+    client: LightningStoreClient, worker_id: str, rounds: int, out: dict[str, Any]
+) -> None:
+    """Every mutating route that must not duplicate on a retry, ``rounds`` times."""
+
+    async def call(what: str, coro: Any) -> Any:
+        out["calls"][what] = out["calls"].get(what, 0) + 1
+        try:
+            return await coro
+        except Exception as exc:
+            out["errors"].append(f"{what}: {type(exc).__name__}: {exc}"[:300])
+            return None
+
+    for r in range(rounds):
+        one = await call("enqueue_rollout", client.enqueue_rollout({"w": worker_id, "r": r, "k": 0}))
+        if one is not None:
+            out["enqueued"].append(one.rollout_id)
+        many = await call(
+            "enqueue_many_rollouts",
+            client.enqueue_many_rollouts([{"input": {"w": worker_id, "r": r, "k": k}} for k in (1, 2, 3)]),
+        )
+        out["enqueued"] += [m.rollout_id for m in many or []]
+        claimed = await call("dequeue_rollout", client.dequeue_rollout(worker_id=worker_id, timeout=0.2))
+        if claimed is None:
+            continue
+        out["claimed"].append(claimed.rollout_id)
+        rid, aid = claimed.rollout_id, claimed.attempt.attempt_id
+
+        spans = [
+            Span(rollout_id=rid, attempt_id=aid, sequence_id=seq, trace_id=rid, span_id=f"{seq}", name="s")
+            for seq in (1, 2, 3)
+        ]
+        await call("add_span", client.add_span(spans[0]))
+        await call("add_many_spans", client.add_many_spans(spans[1:]))
+        await call("update_attempt", client.update_attempt(rid, aid, status="succeeded"))
+
+
+async def _mutate(port: int, clients: int, rounds: int, tag: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"calls": {}, "errors": [], "enqueued": [], "claimed": []}
+    # A deep retry budget with short delays: the proxy loses ~1 answer in 6.
+    delays = (0.01, 0.02, 0.05, 0.1, 0.1, 0.2, 0.2, 0.5)
+    endpoint = f"http://127.0.0.1:{port}"
+    store_clients = [
+        LightningStoreClient(endpoint, auth_token="", retry_delays=delays) for _ in range(clients)
+    ]
+    try:
+        async with anyio.create_task_group() as tg:
+            for n, client in enumerate(store_clients):
+                tg.start_soon(_mutate_client, client, f"{tag}-{n}", rounds, out)
+    finally:
+        for client in store_clients:
+            await client.close()
+    return out
+
+
+def _mutate_main(args: argparse.Namespace) -> int:
+    print(json.dumps(anyio.run(_mutate, args.port, args.clients, args.rounds, args.tag)), flush=True)
+    return 0
+
+
 def _load_main(args: argparse.Namespace) -> int:
     result = anyio.run(_load, args.port, args.clients, args.seconds, args.spans, args.tag)
     print(json.dumps(result), flush=True)
@@ -236,6 +299,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     load.add_argument("--spans", type=int, default=3)
     load.add_argument("--tag", default="load")
     load.set_defaults(handler=_load_main)
+    mutate = commands.add_parser("mutate")
+    mutate.add_argument("--port", type=int, required=True)
+    mutate.add_argument("--clients", type=int, default=8)
+    mutate.add_argument("--rounds", type=int, default=10)
+    mutate.add_argument("--tag", default="m")
+    mutate.set_defaults(handler=_mutate_main)
     args = parser.parse_args(argv)
     code: int = args.handler(args)
     return code
@@ -299,7 +368,7 @@ async def wait_exit(proc: subprocess.Popen[str], timeout: float) -> tuple[int, s
 async def wait_no_session_left(sid: int, timeout: float = 10.0) -> None:
     """Wait until no process of session ``sid`` is alive (a just-killed child may need a moment)."""
     with anyio.move_on_after(timeout):
-        while session_members(sid):
+        while session_members(sid):  # noqa: ASYNC110 - /proc offers no event to wait on
             await anyio.sleep(0.05)
     left = session_members(sid)
     assert not left, f"processes of session {sid} left behind: {sorted(left)}"

@@ -33,14 +33,18 @@ N_ROLLOUTS = 6
 GUARD = 60.0
 
 
+def _tasks_of(markers: Path, pid: int) -> list[Path]:
+    """The markers left by process ``pid``, oldest first."""
+    mine = [m for m in markers.iterdir() if int(m.name.split(".")[1]) == pid]
+    return sorted(mine, key=lambda m: m.stat().st_mtime_ns)
+
+
 async def _nth_task_of_pid(markers: Path, pid: int, n: int) -> int:
     """Wait until process ``pid`` has started its ``n``-th task; return that task's index."""
     with anyio.fail_after(GUARD):
-        while True:
-            mine = [m for m in markers.iterdir() if int(m.name.split(".")[1]) == pid]
-            if len(mine) >= n:
-                return int(max(mine, key=lambda m: m.stat().st_mtime_ns).name.split(".")[0])
+        while len(mine := _tasks_of(markers, pid)) < n:  # noqa: ASYNC110 - a file marker, no event
             await anyio.sleep(0.02)
+    return int(mine[-1].name.split(".")[0])
 
 
 def _start_runner(launcher: str, port: int, tag: str) -> Any:
@@ -85,7 +89,7 @@ async def test_fleet_survives_a_sigkilled_runner(
             killed_rollout = by_input[killed_task]
             os.kill(victim.pid, signal.SIGKILL)
             killed_at = time.monotonic()
-            code, _, victim_err = await wait_exit(victim, GUARD)
+            code, _, _ = await wait_exit(victim, GUARD)
             assert code == -signal.SIGKILL
 
             # The dead attempt is declared unresponsive by the store's own watchdog.
