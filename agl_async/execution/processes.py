@@ -71,16 +71,23 @@ def child_main(unit: Any) -> None:
     """Process entry point (``process_target`` of aiomultiprocess): run ``unit.target`` on asyncio.
 
     Exit code 0 when the coroutine returns or is cancelled by SIGINT; 1 when it raises (the
-    error is logged here, in the child).
+    error is logged here, in the child). Once the coroutine has ended, further SIGINTs are
+    ignored: a terminal's second Ctrl-C reaches the whole process group while the child winds
+    down (event loop teardown, interpreter exit) and must not turn its clean stop into a
+    ``KeyboardInterrupt`` traceback or a death by SIGINT (exit code -2).
     """
     name = multiprocessing.current_process().name
     kwargs = dict(unit.kwargs)
     _configure_child_logging(kwargs.pop("log_level", logging.WARNING))
     try:
         interrupted = anyio.run(cancel_on_sigint, unit.target, *unit.args, backend="asyncio")
+    except KeyboardInterrupt:  # a further SIGINT after the watcher had stopped: already stopping
+        interrupted = True
     except Exception:
         logger.exception("%s (pid %d) failed", name, os.getpid())
         sys.exit(1)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     if interrupted:
         logger.info("%s (pid %d): SIGINT cancelled it; exiting", name, os.getpid())
 
