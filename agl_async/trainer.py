@@ -38,6 +38,7 @@ import anyio.to_thread
 from .algorithm import REWARD_KEY, Algorithm, Baseline
 from .execution.base import ExecutionStrategy, resolve_strategy
 from .store.base import LightningStore
+from .store.locked import LightningStoreLocked
 from .store.memory import InMemoryLightningStore
 from .types import AttemptedRollout, Span, WorkerId
 
@@ -93,13 +94,47 @@ def _as_reward(value: Any) -> float | None:
     raise TypeError(f"the agent must return a float reward or None, got {type(value).__name__}: {value!r}")
 
 
+def _wait_is_cancel_safe(store: LightningStore) -> bool:
+    """True for in-process stores, whose long poll can be abandoned at any point without a rollout
+    being claimed and lost. (Over HTTP a cancelled request may still claim one on the server.)"""
+    inner = store.store if isinstance(store, LightningStoreLocked) else store
+    return isinstance(inner, InMemoryLightningStore)
+
+
+async def _dequeue_until_stopped(
+    store: LightningStore, worker_id: WorkerId, event: StopEvent
+) -> AttemptedRollout | None:
+    """Long-poll an in-process store, abandoning the wait as soon as the event is set."""
+    claimed: AttemptedRollout | None = None
+
+    async def stop_on_event(scope: anyio.CancelScope) -> None:
+        await event.wait()
+        scope.cancel()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(stop_on_event, tg.cancel_scope)
+        claimed = await store.dequeue_rollout(worker_id=worker_id, timeout=_LONG_POLL_TIMEOUT)
+        tg.cancel_scope.cancel()
+    return claimed
+
+
 async def _next_rollout(
     store: LightningStore, worker_id: WorkerId, event: StopEvent, long_poll: bool
 ) -> AttemptedRollout | None:
-    """Claim the next rollout, waiting for one; ``None`` once the event is set."""
+    """Claim the next rollout, waiting for one; ``None`` once the event is set.
+
+    Waiting is the store's long poll when it has one — raced against the event for in-process
+    stores, at most 0.5 s per request over HTTP — or else ``event.wait()`` with backoff between
+    polls.
+    """
     delay = _MIN_BACKOFF
+    race = long_poll and _wait_is_cancel_safe(store)
     while not event.is_set():
-        if long_poll:
+        if race:
+            rollout = await store.dequeue_rollout(worker_id=worker_id)
+            if rollout is None:
+                rollout = await _dequeue_until_stopped(store, worker_id, event)
+        elif long_poll:
             rollout = await store.dequeue_rollout(worker_id=worker_id, timeout=_LONG_POLL_TIMEOUT)
         else:
             rollout = await store.dequeue_rollout(worker_id=worker_id)
