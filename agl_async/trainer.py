@@ -282,9 +282,9 @@ async def runner_loop(
     """Run rollouts from ``store`` through ``agent`` until ``event`` is set or ``max_rollouts``
     rollouts (of this runner) are done; returns how many it ran.
 
-    Stops: checked between rollouts and while waiting for work (the wait is an ``event.wait()``
-    with backoff, or the store's long poll of at most 0.5 s), so a set event is noticed promptly;
-    the rollout already claimed is always run to the end. See :func:`run_rollout` for what is
+    Stops: checked between rollouts and while waiting for work (an idle runner on an in-process
+    store stops at once, over HTTP within 0.5 s); the rollout already claimed is always run to
+    the end. See :func:`run_rollout` for what is
     recorded and for cancellation.
     """
     if max_rollouts is not None and max_rollouts < 0:
