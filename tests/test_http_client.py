@@ -309,3 +309,40 @@ async def test_finish_and_dequeue_is_one_request() -> None:
         assert nxt is not None and nxt.rollout_id == second.rollout_id
         assert (await store.get_rollout_by_id(first.rollout_id)).status == "succeeded"  # type: ignore[union-attr]
         await client.close()
+
+
+def test_client_works_on_trio() -> None:
+    """The server needs asyncio (uvicorn); the client is backend-neutral (httpx on anyio)."""
+    import anyio.from_thread
+
+    store = InMemoryLightningStore()
+    with anyio.from_thread.start_blocking_portal(backend="asyncio") as portal:
+        server = LightningStoreServer(store, host="127.0.0.1", port=0, auth_token="")
+        portal.call(server.start)
+        try:
+
+            async def use() -> None:
+                async with LightningStoreClient(server.endpoint, auth_token="") as client:
+                    with anyio.fail_after(10):
+                        rollout = await client.enqueue_rollout("from trio")
+                        claimed = await client.dequeue_rollout(worker_id=0, timeout=5)
+                        assert claimed is not None and claimed.rollout_id == rollout.rollout_id
+                        assert await client.dequeue_rollout(timeout=0.1) is None
+
+            anyio.run(use, backend="trio")
+        finally:
+            portal.call(server.stop)
+
+
+def test_idempotency_memory_is_bounded_by_count_and_bytes() -> None:
+    from agl_async.http.server import _IdempotencyCache
+
+    cache = _IdempotencyCache(size=3, max_bytes=400)
+    for i in range(5):
+        cache.remember(f"k{i}", 200, b"x" * 10)
+    assert list(cache.done) == ["k2", "k3", "k4"]
+    cache.remember("big", 200, b"x" * 101)  # over a quarter of the byte budget: not kept
+    assert "big" not in cache.done
+    for i in range(4):
+        cache.remember(f"m{i}", 200, b"y" * 100)
+    assert cache.bytes <= 400 and list(cache.done) == ["m1", "m2", "m3"]

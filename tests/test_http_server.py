@@ -95,8 +95,10 @@ async def test_stop_ends_long_polls_promptly() -> None:
     async def poll() -> None:
         results.append(await client.dequeue_rollout(timeout=60))
 
+    running = await server.start_rollout("never finishes")  # claimed at once: not in the queue
+
     async def wait() -> None:
-        results.append(await client.wait_for_rollouts(rollout_ids=["ro-x"], timeout=None))
+        results.append(await client.wait_for_rollouts(rollout_ids=[running.rollout_id], timeout=None))
 
     with anyio.fail_after(10):  # far below the 60 s waits and the 30 s grace
         async with anyio.create_task_group() as tg:

@@ -28,15 +28,16 @@ Wire protocol and errors
 
 Idempotency
     A mutating request may carry an ``Idempotency-Key`` header. The server remembers the answers
-    to the last ``idempotency_cache_size`` keys; a retry with a known key gets the remembered
-    answer (and a retry arriving while the first is still running waits for it) instead of the
-    change being applied twice.
+    to the last ``idempotency_cache_size`` keys (within ``idempotency_cache_bytes``); a retry with
+    a known key gets the remembered answer (and a retry arriving while the first is still running
+    waits for it) instead of the change being applied twice.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import ipaddress
 import logging
@@ -128,19 +129,27 @@ class _EmbeddedUvicorn(uvicorn.Server):
 
 
 class _IdempotencyCache:
-    """Answers of the last ``size`` mutating requests by key, and the keys being answered now."""
+    """Answers of the most recent mutating requests by key (at most ``size`` of them and
+    ``max_bytes`` of answers, oldest evicted first), and the keys being answered right now.
 
-    def __init__(self, size: int) -> None:
+    Retries come within the client's retry budget (seconds), so a bounded recent window is all
+    that is needed; an answer larger than a quarter of ``max_bytes`` is not kept."""
+
+    def __init__(self, size: int, max_bytes: int) -> None:
         self.size = size
+        self.max_bytes = max_bytes
+        self.bytes = 0
         self.done: OrderedDict[str, tuple[int, bytes]] = OrderedDict()
         self.running: dict[str, anyio.Event] = {}
 
     def remember(self, key: str, status: int, body: bytes) -> None:
-        if self.size <= 0:
+        if self.size <= 0 or len(body) > self.max_bytes // 4:
             return
         self.done[key] = (status, body)
-        if len(self.done) > self.size:
-            self.done.popitem(last=False)
+        self.bytes += len(body)
+        while len(self.done) > self.size or self.bytes > self.max_bytes:
+            _, (_, evicted) = self.done.popitem(last=False)
+            self.bytes -= len(evicted)
 
 
 _Handler = Callable[[Any, Request], Awaitable[Any]]
@@ -164,6 +173,7 @@ class LightningStoreServer(LightningStore):
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         graceful_timeout: float = 5.0,
         idempotency_cache_size: int = 8192,
+        idempotency_cache_bytes: int = 64 * 1024 * 1024,
         log_level: str = "warning",
     ) -> None:
         if not isinstance(store, LightningStore):
@@ -183,11 +193,11 @@ class LightningStoreServer(LightningStore):
         self.max_body_bytes = max_body_bytes
         self.graceful_timeout = graceful_timeout
         self.log_level = log_level
-        self._idempotency = _IdempotencyCache(idempotency_cache_size)
+        self._idempotency = _IdempotencyCache(idempotency_cache_size, idempotency_cache_bytes)
         self._server: _EmbeddedUvicorn | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing: anyio.Event | None = None
-        self._openapi = _encoder.encode(p.openapi_document())
+        self._openapi = _openapi_bytes()
         if not _is_loopback(host) and not self.auth_token:
             logger.warning(
                 "LightningStoreServer binds %s (not a loopback address) without an auth token: anyone who "
@@ -262,6 +272,7 @@ class LightningStoreServer(LightningStore):
             self.app,
             lifespan="off",
             log_level=self.log_level,
+            log_config=None,  # an embedded server leaves the host's logging configuration alone
             access_log=False,
             http="httptools" if _has_httptools() else "h11",
             timeout_keep_alive=60,  # longer than httpx's 5 s idle expiry: the client closes first
@@ -755,6 +766,11 @@ class LightningStoreServer(LightningStore):
 
     async def statistics(self) -> dict[str, Any]:
         return await self.store.statistics()
+
+
+@functools.cache
+def _openapi_bytes() -> bytes:
+    return _encoder.encode(p.openapi_document())
 
 
 def _has_httptools() -> bool:
