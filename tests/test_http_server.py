@@ -190,3 +190,10 @@ async def test_openapi_document_lists_every_route() -> None:
     assert "Idempotency-Key" in [param["name"] for param in enqueue["parameters"]]
     schema_ref = enqueue["requestBody"]["content"]["application/json"]["schema"]["$ref"]
     assert schema_ref.rsplit("/", 1)[-1] in doc["components"]["schemas"]
+
+
+def test_start_on_trio_is_a_clear_error() -> None:
+    server = LightningStoreServer(InMemoryLightningStore(), host="127.0.0.1", port=0)
+    with pytest.raises(RuntimeError, match="asyncio"):
+        anyio.run(server.start, backend="trio")
+    assert not server.started

@@ -53,7 +53,7 @@ import msgspec
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -267,6 +267,12 @@ class LightningStoreServer(LightningStore):
         """
         if self._task is not None:
             raise RuntimeError(f"{self!r} is already started")
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError(
+                "LightningStoreServer runs on asyncio (uvicorn): start it on an asyncio loop"
+            ) from None
         sock = self._bind()
         config = uvicorn.Config(
             self.app,
@@ -282,7 +288,7 @@ class LightningStoreServer(LightningStore):
         )
         server = _EmbeddedUvicorn(config)
         self._server, self._closing = server, anyio.Event()
-        self._task = asyncio.get_running_loop().create_task(
+        self._task = loop.create_task(
             server.serve(sockets=[sock]), name=f"LightningStoreServer {self.endpoint}"
         )
         try:
@@ -420,6 +426,8 @@ class LightningStoreServer(LightningStore):
                 return 200, _encoder.encode(await handler(args, request))
             except _HTTPError as exc:
                 return exc.status, _encoder.encode(p.ErrorBody(exc.error, exc.detail))
+            except ClientDisconnect:  # gone before its body arrived: nothing was applied
+                return 400, _encoder.encode(p.ErrorBody("client_disconnected", "incomplete request body"))
             except (ValueError, TypeError, OverflowError) as exc:
                 return 400, _encoder.encode(p.ErrorBody(type(exc).__name__, str(exc)))
 
