@@ -77,6 +77,7 @@ def _client_main(
         await anyio.to_thread.run_sync(barrier.wait)
         deadline = time.perf_counter() + duration
         latencies: list[float] = []
+        by_op: dict[str, list[float]] = {"dequeue": [], "update": []}  # dequeue+update, per request kind
         counts = {"requests": 0, "rollouts": 0, "empty": 0}
 
         async def loop(client: LightningStoreClient, worker_id: int) -> None:
@@ -102,6 +103,7 @@ def _client_main(
                 claimed = await client.dequeue_rollout(worker_id=worker_id)
                 t1 = perf()
                 latencies.append(t1 - t0)
+                by_op["dequeue"].append(t1 - t0)
                 counts["requests"] += 1
                 if claimed is None:
                     counts["empty"] += 1
@@ -110,6 +112,7 @@ def _client_main(
                     claimed.rollout_id, claimed.attempt.attempt_id, status="succeeded"
                 )
                 latencies.append(perf() - t1)
+                by_op["update"].append(latencies[-1])
                 counts["requests"] += 1
                 counts["rollouts"] += 1
 
@@ -120,7 +123,7 @@ def _client_main(
         elapsed = time.perf_counter() - started
         for client in clients:
             await client.close()
-        return {**counts, "elapsed": elapsed, "latencies": latencies}
+        return {**counts, "elapsed": elapsed, "latencies": latencies, "by_op": by_op}
 
     out.put(asyncio.run(main()))
 
@@ -160,7 +163,14 @@ def summarise(parts: list[dict[str, Any]]) -> dict[str, Any]:
     latencies = [x for part in parts for x in part["latencies"]]
     requests = sum(part["requests"] for part in parts)
     rollouts = sum(part["rollouts"] for part in parts)
+    per_op = {}
+    for op in ("dequeue", "update"):
+        values = [x for part in parts for x in part.get("by_op", {}).get(op, [])]
+        if values:
+            per_op[f"{op}_p50_ms"] = round(_percentile(values, 0.50) * 1000, 3)
+            per_op[f"{op}_p99_ms"] = round(_percentile(values, 0.99) * 1000, 3)
     return {
+        **per_op,
         "requests_per_s": round(requests / elapsed, 1),
         "rollouts_per_s": round(rollouts / elapsed, 1),
         "p50_ms": round(_percentile(latencies, 0.50) * 1000, 3),

@@ -27,6 +27,7 @@ from typing import Any
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 PREFILL = 60_000
+START_METHOD = "spawn"  # benchmarks/peer/agl_workloads.py sets "fork" (it has imported agentlightning)
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -77,6 +78,7 @@ def _client_main(
         await asyncio.get_running_loop().run_in_executor(None, barrier.wait)
         deadline = time.perf_counter() + duration
         latencies: list[float] = []
+        by_op: dict[str, list[float]] = {"dequeue": [], "update": []}
         counts = {"requests": 0, "rollouts": 0, "empty": 0}
 
         async def loop(client: Any, worker_id: int) -> None:
@@ -86,6 +88,7 @@ def _client_main(
                 claimed = await client.dequeue_rollout(worker_id=str(worker_id))
                 t1 = perf()
                 latencies.append(t1 - t0)
+                by_op["dequeue"].append(t1 - t0)
                 counts["requests"] += 1
                 if claimed is None:
                     counts["empty"] += 1
@@ -94,6 +97,7 @@ def _client_main(
                     claimed.rollout_id, claimed.attempt.attempt_id, status="succeeded"
                 )
                 latencies.append(perf() - t1)
+                by_op["update"].append(latencies[-1])
                 counts["requests"] += 1
                 counts["rollouts"] += 1
 
@@ -102,13 +106,13 @@ def _client_main(
         elapsed = time.perf_counter() - started
         for client in clients:
             await client.close()
-        return {**counts, "elapsed": elapsed, "latencies": latencies}
+        return {**counts, "elapsed": elapsed, "latencies": latencies, "by_op": by_op}
 
     out.put(asyncio.run(main()))
 
 
 def run(n_clients: int, duration: float) -> dict[str, Any]:
-    ctx = multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context(START_METHOD)
     ready, stop, results = ctx.Event(), ctx.Event(), ctx.Queue()
     port = _free_port()
     server = ctx.Process(target=_server_main, args=(port, ready, stop, PREFILL), daemon=True)
@@ -138,7 +142,14 @@ def run(n_clients: int, duration: float) -> dict[str, Any]:
     elapsed = max(part["elapsed"] for part in parts)
     latencies = [x for part in parts for x in part["latencies"]]
     requests = sum(part["requests"] for part in parts)
+    per_op = {}
+    for op in ("dequeue", "update"):
+        values = [x for part in parts for x in part["by_op"][op]]
+        if values:
+            per_op[f"{op}_p50_ms"] = round(_percentile(values, 0.50) * 1000, 3)
+            per_op[f"{op}_p99_ms"] = round(_percentile(values, 0.99) * 1000, 3)
     return {
+        **per_op,
         "requests_per_s": round(requests / elapsed, 1),
         "rollouts_per_s": round(sum(part["rollouts"] for part in parts) / elapsed, 1),
         "p50_ms": round(_percentile(latencies, 0.50) * 1000, 3),
