@@ -321,6 +321,14 @@ async def test_arun_uses_the_constructor_arguments() -> None:
     assert algorithm.rewards == [10.0]
 
 
+def test_debugging_setup_runner_in_the_main_thread() -> None:
+    algorithm = Recorder()
+    trainer = Trainer(strategy={"type": "shm", "main_thread": "runner"}, algorithm=algorithm, max_rollouts=3)
+    assert trainer.n_runners == 1
+    trainer.fit(double, train_dataset=[1, 2, 3])  # the runner returns after 3; the algorithm is awaited
+    assert algorithm.rewards == [1.0, 2.0, 3.0]
+
+
 def test_run_uses_the_constructor_arguments() -> None:
     trainer = Trainer(agent=async_double, train_dataset=[1, 2], val_dataset=[3])
     trainer.run()  # no algorithm + a dataset: Baseline
