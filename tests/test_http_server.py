@@ -113,7 +113,7 @@ async def test_stop_ends_long_polls_promptly() -> None:
 async def _until_requests_in_flight(server: LightningStoreServer, n: int) -> None:
     """Wait (bounded by the caller's fail_after) until the server has ``n`` requests in flight."""
     assert server._server is not None
-    while len(server._server.server_state.tasks) < n:  # noqa: ASYNC110 - uvicorn offers no event for it
+    while len(server._server.server_state.tasks) != n:  # noqa: ASYNC110 - uvicorn offers no event for it
         await anyio.sleep(0.01)
 
 
@@ -197,3 +197,23 @@ def test_start_on_trio_is_a_clear_error() -> None:
     with pytest.raises(RuntimeError, match="asyncio"):
         anyio.run(server.start, backend="trio")
     assert not server.started
+
+
+async def test_client_gone_mid_body_is_quietly_dropped(caplog: pytest.LogCaptureFixture) -> None:
+    store = InMemoryLightningStore()
+    with caplog.at_level(logging.WARNING):
+        async with LightningStoreServer(store, host="127.0.0.1", port=0, auth_token="") as server:
+            stream = await anyio.connect_tcp("127.0.0.1", server.port)
+            async with stream:
+                await stream.send(
+                    b"POST /v1/enqueue_rollout HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                    b'content-length: 100\r\n\r\n{"input": '
+                )
+                with anyio.fail_after(10):
+                    await _until_requests_in_flight(server, 1)
+            with anyio.fail_after(10):
+                await _until_requests_in_flight(server, 0)
+            async with LightningStoreClient(server.endpoint, auth_token="") as client:
+                await client.enqueue_rollout("after")
+    assert [r.input for r in await store.query_rollouts()] == ["after"]  # the cut one was not applied
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
