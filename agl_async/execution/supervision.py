@@ -153,7 +153,9 @@ class Supervisor:
             raise
         except BaseException as exc:  # bundles may raise anything, KeyboardInterrupt included
             self._live.discard(bundle.name)
-            self.fail(bundle.name, exc)
+            # A store that cannot be reached (after the client's retries) is an operational
+            # failure whose message says it all (endpoint, tries): logged without a traceback.
+            self.fail(bundle.name, exc, traceback=not isinstance(exc, ConnectionError))
         else:
             self._live.discard(bundle.name)
             logger.info("%s returned", bundle.name)
