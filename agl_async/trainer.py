@@ -373,17 +373,16 @@ def _make_strategy(spec: Any, n_runners: int | None) -> ExecutionStrategy:
     dict (:func:`~agl_async.execution.base.resolve_strategy`); ``None`` means shared-memory.
 
     ``n_runners`` fills in the strategy's ``n_runners`` when the alias/dict does not set it, and
-    must agree with a given instance. Every mistake is a ``ValueError``.
+    must agree with the strategy's own otherwise. Every mistake is a ``ValueError``.
     """
-    if isinstance(spec, ExecutionStrategy):
-        own = getattr(spec, "n_runners", None)
-        if n_runners is not None and own is not None and own != n_runners:
-            raise ValueError(f"n_runners={n_runners} conflicts with the strategy's n_runners={own}")
-        return spec
     try:
-        return resolve_strategy(spec, n_runners=n_runners)
+        strategy = resolve_strategy(spec, n_runners=n_runners)
     except TypeError as exc:
         raise ValueError(f"invalid strategy {spec!r}: {exc}") from None
+    own = getattr(strategy, "n_runners", None)
+    if n_runners is not None and own is not None and own != n_runners:
+        raise ValueError(f"n_runners={n_runners} conflicts with the strategy's n_runners={own}")
+    return strategy
 
 
 class Trainer:

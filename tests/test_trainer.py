@@ -432,8 +432,8 @@ def test_strategy_from_alias_dict_and_object() -> None:
     assert isinstance(Trainer(strategy="shm").strategy, SharedMemoryExecutionStrategy)
     cs = Trainer(strategy="cs", n_runners=3).strategy
     assert isinstance(cs, ClientServerExecutionStrategy) and cs.n_runners == 3
-    shm = Trainer(strategy={"type": "shm", "n_runners": 2, "graceful_delay": 1.0}, n_runners=5).strategy
-    assert isinstance(shm, SharedMemoryExecutionStrategy)
+    shm = Trainer(strategy={"type": "shm", "n_runners": 2, "graceful_delay": 1.0}, n_runners=2).strategy
+    assert isinstance(shm, SharedMemoryExecutionStrategy) and shm.graceful_delay == 1.0
     assert Trainer(strategy={"type": "shm", "n_runners": 2}).n_runners == 2
     given = SharedMemoryExecutionStrategy(n_runners=4)
     trainer = Trainer(strategy=given)
@@ -463,6 +463,8 @@ def test_bad_configuration_is_a_clear_value_error(kwargs: dict[str, Any], messag
 def test_conflicting_n_runners_is_rejected() -> None:
     with pytest.raises(ValueError, match="n_runners=2 conflicts with the strategy's n_runners=4"):
         Trainer(strategy=SharedMemoryExecutionStrategy(n_runners=4), n_runners=2)
+    with pytest.raises(ValueError, match="n_runners=5 conflicts with the strategy's n_runners=2"):
+        Trainer(strategy={"type": "cs", "n_runners": 2}, n_runners=5)
 
 
 def test_fit_without_an_agent_is_a_value_error() -> None:
