@@ -390,8 +390,8 @@ class Trainer:
 
     ``strategy``: an :class:`~agl_async.ExecutionStrategy`, the alias ``"shm"`` / ``"cs"``, or a
     dict ``{"type": "shm" | "cs", **options}``; ``None`` means shared-memory. ``n_runners`` sets
-    the number of runners of a strategy made from an alias or dict (and must agree with a given
-    strategy object); ``trainer.n_runners`` is the resolved number. ``store`` defaults to a fresh
+    the number of runners of a strategy made from an alias or dict (and must agree with one the
+    strategy sets itself); ``trainer.n_runners`` is the resolved number. ``store`` defaults to a fresh
     :class:`~agl_async.InMemoryLightningStore` (kept on ``trainer.store``, so results can be read
     after the run). ``algorithm`` ``None`` with a dataset means :class:`~agl_async.algorithm.Baseline`;
     with no dataset the algorithm side just waits (runners stop by ``max_rollouts`` or the event).
