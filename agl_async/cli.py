@@ -205,6 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'agl-async COMMAND --help' for the options of a command.",
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument(
+        "--log-level",
+        default="WARNING",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log level of the agl_async loggers on stderr (default WARNING)",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     demo = commands.add_parser(
@@ -306,6 +313,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    import logging
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    package_logger = logging.getLogger("agl_async")  # ours only: httpx/uvicorn stay quiet
+    package_logger.addHandler(handler)
+    package_logger.setLevel(args.log_level)
     try:
         code: int = args.handler(args)
     except CLIError as exc:
