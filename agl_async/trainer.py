@@ -385,6 +385,19 @@ def _make_strategy(spec: Any, n_runners: int | None) -> ExecutionStrategy:
     return strategy
 
 
+def _refuse_running_loop() -> None:
+    import asyncio
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise RuntimeError(
+        "Trainer.fit() / run() start their own event loop and cannot run inside a running one; "
+        "use `await trainer.fit_async(...)` / `await trainer.arun()` there"
+    )
+
+
 class Trainer:
     """Run an :class:`~agl_async.algorithm.Algorithm` and an agent with an execution strategy.
 
@@ -466,8 +479,10 @@ class Trainer:
     ) -> None:
         """Train ``agent``; blocks until the run is over (starts its own event loop).
 
-        Not for use inside a running event loop: there, ``await fit_async(...)``.
+        Not for use inside a running event loop (a notebook, an async app): there, ``await
+        fit_async(...)``; calling it there raises ``RuntimeError`` saying so.
         """
+        _refuse_running_loop()
         algorithm_bundle, runner_bundle = self._bundles(agent, train_dataset, val_dataset)
         self.strategy.run(algorithm_bundle, runner_bundle, self.store)
 

@@ -474,6 +474,12 @@ def test_fit_without_an_agent_is_a_value_error() -> None:
         Trainer().fit(42)  # type: ignore[arg-type]
 
 
+@pytest.mark.anyio
+async def test_blocking_fit_inside_a_running_loop_points_to_fit_async() -> None:
+    with pytest.raises(RuntimeError, match=r"use `await trainer\.fit_async"):
+        Trainer().fit(double, train_dataset=[1])
+
+
 def test_algorithm_store_is_set_by_the_trainer_only() -> None:
     with pytest.raises(RuntimeError, match="store is not set"):
         _ = Recorder().store
