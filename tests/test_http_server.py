@@ -217,3 +217,27 @@ async def test_client_gone_mid_body_is_quietly_dropped(caplog: pytest.LogCapture
                 await client.enqueue_rollout("after")
     assert [r.input for r in await store.query_rollouts()] == ["after"]  # the cut one was not applied
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+class _BuggyStore(InMemoryLightningStore):
+    async def statistics(self) -> dict[str, object]:
+        raise RuntimeError("a bug in the store")
+
+
+async def test_a_store_bug_is_a_logged_json_500_and_the_server_keeps_serving(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with LightningStoreServer(_BuggyStore(), host="127.0.0.1", port=0, auth_token="") as server:
+        async with httpx.AsyncClient(base_url=server.endpoint) as http:
+            with caplog.at_level(logging.ERROR, logger="agl_async"):
+                response = await http.post("/v1/statistics", content=b"{}")
+            assert response.status_code == 500
+            assert response.json() == {
+                "error": "internal_error",
+                "detail": "RuntimeError: a bug in the store",
+            }
+            assert "a bug in the store" in caplog.text
+            assert (await http.post("/v1/enqueue_rollout", json={"input": 1})).status_code == 200
+        async with LightningStoreClient(server.endpoint, auth_token="") as client:
+            with pytest.raises(RuntimeError, match="HTTP 500"):
+                await client.statistics()
