@@ -231,9 +231,7 @@ async def test_returned_objects_are_snapshots(store: LightningStore) -> None:
     await store.add_span(span)
     await store.update_worker("w", heartbeat_stats={"load": 1})
 
-    # mutate everything the caller holds; the store must not see any of it
-    span.attributes["reward"] = -1.0
-    span.name = "changed"
+    # mutate everything the caller was handed; the store must not see any of it
     started.metadata["k"] = 2
     started.config.max_attempts = 0
     started.attempt.metadata["x"] = 1

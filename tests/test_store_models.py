@@ -9,7 +9,7 @@ import anyio
 import msgspec
 import pytest
 from conftest import BOTH_BACKENDS
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agl_async import (
@@ -119,6 +119,7 @@ requests = st.builds(
     ids=lambda s: repr(s)[:40],
 )
 def test_every_model_round_trips_through_json(strategy: st.SearchStrategy[Any]) -> None:
+    @settings(deadline=None)  # a shared, loaded machine: no per-example time limit
     @given(strategy)
     def check(model: Any) -> None:
         assert from_json(to_json(model), type(model)) == model

@@ -679,13 +679,16 @@ class InMemoryLightningStore(LightningStore):
 
     def _store_span(self, span: Span, now: float) -> Span:
         attempt = self._check_span(span)
-        self._spans.setdefault(attempt.attempt_id, []).append(_copy(span))  # the caller keeps its own
+        # Ownership passes to the store (no copy on this hot path): callers must not mutate a span
+        # after adding it. Queries hand out copies.
+        self._spans.setdefault(attempt.attempt_id, []).append(span)
         if span.sequence_id >= self._span_seq.get(attempt.attempt_id, 1):
             self._span_seq[attempt.attempt_id] = span.sequence_id + 1
         self._heartbeat(attempt, now)
         return span
 
     async def add_span(self, span: Span) -> Span | None:
+        """Store ``span`` itself, not a copy: do not mutate a span after adding it."""
         self._settle_deadlines()
         return self._store_span(span, time.time())
 
@@ -805,9 +808,12 @@ def _check_worker_id(worker_id: Any) -> None:
         raise ValueError(f"worker_id must be a string, an integer or None, got {worker_id!r}")
 
 
+_DEFAULT_CONFIG = RolloutConfig()  # only ever copied (cheaper than constructing and validating)
+
+
 def _as_config(config: Any) -> RolloutConfig:
     if config is None:
-        return RolloutConfig()
+        return _copy_config(_DEFAULT_CONFIG)
     if isinstance(config, RolloutConfig):
         config.__post_init__()  # fields may have been assigned after construction: check again
         return _copy_config(config)
