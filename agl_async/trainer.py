@@ -42,7 +42,15 @@ from .store.locked import LightningStoreLocked
 from .store.memory import InMemoryLightningStore
 from .types import AttemptedRollout, Span, WorkerId
 
-__all__ = ["REWARD_SPAN_NAME", "Agent", "Trainer", "runner_loop"]
+__all__ = [
+    "DEFAULT_HEARTBEAT_INTERVAL",
+    "REWARD_SPAN_NAME",
+    "Agent",
+    "StopEvent",
+    "Trainer",
+    "run_rollout",
+    "runner_loop",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +63,8 @@ Agent = Callable[[Any, dict[str, Any]], "float | Awaitable[float | None] | None"
 #: Seconds between heartbeats while an agent call runs (shortened for rollouts whose
 #: ``config.unresponsive_seconds`` is smaller: a third of it).
 DEFAULT_HEARTBEAT_INTERVAL = 10.0
-#: Idle runners poll an in-process store with exponential backoff between these bounds (seconds);
-#: a store with a long-poll ``dequeue_rollout(worker_id=..., timeout=...)`` is waited on instead.
+#: Idle runners poll a store without a long poll with exponential backoff between these bounds
+#: (seconds); a store with ``dequeue_rollout(worker_id=..., timeout=...)`` is waited on instead.
 _MIN_BACKOFF, _MAX_BACKOFF = 0.002, 0.1
 _LONG_POLL_TIMEOUT = 0.5
 #: Upper bound for recording the failure of a cancelled attempt (runs shielded from the cancellation).
