@@ -381,11 +381,25 @@ def loadavg() -> list[float]:
         return []
 
 
-def run_cells(cells: list[Cell], systems: list[System], repeat: int, log: Callable[[str], None]) -> None:
-    """Every cell ``repeat`` times, each system in turn (A B A B …), figure by figure."""
+def run_cells(
+    cells: list[Cell],
+    systems: list[System],
+    repeat: int,
+    log: Callable[[str], None],
+    budget: float | None = None,
+) -> None:
+    """Every cell ``repeat`` times, each system in turn (A B A B …), figure by figure. With a
+    ``budget`` (seconds), no further repetition starts once the last one's duration would overrun it
+    (at least one always runs); each figure's sample count is recorded with it."""
+    started = time.monotonic()
     for figure in dict.fromkeys(cell.figure for cell in cells):
         these = [c for c in cells if c.figure == figure]
+        last = 0.0
         for rep in range(repeat):
+            if budget is not None and rep > 0 and time.monotonic() - started + last > budget:
+                log(f"[fig {figure}] time budget of {budget:.0f} s reached after {rep} repetitions")
+                break
+            rep_started = time.monotonic()
             for cell in these:
                 for system in systems:
                     started = time.perf_counter()
@@ -406,6 +420,7 @@ def run_cells(cells: list[Cell], systems: list[System], repeat: int, log: Callab
                         f"[fig {figure} rep {rep + 1}/{repeat}] {system.key:4} {cell.label}: {shown}"
                         f"  ({took:.1f} s, load {loadavg()[:1]})"
                     )
+            last = time.monotonic() - rep_started
 
 
 def summarise(values: list[float]) -> dict[str, float] | None:
@@ -571,10 +586,13 @@ def _fmt(value: float, digits: int) -> str:
     return f"{value:.{digits}f}"
 
 
-def _stat(entry: dict[str, Any] | None, digits: int) -> str:
+def _stat(entry: dict[str, Any] | None, digits: int, expected: int) -> str:
     if not entry:
         return "—"
-    return f"**{_fmt(entry['median'], digits)}** ({_fmt(entry['min'], digits)}-{_fmt(entry['max'], digits)})"
+    n = f", n={entry['n']}" if entry["n"] != expected else ""
+    return (
+        f"**{_fmt(entry['median'], digits)}** ({_fmt(entry['min'], digits)}-{_fmt(entry['max'], digits)}{n})"
+    )
 
 
 def render_table(report: dict[str, Any]) -> str:
@@ -589,11 +607,12 @@ def render_table(report: dict[str, Any]) -> str:
         for m in cell["metrics"].values():
             unit = f" ({m['unit']})" if m["unit"] else ""
             arrow = "↑" if m["higher_is_better"] else "↓"
-            ours = _stat(m.get("ours"), m["digits"])
+            ours = _stat(m.get("ours"), m["digits"], report["repeat"])
             row = f"| {cell['figure']} | {cell['label']} | {m['label']}{unit} {arrow} | {ours} |"
             if has_peer:
                 ratio = m.get("ratio")
-                row += f" {_stat(m.get('peer'), m['digits'])} | {f'{ratio:.2f}x' if ratio else '—'} |"
+                theirs = _stat(m.get("peer"), m["digits"], report["repeat"])
+                row += f" {theirs} | {f'{ratio:.2f}x' if ratio else '—'} |"
             lines.append(row)
     return "\n".join(lines)
 
@@ -726,6 +745,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny sizes, 1 repetition")
     parser.add_argument("--repeat", type=int, help="repetitions per figure (default 5; --quick: 1)")
     parser.add_argument("--repeat-long", type=int, help="repetitions for figure 6 (default: --repeat)")
+    parser.add_argument(
+        "--budget-long", type=float, help="seconds for figure 6's repetitions (64+ s per sample)"
+    )
     parser.add_argument("--figures", default="1,2,3,4,5,6", help="comma-separated figure numbers")
     parser.add_argument("--peer", default=os.environ.get("AGL_PEER_PYTHON"), help="Agent-Lightning's python")
     parser.add_argument("--no-peer", action="store_true", help="measure agl_async only")
@@ -770,7 +792,9 @@ def main() -> None:
     try:
         short = [c for c in cells if c.figure != "6"]
         run_cells(short, systems, repeat, log)
-        run_cells([c for c in cells if c.figure == "6"], systems, args.repeat_long or repeat, log)
+        run_cells(
+            [c for c in cells if c.figure == "6"], systems, args.repeat_long or repeat, log, args.budget_long
+        )
     finally:
         for system in systems:
             system.close()
