@@ -346,3 +346,28 @@ def test_idempotency_memory_is_bounded_by_count_and_bytes() -> None:
     for i in range(4):
         cache.remember(f"m{i}", 200, b"y" * 100)
     assert cache.bytes <= 400 and list(cache.done) == ["m1", "m2", "m3"]
+
+
+async def test_a_server_that_never_answers_times_out_per_request() -> None:
+    """Accepts connections, reads, never answers: each call ends after its HTTP timeout
+    (``request_timeout``, plus the wait for long polls) with a clear error, never hangs."""
+    async with anyio.create_task_group() as tg:
+        listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+        port = listener.extra(anyio.abc.SocketAttribute.local_port)
+
+        async def swallow(stream: SocketStream) -> None:
+            async with stream:
+                async for _ in stream:
+                    pass
+
+        tg.start_soon(listener.serve, swallow)
+        client = LightningStoreClient(f"http://127.0.0.1:{port}", auth_token="", request_timeout=0.3)
+        with anyio.fail_after(10):
+            with pytest.raises(StoreConnectionError, match="did not answer statistics in time"):
+                await client.statistics()
+            started = time.monotonic()
+            with pytest.raises(StoreConnectionError, match="did not answer dequeue_rollout in time"):
+                await client.dequeue_rollout(timeout=0.5)
+            assert time.monotonic() - started >= 0.8  # the long poll's wait was allowed for
+        await client.close()
+        tg.cancel_scope.cancel()
