@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import anyio
+import anyio.from_thread
 import anyio.lowlevel
+import psutil
 import pytest
 from conftest import BOTH_BACKENDS
 
@@ -336,7 +338,19 @@ def test_run_uses_the_constructor_arguments() -> None:
     assert sorted((r.mode, reward_of(r)) for r in rollouts) == [("train", 1.0), ("train", 2.0), ("val", 3.0)]
 
 
-def test_fit_client_server_both_roles() -> None:
+@pytest.fixture
+def no_leftover_processes() -> Iterator[None]:
+    """Client-server runs spawn processes: none of them may outlive the run."""
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    yield
+    left = [
+        p for p in me.children(recursive=True) if p.pid not in before and p.status() != psutil.STATUS_ZOMBIE
+    ]
+    assert left == []
+
+
+def test_fit_client_server_both_roles(no_leftover_processes: None) -> None:
     train, val = make_tasks(0, n_train=4, n_val=2)
     algorithm = Baseline()
     trainer = Trainer(
@@ -361,7 +375,9 @@ def picky(task: int, resources: dict[str, Any]) -> float:
 
 
 @pytest.mark.anyio
-async def test_fit_async_client_server_records_failures_from_runner_processes() -> None:
+async def test_fit_async_client_server_records_failures_from_runner_processes(
+    no_leftover_processes: None,
+) -> None:
     algorithm = Baseline()
     strategy = ClientServerExecutionStrategy(
         role="both", n_runners=2, server_host="127.0.0.1", server_port=_free_port()
