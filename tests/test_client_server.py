@@ -126,7 +126,9 @@ async def test_both_runs_the_workload_in_runner_processes(caplog: pytest.LogCapt
     caplog.set_level(logging.INFO, logger="agl_async")
     store = InMemoryLightningStore()
     with anyio.fail_after(GUARD):
-        await cs(n_runners=2).execute(bundles.algorithm_enqueueing(10), bundles.runner_processes, store)
+        await cs(n_runners=2, graceful_timeout=GUARD).execute(
+            bundles.algorithm_enqueueing(10), bundles.runner_processes, store
+        )
     assert await _statuses(store) == {"succeeded": 10}
     pids = {int((w.heartbeat_stats or {})["pid"]) for w in await store.query_workers()}
     assert len(pids) == 2 and os.getpid() not in pids  # two separate runner processes
@@ -263,13 +265,16 @@ async def test_caller_cancellation_shuts_down_then_propagates(caplog: pytest.Log
     async def algorithm(store: LightningStore, event: ExecutionEvent) -> None:  # runs here: may be local
         await bundles.wait_ready(store, 2)
         ready.set()
-        await anyio.sleep_forever()
+        await event.wait()  # cooperative: returns once the cancellation has set the event
 
     with anyio.fail_after(GUARD):
         with anyio.CancelScope() as scope:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(
-                    cs(n_runners=2).execute, algorithm, bundles.runner_until_event, InMemoryLightningStore()
+                    cs(n_runners=2, graceful_timeout=GUARD).execute,
+                    algorithm,
+                    bundles.runner_until_event,
+                    InMemoryLightningStore(),
                 )
                 await ready.wait()
                 scope.cancel()
@@ -368,6 +373,8 @@ def test_sigint_to_the_parent_of_run_shuts_down_then_raises_keyboard_interrupt(
         await event.wait()
 
     with pytest.raises(KeyboardInterrupt):
-        cs(n_runners=2).run(algorithm, bundles.runner_until_event, InMemoryLightningStore())
+        cs(n_runners=2, graceful_timeout=GUARD).run(
+            algorithm, bundles.runner_until_event, InMemoryLightningStore()
+        )
     assert caplog.text.count("exited with code 0") == 2
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -7,13 +7,16 @@ import multiprocessing
 import os
 import pickle
 import threading
+from collections.abc import Iterator
 
 import anyio
+import psutil
 import pytest
 from conftest import BOTH_BACKENDS
 
 from agl_async import ExecutionEvent
 from agl_async.execution.events import ProcessExecutionEvent, ThreadingExecutionEvent
+from agl_async.execution.processes import MultiprocessingHelpers
 
 pytestmark = pytest.mark.anyio
 
@@ -134,6 +137,20 @@ async def test_process_event_close_keeps_the_state_and_releases_descriptors() ->
 
 
 # ---------------------------------------------------------------------------- across processes
+@pytest.fixture
+def no_leftover_processes() -> Iterator[None]:
+    """Spawning starts multiprocessing's resource tracker: stop it again (when these tests
+    started it) and check that no child process is left."""
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    MultiprocessingHelpers.acquire()
+    try:
+        yield
+    finally:
+        MultiprocessingHelpers.release()
+    assert [p.pid for p in me.children(recursive=True) if p.pid not in before] == []
+
+
 def _child_sets(event: ProcessExecutionEvent) -> None:
     event.set()
 
@@ -147,6 +164,7 @@ def _child_waits(event: ProcessExecutionEvent, seen: ProcessExecutionEvent) -> N
     anyio.run(main)
 
 
+@pytest.mark.usefixtures("no_leftover_processes")
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_process_event_set_in_a_spawned_child_wakes_the_parent() -> None:
     event = ProcessExecutionEvent()
@@ -162,6 +180,7 @@ async def test_process_event_set_in_a_spawned_child_wakes_the_parent() -> None:
     assert child.exitcode == 0
 
 
+@pytest.mark.usefixtures("no_leftover_processes")
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_process_event_set_in_the_parent_wakes_a_waiting_child() -> None:
     event, seen = ProcessExecutionEvent(), ProcessExecutionEvent()

@@ -273,6 +273,7 @@ class ClientServerExecutionStrategy(ExecutionStrategy):
                     await anyio.to_thread.run_sync(spawn, specs, children)
                 except Exception as exc:
                     supervisor.fail("spawning child processes", exc)
+                    supervisor.drop_bundles()  # stop the children already started, run nothing
             on_exit = self._on_child_exit(supervisor)
             for child in children:
                 supervisor.add_monitor(lambda child=child: child.watch(on_exit))  # type: ignore[misc]

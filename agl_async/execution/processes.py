@@ -99,13 +99,9 @@ class Child:
     def __init__(self, name: str, process: aiomultiprocess.Process) -> None:
         self.name = name
         self.process = process
+        self.pid: int = process.pid
         self.exitcode: int | None = None
         self.exited = anyio.Event()
-
-    @property
-    def pid(self) -> int | None:
-        pid: int | None = self.process.pid
-        return pid
 
     def __repr__(self) -> str:
         return f"{self.name} (pid {self.pid})"
@@ -116,6 +112,7 @@ class Child:
             await anyio.wait_readable(self.process.aio_process.sentinel)
             self.process.aio_process.join()  # reaps at once: the sentinel said it has ended
             self.exitcode = self.process.exitcode
+            self.process.close()  # releases the sentinel descriptor now rather than at GC
             logger.info("%r exited with code %s", self, self.exitcode)
         finally:
             self.exited.set()
@@ -124,7 +121,7 @@ class Child:
     def signal(self, how: str) -> None:
         try:
             if how == "SIGINT":
-                os.kill(self.pid, signal.SIGINT)  # type: ignore[arg-type]
+                os.kill(self.pid, signal.SIGINT)
             elif how == "terminate()":
                 self.process.terminate()
             else:

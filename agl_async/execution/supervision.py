@@ -70,6 +70,10 @@ class Supervisor:
     ) -> None:
         self._bundles.append(_Bundle(name, fn, args, on_return))
 
+    def drop_bundles(self) -> None:
+        """Forget the bundles added so far (the run failed before they could start)."""
+        self._bundles.clear()
+
     def add_monitor(self, fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
         self._monitors.append(fn)
 
