@@ -378,3 +378,11 @@ def test_sigint_to_the_parent_of_run_shuts_down_then_raises_keyboard_interrupt(
         )
     assert caplog.text.count("exited with code 0") == 2
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_serving_roles_say_they_need_asyncio() -> None:
+    with pytest.raises(RuntimeError, match="needs asyncio"):
+        await cs().execute(
+            bundles.algorithm_waits_for_event, bundles.runner_sets_event, InMemoryLightningStore()
+        )

@@ -33,6 +33,7 @@ caller wins over both).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -70,6 +71,15 @@ __all__ = ["ClientServerExecutionStrategy"]
 logger = logging.getLogger("agl_async.execution.cs")
 
 Role = Literal["algorithm", "runner", "both"]
+
+
+def sniffio_library() -> str:
+    """The async library running the current task ("asyncio" or "trio")."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return "trio"
+    return "asyncio"
 
 
 def _client_endpoint(host: str, port: int) -> str:
@@ -215,6 +225,14 @@ class ClientServerExecutionStrategy(ExecutionStrategy):
     async def execute(self, algorithm: AlgorithmBundle, runner: RunnerBundle, store: LightningStore) -> None:
         """Run this process's part of the run (see the module docstring); asyncio only."""
         logger.info("client-server run: %r", self)
+        serves_here = self.managed_store and (
+            self.role == "algorithm" or (self.role == "both" and self.main_process == "algorithm")
+        )
+        if serves_here and sniffio_library() != "asyncio":
+            raise RuntimeError(
+                "ClientServerExecutionStrategy serves the store with uvicorn, which needs asyncio; "
+                f"this loop runs {sniffio_library()} (use anyio.run(..., backend='asyncio') or run())"
+            )
         try:
             if self.role == "algorithm":
                 await self._run_algorithm_here(algorithm, store)
