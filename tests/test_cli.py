@@ -139,6 +139,15 @@ def test_demo_runs_and_the_reward_rises() -> None:
     assert len(re.findall(r"^ +\d+ \| +104 \| +0 \|", result.stdout, re.MULTILINE)) == 8
 
 
+def test_demo_is_deterministic_whatever_the_number_of_runners() -> None:
+    from agl_async.examples.evolution import run_demo
+
+    one = run_demo(runners=1, epochs=3, latency=0, progress=None)
+    three = run_demo(runners=3, epochs=3, latency=0, progress=None)
+    assert [(s.train_reward, s.val_reward) for s in one] == [(s.train_reward, s.val_reward) for s in three]
+    assert one[-1].train_reward > one[0].train_reward
+
+
 @needs_proc
 def test_demo_client_server_mode_leaves_no_process(procs: list[Proc]) -> None:
     proc = Proc("demo", "--mode", "cs", "--epochs", "3", "--runners", "2", "--latency", "0")
