@@ -33,6 +33,10 @@ N_ROLLOUTS = 6
 GUARD = 60.0
 
 
+def _markers(markers: Path) -> list[Path]:
+    return list(markers.iterdir())
+
+
 def _tasks_of(markers: Path, pid: int) -> list[Path]:
     """The markers left by process ``pid``, oldest first."""
     mine = [m for m in markers.iterdir() if int(m.name.split(".")[1]) == pid]
@@ -146,3 +150,47 @@ async def test_fleet_survives_a_sigkilled_runner(
         kill_to_all_terminal_s=recovered,
         killed_rollout_final=outcome[killed_rollout][0],
     )
+
+
+async def test_cli_fleet_keeps_live_attempts_alive(tmp_path: Path, figures: Callable[..., None]) -> None:
+    """Three ``agl-async runner`` processes (each numbers its runner 0, so their worker ids
+    collide in the store) and two rollouts longer than ``unresponsive_seconds``: the heartbeats of
+    the two busy runners must keep *their own* attempts alive, so that the idle third runner never
+    gets a live rollout requeued to it — each rollout runs exactly once."""
+    config = RolloutConfig(
+        unresponsive_seconds=UNRESPONSIVE, max_attempts=2, retry_condition=["unresponsive"]
+    )
+    store = InMemoryLightningStore()
+    procs = []
+    async with LightningStoreServer(store, host="127.0.0.1", port=0, auth_token="") as server:
+        try:
+            procs = [_start_runner("cli", server.port, tag) for tag in "abc"]
+            # All three are attached (and then idle in their long polls) before work arrives.
+            with anyio.fail_after(GUARD):
+                for proc in procs:
+                    line = await anyio.to_thread.run_sync(proc.stdout.readline)
+                    assert "attached to" in line, line
+            await anyio.sleep(1.5)
+            rollouts = await store.enqueue_many_rollouts(
+                [
+                    {"input": {"i": i, "dir": str(tmp_path), "seconds": 2 * AGENT_SECONDS}, "config": config}
+                    for i in range(2)
+                ]
+            )
+            ids = [r.rollout_id for r in rollouts]
+            with anyio.fail_after(GUARD):
+                finished = await store.wait_for_rollouts(rollout_ids=ids, timeout=GUARD)
+            assert [r.status for r in finished] == ["succeeded", "succeeded"]
+            for proc in procs:
+                proc.send_signal(signal.SIGINT)
+            for proc in procs:
+                await wait_exit(proc, GUARD)
+                await wait_no_session_left(proc.pid)
+        finally:
+            for proc in procs:
+                stop_session(proc)
+    runs = sorted(m.name.split(".")[0] for m in _markers(tmp_path))
+    attempts = {rid: [a.status for a in await store.query_attempts(rid)] for rid in ids}
+    figures(agent_calls=len(runs), attempts=list(attempts.values()))
+    assert runs == ["0", "1"], (runs, attempts)  # each agent call happened once
+    assert list(attempts.values()) == [["succeeded"], ["succeeded"]]
