@@ -155,15 +155,23 @@ async def _next_rollout(
     return None
 
 
-async def _heartbeat(store: LightningStore, worker_id: WorkerId, rollout_id: str, interval: float) -> None:
-    """Tell the store the worker (and so its attempt) is alive every ``interval`` seconds until
-    cancelled. A failing heartbeat is logged, never raised: it must not kill the agent call."""
+async def _heartbeat(
+    store: LightningStore, worker_id: WorkerId, rollout_id: str, attempt_id: str, interval: float
+) -> None:
+    """Tell the store the worker and its attempt are alive every ``interval`` seconds until
+    cancelled. A failing heartbeat is logged, never raised: it must not kill the agent call.
+
+    The attempt is refreshed by its own id (``update_attempt`` with no change stamps the store's
+    time): runner processes started separately (``agl-async runner`` on several machines) each
+    number their runners from 0, so a worker id can be shared, and a worker heartbeat alone would
+    keep another process's attempt alive instead of this one."""
     while True:
         await anyio.sleep(interval)
         try:
             await store.update_worker(
                 worker_id, heartbeat_stats={"rollout_id": rollout_id, "time": time.time()}
             )
+            await store.update_attempt(rollout_id, attempt_id)
         except Exception:
             logger.warning("runner %s: heartbeat failed", worker_id, exc_info=True)
 
@@ -229,7 +237,7 @@ async def _execute(
     try:
         async with anyio.create_task_group() as tg:
             if interval > 0:
-                tg.start_soon(_heartbeat, store, worker_id, rollout_id, interval)
+                tg.start_soon(_heartbeat, store, worker_id, rollout_id, attempt_id, interval)
             try:
                 reward = _as_reward(await _call_agent(agent, rollout.input, resources))
             except Exception as exc:
