@@ -82,8 +82,11 @@ def write_memory_status(path: Path) -> None:
 class AgentRunner:
     """Runner bundle: dequeue, run a simulated agent (sleep + spans), mark the attempt succeeded."""
 
-    def __init__(self, sleep: float, spans: int, rss_dir: str | None = None, concurrency: int = 1) -> None:
+    def __init__(
+        self, sleep: float, spans: int, rss_dir: str | None = None, concurrency: int = 1, finish: bool = False
+    ) -> None:
         self.sleep, self.spans, self.rss_dir, self.concurrency = sleep, spans, rss_dir, concurrency
+        self.finish = finish  # end each attempt and claim the next in one finish_and_dequeue call
 
     async def __call__(self, store: LightningStore, worker_id: int, event: ExecutionEvent) -> None:
         try:
@@ -98,10 +101,12 @@ class AgentRunner:
         """One agent loop (``concurrency`` of them per runner bundle, worker ids of their own)."""
         await store.update_worker(worker_id, heartbeat_stats={"ready": True})
         done = 0
+        attempted = None
         while not event.is_set():
-            attempted = await store.dequeue_rollout(worker_id=worker_id, timeout=0.1)
             if attempted is None:
-                continue
+                attempted = await store.dequeue_rollout(worker_id=worker_id, timeout=0.1)
+                if attempted is None:
+                    continue
             rollout_id, attempt_id = attempted.rollout_id, attempted.attempt.attempt_id
             if self.spans:
                 await store.update_attempt(rollout_id, attempt_id, status="running")
@@ -123,8 +128,14 @@ class AgentRunner:
                     )
             elif self.sleep:
                 await anyio.sleep(self.sleep)
-            await store.update_attempt(rollout_id, attempt_id, status="succeeded")
             done += 1
+            if self.finish:
+                attempted = await store.finish_and_dequeue(
+                    rollout_id, attempt_id, worker_id=worker_id, timeout=0.1
+                )
+            else:
+                await store.update_attempt(rollout_id, attempt_id, status="succeeded")
+                attempted = None
 
 
 class BatchAlgorithm:
@@ -198,11 +209,12 @@ def cmd_execution(
     spans: int = 0,
     batch: int | None = None,
     concurrency: int = 1,
+    finish: bool = False,
 ) -> dict[str, Any]:
     t = _run(
         _strategy(mode, runners),
         BatchAlgorithm(n, batch or n, runners * concurrency),
-        AgentRunner(sleep, spans, None, concurrency),
+        AgentRunner(sleep, spans, None, concurrency, finish),
     )
     seconds = t["end"] - t["start"]
     return {
