@@ -73,7 +73,7 @@ logger = logging.getLogger("agl_async.execution.cs")
 Role = Literal["algorithm", "runner", "both"]
 
 
-def sniffio_library() -> str:
+def _current_async_library() -> str:
     """The async library running the current task ("asyncio" or "trio")."""
     try:
         asyncio.get_running_loop()
@@ -228,10 +228,10 @@ class ClientServerExecutionStrategy(ExecutionStrategy):
         serves_here = self.managed_store and (
             self.role == "algorithm" or (self.role == "both" and self.main_process == "algorithm")
         )
-        if serves_here and sniffio_library() != "asyncio":
+        if serves_here and _current_async_library() != "asyncio":
             raise RuntimeError(
                 "ClientServerExecutionStrategy serves the store with uvicorn, which needs asyncio; "
-                f"this loop runs {sniffio_library()} (use anyio.run(..., backend='asyncio') or run())"
+                f"this loop runs {_current_async_library()} (use anyio.run(..., backend='asyncio') or run())"
             )
         try:
             if self.role == "algorithm":
