@@ -122,6 +122,12 @@ def test_store_value_errors_are_400_with_the_store_message(
     _still_serving(http)
 
 
+def test_overlong_idempotency_key_is_400(http: httpx.Client) -> None:
+    response = http.post("/v1/enqueue_rollout", json={"input": 1}, headers={"idempotency-key": "k" * 201})
+    assert "idempotency-key" in _assert_error(response, 400, "bad_request")["detail"]
+    _still_serving(http)
+
+
 def test_unknown_ids_on_getters_are_null_not_errors(http: httpx.Client) -> None:
     assert http.post("/v1/get_rollout_by_id", json={"rollout_id": "nope"}).json() is None
     assert http.post("/v1/get_worker_by_id", json={"worker_id": 12345}).json() is None

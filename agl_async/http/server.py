@@ -80,6 +80,7 @@ __all__ = ["DEFAULT_MAX_BODY_BYTES", "LightningStoreServer"]
 logger = logging.getLogger("agl_async")
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+_MAX_KEY_LENGTH = 200
 _JSON = "application/json"
 _encoder = msgspec.json.Encoder()
 
@@ -472,6 +473,9 @@ class LightningStoreServer(LightningStore):
             if not key:
                 status, content = await run(request)
                 return Response(content, status, media_type=_JSON)
+            if len(key) > _MAX_KEY_LENGTH:
+                detail = f"{p.IDEMPOTENCY_HEADER} longer than {_MAX_KEY_LENGTH} characters"
+                return _error_response(400, "bad_request", detail)
             key = f"{spec.name}:{key}"
             while (running := cache.running.get(key)) is not None:
                 await running.wait()  # a retry that overtook its original: wait for its answer
