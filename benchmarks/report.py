@@ -64,6 +64,7 @@ IMPORT_SNIPPET = (
     "print(time.perf_counter() - t, time.process_time() - c)"
 )
 LOG_DIR = Path(tempfile.gettempdir()) / "agl-bench-logs"
+SAMPLE_LOG: Path | None = None  # set by main(): one JSON line per sample
 
 
 # ---------------------------------------------------------------------------- what is measured
@@ -424,6 +425,10 @@ def run_cells(
                     started = time.perf_counter()
                     answer = system.sample(cell)
                     took = time.perf_counter() - started
+                    if SAMPLE_LOG is not None:  # raw samples as they come: survives a crash of the driver
+                        with SAMPLE_LOG.open("a") as sink:
+                            record = {"figure": figure, "cell": cell.label, "system": system.key, **answer}
+                            sink.write(json.dumps(record) + "\n")
                     if "ok" in answer:
                         sample = dict(answer["ok"])
                         if cell.derive is not None:
@@ -810,11 +815,15 @@ def main() -> None:
     ours, peer, skipped = make_systems(None if args.no_peer else args.peer)
     systems = [ours] + ([peer] if peer else [])
     started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    global SAMPLE_LOG
+    SAMPLE_LOG = LOG_DIR / f"samples-{started.replace(':', '')}.jsonl"
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
     log(f"agl_async benchmark report: figures {sorted(figures)}, {repeat} repetitions, load {loadavg()}")
+    log(f"raw samples: {SAMPLE_LOG}; worker logs: {LOG_DIR}")
     if skipped:
         log(skipped)
     load_start = loadavg()
