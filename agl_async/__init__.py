@@ -3,29 +3,73 @@
 The public surface (see the docs' API reference) is re-exported here.
 """
 
-from .algorithm import Algorithm
-from .execution.base import ExecutionEvent, ExecutionStrategy
-from .execution.client_server import ClientServerExecutionStrategy
-from .execution.shared_memory import SharedMemoryExecutionStrategy
-from .http.client import LightningStoreClient
-from .http.server import LightningStoreServer
-from .store import (
-    UNSET,
-    EnqueueRolloutRequest,
-    InMemoryLightningStore,
-    LightningStore,
-    LightningStoreLocked,
-)
-from .trainer import Trainer
-from .types import (
-    Attempt,
-    AttemptedRollout,
-    ResourcesUpdate,
-    Rollout,
-    RolloutConfig,
-    Span,
-    Worker,
-)
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .algorithm import Algorithm
+    from .execution.base import ExecutionEvent, ExecutionStrategy
+    from .execution.client_server import ClientServerExecutionStrategy
+    from .execution.shared_memory import SharedMemoryExecutionStrategy
+    from .http.client import LightningStoreClient
+    from .http.server import LightningStoreServer
+    from .store import (
+        UNSET,
+        EnqueueRolloutRequest,
+        InMemoryLightningStore,
+        LightningStore,
+        LightningStoreLocked,
+    )
+    from .trainer import Trainer
+    from .types import (
+        Attempt,
+        AttemptedRollout,
+        ResourcesUpdate,
+        Rollout,
+        RolloutConfig,
+        Span,
+        Worker,
+    )
+
+# Imported on first access (PEP 562), so that `import agl_async.cli` / `agl-async --help` do not
+# pay for uvicorn, starlette, httpx and aiomultiprocess.
+_LAZY = {
+    "Algorithm": ".algorithm",
+    "ExecutionEvent": ".execution.base",
+    "ExecutionStrategy": ".execution.base",
+    "ClientServerExecutionStrategy": ".execution.client_server",
+    "SharedMemoryExecutionStrategy": ".execution.shared_memory",
+    "LightningStoreClient": ".http.client",
+    "LightningStoreServer": ".http.server",
+    "UNSET": ".store",
+    "EnqueueRolloutRequest": ".store",
+    "InMemoryLightningStore": ".store",
+    "LightningStore": ".store",
+    "LightningStoreLocked": ".store",
+    "Trainer": ".trainer",
+    "Attempt": ".types",
+    "AttemptedRollout": ".types",
+    "ResourcesUpdate": ".types",
+    "Rollout": ".types",
+    "RolloutConfig": ".types",
+    "Span": ".types",
+    "Worker": ".types",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'agl_async' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __version__ = "0.1.0"
 

@@ -291,6 +291,19 @@ def test_help_explains_each_command(
         assert word in text
 
 
+def test_cli_import_and_help_stay_light() -> None:
+    code = (
+        "import sys, agl_async.cli\n"
+        "try:\n    agl_async.cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "heavy = ('uvicorn', 'starlette', 'httpx', 'aiomultiprocess', 'msgspec')\n"
+        "print([m for m in heavy if m in sys.modules])"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT, check=True
+    )
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([]) == 2
     assert "COMMAND" in capsys.readouterr().out

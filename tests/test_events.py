@@ -30,9 +30,11 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture(params=KINDS, ids=lambda k: k.__name__)
-def event(request: pytest.FixtureRequest) -> ExecutionEvent:
+def event(request: pytest.FixtureRequest) -> Iterator[ExecutionEvent]:
     made: ExecutionEvent = request.param()
-    return made
+    yield made
+    if isinstance(made, ProcessExecutionEvent):
+        made.close()  # not left to GC: a later test counting descriptors would see them vanish
 
 
 def _no_polling_timer() -> bool:
