@@ -423,7 +423,8 @@ class Trainer:
     strategy sets itself); ``trainer.n_runners`` is the resolved number. ``store`` defaults to a fresh
     :class:`~agl_async.InMemoryLightningStore` (kept on ``trainer.store``, so results can be read
     after the run). ``algorithm`` ``None`` with a dataset means :class:`~agl_async.algorithm.Baseline`;
-    with no dataset the algorithm side just waits (runners stop by ``max_rollouts`` or the event).
+    with no dataset the algorithm side only waits for the stop event, so the run lasts until it is
+    stopped (Ctrl-C, cancellation): for runners serving an algorithm elsewhere.
     ``max_rollouts`` caps the rollouts of *each* runner. ``initial_resources`` (a mapping of JSON
     values) is published with ``add_resources`` before the algorithm starts. ``heartbeat_interval``:
     seconds between runner heartbeats while an agent call runs.
