@@ -59,9 +59,13 @@ DOCS_PAGE = ROOT / "docs" / "performance.md"
 OURS_SCRIPT = HERE / "workloads.py"
 PEER_SCRIPT = HERE / "peer" / "agl_workloads.py"
 PEER_NAME = "Agent-Lightning 0.3.0"
+# `import pkg`, then every name of its __all__ resolved (agl_async imports its parts lazily, on first
+# use of a name; agentlightning imports everything up front): wall and CPU seconds of both.
 IMPORT_SNIPPET = (
-    "import time; t, c = time.perf_counter(), time.process_time(); import {pkg}; "
-    "print(time.perf_counter() - t, time.process_time() - c)"
+    "import time; t, c = time.perf_counter(), time.process_time(); import {pkg} as m; "
+    "a, b = time.perf_counter() - t, time.process_time() - c; "
+    "[getattr(m, n) for n in getattr(m, '__all__', ())]; "
+    "print(a, b, time.perf_counter() - t, time.process_time() - c)"
 )
 LOG_DIR = Path(tempfile.gettempdir()) / "agl-bench-logs"
 SAMPLE_LOG: Path | None = None  # set by main(): one JSON line per sample
@@ -187,12 +191,14 @@ def build_cells(quick: bool, figures: set[str]) -> list[Cell]:
         cells.append(
             Cell(
                 "4",
-                "`import` of the package, fresh interpreter",
+                "`import` of the package, fresh interpreter (agl_async / agentlightning)",
                 "import",
                 {},
                 [
-                    Metric("import_s", "import time (wall)", "s", False, 3),
-                    Metric("import_cpu_s", "import time (CPU of the process)", "s", False, 3),
+                    Metric("import_s", "`import pkg` (wall)", "s", False, 3),
+                    Metric("import_cpu_s", "`import pkg` (CPU)", "s", False, 3),
+                    Metric("import_all_s", "`import pkg` + every name in `__all__` (wall)", "s", False, 3),
+                    Metric("import_all_cpu_s", "`import pkg` + every name in `__all__` (CPU)", "s", False, 3),
                 ],
                 180,
             )
@@ -367,8 +373,8 @@ class System:
 
 
 def _parse_import(out: str) -> dict[str, float]:
-    wall, cpu = map(float, out.split())
-    return {"import_s": wall, "import_cpu_s": cpu}
+    wall, cpu, full_wall, full_cpu = map(float, out.split())
+    return {"import_s": wall, "import_cpu_s": cpu, "import_all_s": full_wall, "import_all_cpu_s": full_cpu}
 
 
 def _clean_env(extra: dict[str, str]) -> dict[str, str]:
@@ -571,7 +577,7 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             return {"target": name, "measured": "no peer measurement", "met": None}
         worst = min(known) if at_least else max(known)
         met = all((r >= bound) if at_least else (r <= bound) for r in known) and len(known) == len(ratios)
-        shown = ", ".join(f"{r:.2f}x" if r is not None else "n/a" for _, r in ratios)
+        shown = ", ".join(_ratio(r) if r is not None else "n/a" for _, r in ratios)
         return {"target": name, "measured": shown, "worst": worst, "met": met}
 
     out = [
@@ -594,10 +600,16 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             True,
         ),
     ]
-    imports = metric("4", "import_s")
-    if imports and imports[0][1].get("ours"):
-        value = imports[0][1]["ours"]["median"]
-        out.append({"target": "import ≤ 0.3 s (fig. 4)", "measured": f"{value:.3f} s", "met": value <= 0.3})
+    imports, full = metric("4", "import_s"), metric("4", "import_all_s")
+    if imports and full and imports[0][1].get("ours") and full[0][1].get("ours"):
+        value, whole = imports[0][1]["ours"]["median"], full[0][1]["ours"]["median"]
+        out.append(
+            {
+                "target": "import ≤ 0.3 s (fig. 4; verdict on the whole public surface)",
+                "measured": f"{value:.3f} s (`import agl_async`), {whole:.3f} s (+ every public name)",
+                "met": whole <= 0.3,
+            }
+        )
     out.append(
         ratio_target(
             "cs start-up + shutdown ≤ 1/3 of Agent-Lightning's (fig. 3)",
@@ -615,6 +627,12 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         )
     )
     return out
+
+
+def _ratio(ratio: float | None) -> str:
+    if not ratio:
+        return "—"
+    return f"{ratio:.2f}x" if ratio >= 0.1 else f"{ratio:.2g}x"
 
 
 def _fmt(value: float, digits: int) -> str:
@@ -649,7 +667,7 @@ def render_table(report: dict[str, Any]) -> str:
             if has_peer:
                 ratio = m.get("ratio")
                 theirs = _stat(m.get("peer"), m["digits"], report["repeat"])
-                row += f" {theirs} | {f'{ratio:.2f}x' if ratio else '—'} |"
+                row += f" {theirs} | {_ratio(ratio)} |"
             lines.append(row)
     return "\n".join(lines)
 
