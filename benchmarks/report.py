@@ -98,6 +98,7 @@ class Cell:
 
 
 RPS = Metric("rollouts_per_s", "rollouts/s", "1/s", True, 0)
+CPU = Metric("cpu_ms_per_rollout", "CPU per rollout, whole run (all processes)", "ms", False, 3)
 EFF = Metric("efficiency", "efficiency", "", True, 3)
 
 
@@ -129,7 +130,7 @@ def build_cells(quick: bool, figures: set[str]) -> list[Cell]:
                         f"{mode}, {runners} {what}, {n1} rollouts",
                         "worker",
                         {"fn": "noop", "args": {"mode": mode, "runners": runners, "n": n1}},
-                        [RPS],
+                        [RPS, CPU],
                         300,
                     )
                 )
@@ -144,7 +145,7 @@ def build_cells(quick: bool, figures: set[str]) -> list[Cell]:
                     f"cs, {runners} runner processes, {n1} rollouts; agl_async: finish_and_dequeue",
                     "worker",
                     {"fn": "execution", "args": args},
-                    [RPS],
+                    [RPS, CPU],
                     300,
                     peer_from=same,
                 )

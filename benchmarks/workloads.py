@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -225,11 +226,27 @@ def cmd_execution(
     }
 
 
+def with_cpu(n: int, run: Any) -> dict[str, Any]:
+    """``run()``'s sample plus the CPU time the whole run cost (this process, all its threads, and
+    its children, which are reaped by the end of a run), per rollout: a figure that, unlike the
+    rates, barely depends on what else the machine is doing."""
+
+    def times() -> tuple[float, float]:
+        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
+
+    before = times()
+    sample: dict[str, Any] = run()
+    after = times()
+    sample["cpu_ms_per_rollout"] = 1000 * (after[0] - before[0] + after[1] - before[1]) / n
+    sample["cpu_children_ms_per_rollout"] = 1000 * (after[1] - before[1]) / n
+    return sample
+
+
 def cmd_noop(mode: str, runners: int, n: int) -> dict[str, Any]:
     import execution  # benchmarks/execution.py: figure 1's workload is its workload
 
-    sample: dict[str, Any] = execution.run_ours(mode, runners, n)
-    return sample
+    return with_cpu(n, lambda: execution.run_ours(mode, runners, n))
 
 
 def cmd_http(clients: int, duration: float) -> dict[str, Any]:
@@ -258,7 +275,12 @@ def cmd_lifecycle(runners: int, n: int) -> dict[str, Any]:
     }
 
 
-COMMANDS = {"execution": cmd_execution, "noop": cmd_noop, "http": cmd_http, "lifecycle": cmd_lifecycle}
+COMMANDS = {
+    "execution": lambda **kw: with_cpu(kw["n"], lambda: cmd_execution(**kw)),
+    "noop": cmd_noop,
+    "http": cmd_http,
+    "lifecycle": cmd_lifecycle,
+}
 
 
 def serve() -> None:

@@ -28,6 +28,7 @@ import asyncio
 import json
 import logging
 import os
+import resource
 import socket
 import sys
 import tempfile
@@ -202,17 +203,37 @@ def cmd_execution(
     }
 
 
+def with_cpu(n: int, run: Any) -> dict[str, Any]:
+    """``run()``'s sample plus the CPU time the whole run cost (this process, all its threads, and
+    its children, which are reaped by the end of a run), per rollout: a figure that, unlike the
+    rates, barely depends on what else the machine is doing."""
+
+    def times() -> tuple[float, float]:
+        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
+
+    before = times()
+    sample: dict[str, Any] = run()
+    after = times()
+    sample["cpu_ms_per_rollout"] = 1000 * (after[0] - before[0] + after[1] - before[1]) / n
+    sample["cpu_children_ms_per_rollout"] = 1000 * (after[1] - before[1]) / n
+    return sample
+
+
 def cmd_noop(mode: str, runners: int, n: int) -> dict[str, Any]:
     import agl_execution  # benchmarks/peer/agl_execution.py: figure 1's workload is its workload
 
-    agl_execution.RESULT.clear()
-    start = time.perf_counter()
-    _strategy(mode, runners).execute(
-        agl_execution.BenchAlgorithm(n, runners), agl_execution.bench_runner, InMemoryLightningStore()
-    )
-    wall = time.perf_counter() - start
-    seconds = agl_execution.RESULT["seconds"]
-    return {"seconds": seconds, "rollouts_per_s": n / seconds, "wall_s": wall}
+    def run() -> dict[str, Any]:
+        agl_execution.RESULT.clear()
+        start = time.perf_counter()
+        _strategy(mode, runners).execute(
+            agl_execution.BenchAlgorithm(n, runners), agl_execution.bench_runner, InMemoryLightningStore()
+        )
+        wall = time.perf_counter() - start
+        seconds = agl_execution.RESULT["seconds"]
+        return {"seconds": seconds, "rollouts_per_s": n / seconds, "wall_s": wall}
+
+    return with_cpu(n, run)
 
 
 def cmd_http(clients: int, duration: float) -> dict[str, Any]:
@@ -242,7 +263,12 @@ def cmd_lifecycle(runners: int, n: int) -> dict[str, Any]:
     }
 
 
-COMMANDS = {"execution": cmd_execution, "noop": cmd_noop, "http": cmd_http, "lifecycle": cmd_lifecycle}
+COMMANDS = {
+    "execution": lambda **kw: with_cpu(kw["n"], lambda: cmd_execution(**kw)),
+    "noop": cmd_noop,
+    "http": cmd_http,
+    "lifecycle": cmd_lifecycle,
+}
 
 
 def serve() -> None:
