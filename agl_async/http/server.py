@@ -112,11 +112,30 @@ def _is_loopback(host: str) -> bool:
 
 
 class _EmbeddedUvicorn(uvicorn.Server):
-    """uvicorn's Server minus signal capture, plus an event set once startup has finished."""
+    """uvicorn's Server minus signal capture, plus an event set once startup has finished, and
+    ``should_exit`` backed by an event: uvicorn's own main loop looks at the flag every 0.1 s, this
+    one wakes as soon as it is set (a stop is 50 ms quicker on average, 100 ms at worst:
+    ``benchmarks/report.py`` figure 3)."""
 
     def __init__(self, config: uvicorn.Config) -> None:
+        self._exit = asyncio.Event()  # before super().__init__, which assigns should_exit
         super().__init__(config)
         self.startup_done = asyncio.Event()
+
+    @property
+    def should_exit(self) -> bool:
+        return self._exit.is_set()
+
+    @should_exit.setter
+    def should_exit(self, value: bool) -> None:
+        if value:
+            self._exit.set()
+        else:
+            self._exit.clear()
+
+    async def main_loop(self) -> None:
+        await self.on_tick(0)  # sets the default headers, as uvicorn's loop does first
+        await self._exit.wait()
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
