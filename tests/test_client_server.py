@@ -389,3 +389,21 @@ async def test_serving_roles_say_they_need_asyncio() -> None:
         await cs().execute(
             bundles.algorithm_waits_for_event, bundles.runner_sets_event, InMemoryLightningStore()
         )
+
+
+async def test_spawn_failure_stops_the_children_already_started(monkeypatch: pytest.MonkeyPatch) -> None:
+    from agl_async.execution import client_server, processes
+
+    def spawn_one_then_fail(specs: Any, into: list[Any]) -> None:
+        processes.spawn(specs[:1], into)
+        raise OSError("cannot start runner-1 (simulated)")
+
+    monkeypatch.setattr(client_server, "spawn", spawn_one_then_fail)
+    ran: list[str] = []
+
+    async def algorithm(store: LightningStore, event: ExecutionEvent) -> None:
+        ran.append("algorithm")
+
+    with anyio.fail_after(GUARD), pytest.raises(OSError, match="simulated"):
+        await cs(n_runners=2).execute(algorithm, bundles.runner_until_event, InMemoryLightningStore())
+    assert ran == []  # nothing runs once spawning has failed; runner-0 was stopped (no leftovers)
