@@ -804,6 +804,9 @@ def main() -> None:
     parser.add_argument(
         "--budget-long", type=float, help="seconds for figure 6's repetitions (64+ s per sample)"
     )
+    parser.add_argument(
+        "--deadline", help="HH:MM (UTC): start no repetition of figure 6 that would end after it"
+    )
     parser.add_argument("--figures", default="1,2,3,4,5,6", help="comma-separated figure numbers")
     parser.add_argument("--peer", default=os.environ.get("AGL_PEER_PYTHON"), help="Agent-Lightning's python")
     parser.add_argument("--no-peer", action="store_true", help="measure agl_async only")
@@ -852,9 +855,13 @@ def main() -> None:
     try:
         short = [c for c in cells if c.figure != "6"]
         run_cells(short, systems, repeat, log)
-        run_cells(
-            [c for c in cells if c.figure == "6"], systems, args.repeat_long or repeat, log, args.budget_long
-        )
+        budget = args.budget_long
+        if args.deadline:
+            now = dt.datetime.now(dt.timezone.utc)
+            hour, minute = map(int, args.deadline.split(":"))
+            until = (now.replace(hour=hour, minute=minute, second=0, microsecond=0) - now).total_seconds()
+            budget = until if budget is None else min(budget, until)
+        run_cells([c for c in cells if c.figure == "6"], systems, args.repeat_long or repeat, log, budget)
     finally:
         for system in systems:
             system.close()
