@@ -850,8 +850,15 @@ def main() -> None:
         log(skipped)
     load_start = loadavg()
     cells = build_cells(args.quick, figures)
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, stop)  # also when started in the background (SIGINT ignored there)
+    signal.signal(signal.SIGTERM, stop)
     for system in systems:
         system.warm_up()
+    interrupted = False
     try:
         short = [c for c in cells if c.figure != "6"]
         run_cells(short, systems, repeat, log)
@@ -862,6 +869,12 @@ def main() -> None:
             until = (now.replace(hour=hour, minute=minute, second=0, microsecond=0) - now).total_seconds()
             budget = until if budget is None else min(budget, until)
         run_cells([c for c in cells if c.figure == "6"], systems, args.repeat_long or repeat, log, budget)
+    except KeyboardInterrupt:  # Ctrl-C: stop measuring, report what has been measured
+        log("interrupted: the report covers the samples measured so far")
+        interrupted = True
+        for system in systems:
+            if system.worker is not None:
+                system.worker.kill()
     finally:
         for system in systems:
             system.close()
@@ -871,6 +884,7 @@ def main() -> None:
         "quick": args.quick,
         "repeat": repeat,
         "repeat_fig6": args.repeat_long or repeat,
+        "interrupted": interrupted,
         "load_start": load_start,
         "load_end": loadavg(),
         "machine": machine_info(peer),
