@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,6 +21,7 @@ import anyio
 import bundles
 import psutil
 import pytest
+from anyio.streams.buffered import BufferedByteReceiveStream
 
 from agl_async import (
     ClientServerExecutionStrategy,
@@ -394,8 +396,8 @@ async def test_serving_roles_say_they_need_asyncio() -> None:
 async def test_spawn_failure_stops_the_children_already_started(monkeypatch: pytest.MonkeyPatch) -> None:
     from agl_async.execution import client_server, processes
 
-    def spawn_one_then_fail(specs: Any, into: list[Any]) -> None:
-        processes.spawn(specs[:1], into)
+    def spawn_one_then_fail(specs: Any, into: list[Any], lifeline: Any) -> None:
+        processes.spawn(specs[:1], into, lifeline)
         raise OSError("cannot start runner-1 (simulated)")
 
     monkeypatch.setattr(client_server, "spawn", spawn_one_then_fail)
@@ -407,3 +409,47 @@ async def test_spawn_failure_stops_the_children_already_started(monkeypatch: pyt
     with anyio.fail_after(GUARD), pytest.raises(OSError, match="simulated"):
         await cs(n_runners=2).execute(algorithm, bundles.runner_until_event, InMemoryLightningStore())
     assert ran == []  # nothing runs once spawning has failed; runner-0 was stopped (no leftovers)
+
+
+PARENT_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+import anyio, bundles
+from agl_async import ClientServerExecutionStrategy, InMemoryLightningStore
+
+async def algorithm(store, event):
+    await bundles.wait_ready(store, 2)
+    print("READY", flush=True)
+    await anyio.sleep_forever()
+
+ClientServerExecutionStrategy(server_host="127.0.0.1", server_port=0, n_runners=2).run(
+    algorithm, bundles.runner_ignores_event, InMemoryLightningStore()
+)
+"""
+
+
+def _gone(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE  # dead, waiting for a reaper that is not us
+    except psutil.NoSuchProcess:
+        return True
+
+
+async def test_children_exit_by_themselves_when_the_parent_is_killed() -> None:
+    script = PARENT_SCRIPT.format(tests=os.path.dirname(__file__))
+    parent = await anyio.open_process([sys.executable, "-c", script], stderr=None)
+    try:
+        assert parent.stdout is not None
+        with anyio.fail_after(GUARD):
+            line = await BufferedByteReceiveStream(parent.stdout).receive_until(b"\n", 1000)
+        assert line.strip() == b"READY"
+        descendants = psutil.Process(parent.pid).children(recursive=True)
+        assert len(descendants) >= 2  # the two runners (and the resource tracker)
+    finally:
+        parent.kill()  # no shutdown at all: SIGKILL
+        with anyio.CancelScope(shield=True):
+            await parent.aclose()
+    with anyio.fail_after(GUARD):
+        # another process's children: nothing to await but their state (polled, bounded)
+        while not all(_gone(p) for p in descendants):  # noqa: ASYNC110
+            await anyio.sleep(0.05)

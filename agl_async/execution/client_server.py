@@ -58,6 +58,7 @@ from .events import ExecutionEvent, ProcessExecutionEvent, ThreadingExecutionEve
 from .processes import (
     DEFINE_AT_MODULE_LEVEL,
     Child,
+    Lifeline,
     MultiprocessingHelpers,
     check_picklable,
     escalate,
@@ -284,11 +285,12 @@ class ClientServerExecutionStrategy(ExecutionStrategy):
         four-step escalation as its stop hook. ``after_bundles``: escalate only once the in-process
         bundles are done (the children serve them)."""
         children: list[Child] = []
+        lifeline = Lifeline()  # closed after the children: they exit by themselves if we die first
         MultiprocessingHelpers.acquire()
         try:
             with anyio.CancelScope(shield=True):  # a half-spawned set is still stopped below
                 try:
-                    await anyio.to_thread.run_sync(spawn, specs, children)
+                    await anyio.to_thread.run_sync(spawn, specs, children, lifeline)
                 except Exception as exc:
                     supervisor.fail("spawning child processes", exc)
                     supervisor.drop_bundles()  # stop the children already started, run nothing
@@ -304,6 +306,7 @@ class ClientServerExecutionStrategy(ExecutionStrategy):
             supervisor.on_stop = on_stop
             await supervisor.run()
         finally:
+            lifeline.close()
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(MultiprocessingHelpers.release)
 

@@ -6,6 +6,8 @@
   SIGINT step of the shutdown is a clean stop for a child that is awaiting something. They are
   built without aiomultiprocess's ``Manager`` (see :class:`_Process`): a run starts no process
   besides its children (and multiprocessing's resource tracker).
+* A :class:`Lifeline` ties every child to this process: if the parent dies without shutting
+  the run down (SIGKILL, a crash), the children cancel their bundle and exit by themselves.
 * :class:`Child` watches its process by waiting for the process sentinel to become readable
   (``anyio.wait_readable``: no polling, unlike ``aiomultiprocess.Process.join``), then reaps it and
   records the exit code.
@@ -64,6 +66,76 @@ def check_picklable(what: str, obj: Any, hint: str) -> None:
         raise TypeError(f"{what} {obj!r} cannot be sent to a child process ({exc}). {hint}") from exc
 
 
+class Lifeline:
+    """A pipe whose write end only the parent holds; each child gets the read end.
+
+    The read end turns readable (end of file) once every copy of the write end is closed: when
+    the run closes it, or when the parent dies in any way (SIGKILL included). A child then
+    cancels its bundle and exits, so that no runner is orphaned by a parent that could not
+    shut it down. Pickles only while a child is being spawned (the descriptor is passed by the
+    start method).
+    """
+
+    def __init__(self) -> None:
+        self._r, self._w = os.pipe()
+
+    def __reduce__(self) -> Any:
+        from multiprocessing import context, reduction
+
+        context.assert_spawning(self)
+        return _ParentWatch, (reduction.DupFd(self._r),)
+
+    def close(self) -> None:
+        for fd in (self._r, self._w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._r = self._w = -1
+
+
+class _ParentWatch:
+    """The child's end of a :class:`Lifeline`."""
+
+    def __init__(self, fd: Any) -> None:
+        self.fd: int = fd.detach()
+
+    async def parent_gone(self) -> None:
+        await anyio.wait_readable(self.fd)
+
+
+async def _run_tied_to_parent(
+    target: Callable[..., Awaitable[None]], args: tuple[Any, ...], watch: Any
+) -> None:
+    """Await ``target(*args)``, cancelled if the parent process goes away first."""
+    if watch is None:
+        await target(*args)
+        return
+    errors: list[BaseException] = []
+    async with anyio.create_task_group() as tg:
+
+        async def watch_parent() -> None:
+            await watch.parent_gone()
+            logger.warning(
+                "%s (pid %d): parent process gone; cancelling",
+                multiprocessing.current_process().name,
+                os.getpid(),
+            )
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(watch_parent)
+        try:
+            await target(*args)
+        except anyio.get_cancelled_exc_class():
+            raise
+        except BaseException as exc:  # re-raised as itself, outside the task group
+            errors.append(exc)
+        finally:
+            tg.cancel_scope.cancel()
+    if errors:
+        raise errors[0]
+
+
 # ---------------------------------------------------------------------------- inside the child
 def _configure_child_logging(level: int) -> None:
     if not logging.getLogger().handlers:
@@ -83,8 +155,11 @@ def child_main(unit: Any) -> None:
     name = multiprocessing.current_process().name
     kwargs = dict(unit.kwargs)
     _configure_child_logging(kwargs.pop("log_level", logging.WARNING))
+    watch = kwargs.pop("lifeline", None)
     try:
-        interrupted = anyio.run(cancel_on_sigint, unit.target, *unit.args, backend="asyncio")
+        interrupted = anyio.run(
+            cancel_on_sigint, _run_tied_to_parent, unit.target, tuple(unit.args), watch, backend="asyncio"
+        )
     except KeyboardInterrupt:  # a further SIGINT after the watcher had stopped: already stopping
         interrupted = True
     except Exception:
@@ -160,18 +235,22 @@ class _Process(aiomultiprocess.Process):  # type: ignore[misc]  # aiomultiproces
 
 
 def spawn(
-    specs: Sequence[tuple[str, Callable[..., Awaitable[None]], tuple[Any, ...]]], into: list[Child]
+    specs: Sequence[tuple[str, Callable[..., Awaitable[None]], tuple[Any, ...]]],
+    into: list[Child],
+    lifeline: Lifeline | None = None,
 ) -> None:
     """Start one child per ``(name, coroutine function, args)``; blocking (run it in a thread).
 
     Each started child is appended to ``into`` at once, so that the caller can stop the ones
-    already started when a later one fails to start.
+    already started when a later one fails to start. With ``lifeline``, each child stops by
+    itself once the lifeline is closed or this process is gone.
     """
     level = logging.getLogger("agl_async").getEffectiveLevel()
     for name, target, args in specs:
-        process = _Process(
-            target=target, args=args, kwargs={"log_level": level}, name=name, process_target=child_main
-        )
+        kwargs: dict[str, Any] = {"log_level": level}
+        if lifeline is not None:
+            kwargs["lifeline"] = lifeline
+        process = _Process(target=target, args=args, kwargs=kwargs, name=name, process_target=child_main)
         process.start()
         child = Child(name, process)
         into.append(child)
