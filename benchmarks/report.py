@@ -123,7 +123,8 @@ def build_cells(quick: bool, figures: set[str]) -> list[Cell]:
     if "1" in figures:
         for mode, counts in (("shm", (1, 4, 16)), ("cs", (1, 2, 4))):
             for runners in counts:
-                what = "runners" if mode == "shm" else "runner processes"
+                plural = runners > 1
+                what = f"runner{'s' * plural}" if mode == "shm" else f"runner process{'es' * plural}"
                 cells.append(
                     Cell(
                         "1",
@@ -142,7 +143,7 @@ def build_cells(quick: bool, figures: set[str]) -> list[Cell]:
             cells.append(
                 Cell(
                     "1",
-                    f"cs, {runners} runner processes, {n1} rollouts; agl_async: finish_and_dequeue",
+                    f"{same.label}; agl_async: finish_and_dequeue",
                     "worker",
                     {"fn": "execution", "args": args},
                     [RPS, CPU],
@@ -707,7 +708,8 @@ def render_machine(report: dict[str, Any]) -> str:
         f"- measured {report['started']} → {report['finished']} (UTC), agl_async at commit "
         f"`{report['git']['commit']}`{' (with uncommitted changes)' if report['git']['dirty'] else ''}",
         f"- {report['repeat']} repetitions per figure, interleaved; median (min-max)"
-        + (" — **quick mode: tiny sizes, not representative**" if report["quick"] else ""),
+        + (" — **quick mode: tiny sizes, not representative**" if report["quick"] else "")
+        + (" — interrupted before the end" if report.get("interrupted") else ""),
     ]
     return "\n".join(parts)
 
