@@ -15,7 +15,11 @@ Commands (each returns one sample):
   sleep ``sleep / spans`` seconds and write one span; with ``spans == 0`` they sleep ``sleep``
   seconds; then they mark the attempt ``succeeded``. The algorithm enqueues ``n`` rollouts in
   batches of ``batch`` (``enqueue_many_rollouts``) and waits for each batch to finish before the
-  next (``wait_for_rollouts``), like Agent-Lightning's own store benchmark in ``batch`` mode;
+  next (``wait_for_rollouts``), like Agent-Lightning's own store benchmark in ``batch`` mode.
+  ``concurrency``: agent loops per runner bundle (figure 6's client-server case: 4 processes x 8);
+  ``finish``: end each attempt and claim the next rollout in one ``finish_and_dequeue`` call, as
+  agl_async's own runner loop does (figure 1's extra rows; agl_async only). Both ``noop`` and
+  ``execution`` report the CPU time of the whole run per rollout (this process and its children);
 * ``http`` — figure 5, delegated to ``benchmarks/http_store.py``'s ``run_ours``.
 
 ``python benchmarks/workloads.py lifecycle --runners 2 --n 200`` (a fresh process per sample,
