@@ -131,3 +131,55 @@ async def test_finish_and_dequeue_with_a_bad_id_dequeues_nothing(store: Lightnin
         await store.finish_and_dequeue(running.rollout_id, "latest", "bogus")  # type: ignore[arg-type]
     assert (await store.get_rollout_by_id(running.rollout_id)).status == "preparing"  # type: ignore[union-attr]
     assert (await store.get_rollout_by_id(queued.rollout_id)).status == "queuing"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("wrap", ["memory", "locked"])
+async def test_unclaim_puts_an_unstarted_claim_back_at_the_head(wrap: str) -> None:
+    from agl_async import InMemoryLightningStore
+
+    inner = InMemoryLightningStore()
+    store: LightningStore = inner if wrap == "memory" else LightningStoreLocked(inner)
+    first = await store.enqueue_rollout("first")
+    second = await store.enqueue_rollout("second")
+    claimed = await store.dequeue_rollout(worker_id="gone")
+    assert claimed is not None and claimed.rollout_id == first.rollout_id
+    assert await store.unclaim_rollout(claimed.rollout_id, claimed.attempt.attempt_id) is True
+    assert (await store.get_rollout_by_id(first.rollout_id)).status == "queuing"  # type: ignore[union-attr]
+    assert await store.query_attempts(first.rollout_id) == []
+    worker = await store.get_worker_by_id("gone")
+    assert worker is not None and worker.status == "idle" and worker.current_rollout_id is None
+    again = await store.dequeue_rollout(worker_id="next")
+    assert again is not None and again.rollout_id == first.rollout_id and again.attempt.sequence_id == 1
+    # A claim its runner has acted on is not taken back.
+    await store.update_attempt(again.rollout_id, again.attempt.attempt_id, status="running")
+    assert await store.unclaim_rollout(again.rollout_id, again.attempt.attempt_id) is False
+    assert (await store.get_rollout_by_id(first.rollout_id)).status == "running"  # type: ignore[union-attr]
+    later = await store.dequeue_rollout()
+    assert later is not None and later.rollout_id == second.rollout_id
+
+
+async def test_a_long_poll_ended_by_the_client_leaving_claims_nothing(anyio_backend: str) -> None:
+    """Once the server sees the client gone it must not take a last look at the queue: a rollout
+    claimed then would belong to nobody and sit in "preparing"."""
+    if anyio_backend != "asyncio":
+        pytest.skip("the server runs on asyncio")
+    from starlette.requests import Request
+
+    from agl_async import InMemoryLightningStore, LightningStoreServer
+
+    async def receive() -> dict[str, str]:
+        return {"type": "http.disconnect"}
+
+    looked: list[bool] = []
+
+    async def wait() -> None:
+        await anyio.sleep_forever()
+
+    async def look() -> None:
+        looked.append(True)
+
+    async with LightningStoreServer(InMemoryLightningStore(), host="127.0.0.1", port=0) as server:
+        request = Request({"type": "http", "method": "POST", "path": "/", "headers": []}, receive)
+        with anyio.fail_after(5):
+            assert await server._long_poll(request, wait, look) is None
+    assert looked == []

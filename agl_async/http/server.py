@@ -530,11 +530,14 @@ class LightningStoreServer(LightningStore):
         result: Any = None
         error: Exception | None = None
         finished = False
+        disconnected = False
         async with anyio.create_task_group() as tg:
 
             async def watch_disconnect() -> None:
+                nonlocal disconnected
                 while (await request.receive())["type"] != "http.disconnect":
                     pass
+                disconnected = True
                 tg.cancel_scope.cancel()
 
             async def watch_closing() -> None:
@@ -551,7 +554,11 @@ class LightningStoreServer(LightningStore):
             tg.cancel_scope.cancel()
         if error is not None:
             raise error
-        return result if finished else await look()
+        if finished:
+            return result
+        # Interrupted. A client that went away gets nothing claimed for it; on server stop the
+        # (still connected) client gets one last non-blocking look.
+        return None if disconnected else await look()
 
     # ------------------------------------------------------------------ route handlers
     def _handlers(self) -> dict[str, _Handler]:
@@ -578,11 +585,22 @@ class LightningStoreServer(LightningStore):
             claimed = await s.dequeue_rollout(worker_id, timeout=0 if timeout else timeout)
             if claimed is not None or not timeout:
                 return claimed
-            return await self._long_poll(
+            claimed = await self._long_poll(
                 request,
                 lambda: s.dequeue_rollout(worker_id, timeout=timeout),
                 lambda: s.dequeue_rollout(worker_id),
             )
+            if claimed is not None:
+                # Let the loop read the socket once: a client that hung up just as the claim was
+                # made (its FIN already here) is then seen as gone.
+                await anyio.sleep(0)
+            if claimed is not None and await request.is_disconnected():
+                # The claim landed as its client left: nobody would run it. Put it back at the
+                # head of the queue rather than leave it "preparing" until a watchdog notices.
+                if await s.unclaim_rollout(claimed.rollout_id, claimed.attempt.attempt_id):
+                    logger.info("client left during a long poll; rollout %s put back", claimed.rollout_id)
+                    return None
+            return claimed
 
         async def dequeue_rollout(a: p.DequeueBody, request: Request) -> Any:
             return await _dequeue(request, a.worker_id, a.timeout)
@@ -714,6 +732,9 @@ class LightningStoreServer(LightningStore):
         self, *, limit: int = 1, worker_id: WorkerId | None = None
     ) -> list[AttemptedRollout]:
         return await self.store.dequeue_many_rollouts(limit=limit, worker_id=worker_id)
+
+    async def unclaim_rollout(self, rollout_id: str, attempt_id: str) -> bool:
+        return await self.store.unclaim_rollout(rollout_id, attempt_id)
 
     async def finish_and_dequeue(
         self,

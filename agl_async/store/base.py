@@ -152,6 +152,18 @@ class LightningStore(abc.ABC):
         await self.update_attempt(rollout_id, attempt_id, status=status)
         return await self.dequeue_rollout(worker_id=worker_id, timeout=timeout)
 
+    async def unclaim_rollout(self, rollout_id: str, attempt_id: str) -> bool:
+        """Extension: undo a claim whose runner never received it (e.g. its long poll's client
+        disconnected while the claim was being answered).
+
+        When ``attempt_id`` is still the rollout's latest attempt and still ``"preparing"``, the
+        attempt is removed and the rollout goes back to the *head* of the queue in its queue
+        status, as if it had never been dequeued; returns ``True``. Otherwise (the runner got it
+        after all and started it, or the store cannot undo claims) returns ``False`` and changes
+        nothing. The default implementation cannot undo anything.
+        """
+        return False
+
     async def dequeue_many_rollouts(
         self, *, limit: int = 1, worker_id: WorkerId | None = None
     ) -> list[AttemptedRollout]:

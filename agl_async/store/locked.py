@@ -80,6 +80,7 @@ class LightningStoreLocked(LightningStore):
     enqueue_rollout = _locked("enqueue_rollout")
     enqueue_many_rollouts = _locked("enqueue_many_rollouts")
     dequeue_many_rollouts = _locked("dequeue_many_rollouts")
+    unclaim_rollout = _locked("unclaim_rollout")
     start_rollout = _locked("start_rollout")
     start_attempt = _locked("start_attempt")
     update_rollout = _locked("update_rollout")

@@ -479,6 +479,26 @@ class InMemoryLightningStore(LightningStore):
             with anyio.move_on_after(remaining):
                 await self._queue_event.wait()
 
+    async def unclaim_rollout(self, rollout_id: str, attempt_id: str) -> bool:
+        self._settle_deadlines()
+        attempt = self._attempt(rollout_id, attempt_id)
+        rollout = self._rollouts[rollout_id]
+        if attempt.status != "preparing" or rollout.status != "preparing" or not self._is_latest(attempt):
+            return False
+        self._attempts[rollout_id].pop()
+        del self._attempt_by_id[attempt.attempt_id]
+        self._spans.pop(attempt.attempt_id, None)
+        self._span_seq.pop(attempt.attempt_id, None)
+        if attempt.worker_id is not None:
+            worker = self._workers.get(attempt.worker_id)
+            if worker is not None:
+                self._release_worker(worker, "idle", time.time(), attempt.attempt_id)
+        rollout.status = "queuing" if attempt.sequence_id == 1 else "requeuing"
+        self._queue.appendleft(rollout_id)
+        self._queued.add(rollout_id)
+        self._notify_queue()
+        return True
+
     async def dequeue_many_rollouts(
         self, *, limit: int = 1, worker_id: WorkerId | None = None
     ) -> list[AttemptedRollout]:
