@@ -590,10 +590,6 @@ class LightningStoreServer(LightningStore):
                 lambda: s.dequeue_rollout(worker_id, timeout=timeout),
                 lambda: s.dequeue_rollout(worker_id),
             )
-            if claimed is not None:
-                # Let the loop read the socket once: a client that hung up just as the claim was
-                # made (its FIN already here) is then seen as gone.
-                await anyio.sleep(0)
             if claimed is not None and await request.is_disconnected():
                 # The claim landed as its client left: nobody would run it. Put it back at the
                 # head of the queue rather than leave it "preparing" until a watchdog notices.
