@@ -10,12 +10,14 @@ it with ``BOTH_BACKENDS`` to run on trio as well.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
 from agl_async import InMemoryLightningStore, LightningStore, LightningStoreLocked
 
+AGL_VARS = ("AGL_CURRENT_ROLE", "AGL_SERVER_HOST", "AGL_SERVER_PORT", "AGL_MANAGED_STORE", "AGL_SERVER_TOKEN")
 BOTH_BACKENDS = [pytest.param("asyncio", id="asyncio"), pytest.param("trio", id="trio")]
 STORE_KINDS = ["memory", "locked", "http"]
 
@@ -39,3 +41,47 @@ async def store(request: pytest.FixtureRequest, anyio_backend: str) -> AsyncIter
 
         async with serve_store(InMemoryLightningStore()) as client:
             yield client
+
+
+def _alive(process: object) -> bool:
+    import psutil
+
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE  # type: ignore[attr-defined, no-any-return]
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _cmdline(process: object) -> list[str]:
+    import psutil
+
+    try:
+        return process.cmdline()  # type: ignore[attr-defined, no-any-return]
+    except psutil.Error:
+        return ["?"]
+
+
+@pytest.fixture
+def no_leftover_processes(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Fail a test that leaves a descendant process running (runners, servers, the algorithm
+    child, aiomultiprocess's manager, the resource tracker). Also clears the ``AGL_*`` variables
+    so the strategies see only what the test sets. A child that has just been killed gets a few
+    seconds to be reaped by whoever owns it."""
+    import aiomultiprocess.core
+    import psutil
+
+    for name in AGL_VARS:
+        monkeypatch.delenv(name, raising=False)
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    manager_before = aiomultiprocess.core._manager
+    yield
+    deadline = time.monotonic() + 5.0
+    while True:
+        left = [p for p in me.children(recursive=True) if p.pid not in before and _alive(p)]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert left == [], f"processes left behind: {[(p.pid, _cmdline(p)) for p in left]}"
+    if manager_before is None:
+        assert aiomultiprocess.core._manager is None, "aiomultiprocess's manager was left running"

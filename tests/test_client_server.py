@@ -13,7 +13,6 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import aiomultiprocess.core
@@ -37,21 +36,11 @@ pytestmark = pytest.mark.anyio
 
 GUARD = 60.0
 FAST = {"graceful_timeout": 0.5, "terminate_timeout": 0.5}
-AGL_VARS = ("AGL_CURRENT_ROLE", "AGL_SERVER_HOST", "AGL_SERVER_PORT", "AGL_MANAGED_STORE")
 
 
 @pytest.fixture(autouse=True)
-def no_leftover_processes(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for name in AGL_VARS:
-        monkeypatch.delenv(name, raising=False)
-    me = psutil.Process()
-    before = {p.pid for p in me.children(recursive=True)}
-    manager_before = aiomultiprocess.core._manager
-    yield
-    left = [p for p in me.children(recursive=True) if p.pid not in before]
-    assert left == [], f"processes left behind: {[(p.pid, p.cmdline()) for p in left]}"
-    if manager_before is None:
-        assert aiomultiprocess.core._manager is None, "aiomultiprocess's manager was left running"
+def _every_test_leaves_no_process(no_leftover_processes: None) -> None:
+    """Every test gets tests/conftest.py's ``no_leftover_processes`` check."""
 
 
 def cs(**kwargs: Any) -> ClientServerExecutionStrategy:

@@ -10,7 +10,6 @@ import threading
 from collections.abc import Iterator
 
 import anyio
-import psutil
 import pytest
 from conftest import BOTH_BACKENDS
 
@@ -140,17 +139,14 @@ async def test_process_event_close_keeps_the_state_and_releases_descriptors() ->
 
 # ---------------------------------------------------------------------------- across processes
 @pytest.fixture
-def no_leftover_processes() -> Iterator[None]:
+def spawn_helpers(no_leftover_processes: None) -> Iterator[None]:
     """Spawning starts multiprocessing's resource tracker: stop it again (when these tests
-    started it) and check that no child process is left."""
-    me = psutil.Process()
-    before = {p.pid for p in me.children(recursive=True)}
+    started it); tests/conftest.py's ``no_leftover_processes`` checks that no child is left."""
     MultiprocessingHelpers.acquire()
     try:
         yield
     finally:
         MultiprocessingHelpers.release()
-    assert [p.pid for p in me.children(recursive=True) if p.pid not in before] == []
 
 
 def _child_sets(event: ProcessExecutionEvent) -> None:
@@ -166,7 +162,7 @@ def _child_waits(event: ProcessExecutionEvent, seen: ProcessExecutionEvent) -> N
     anyio.run(main)
 
 
-@pytest.mark.usefixtures("no_leftover_processes")
+@pytest.mark.usefixtures("spawn_helpers")
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_process_event_set_in_a_spawned_child_wakes_the_parent() -> None:
     event = ProcessExecutionEvent()
@@ -182,7 +178,7 @@ async def test_process_event_set_in_a_spawned_child_wakes_the_parent() -> None:
     assert child.exitcode == 0
 
 
-@pytest.mark.usefixtures("no_leftover_processes")
+@pytest.mark.usefixtures("spawn_helpers")
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_process_event_set_in_the_parent_wakes_a_waiting_child() -> None:
     event, seen = ProcessExecutionEvent(), ProcessExecutionEvent()

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import anyio
 import anyio.from_thread
 import anyio.lowlevel
-import psutil
 import pytest
 from conftest import BOTH_BACKENDS
 
@@ -336,18 +335,6 @@ def test_run_uses_the_constructor_arguments() -> None:
     trainer.run()  # no algorithm + a dataset: Baseline
     rollouts = anyio.run(trainer.store.query_rollouts)
     assert sorted((r.mode, reward_of(r)) for r in rollouts) == [("train", 1.0), ("train", 2.0), ("val", 3.0)]
-
-
-@pytest.fixture
-def no_leftover_processes() -> Iterator[None]:
-    """Client-server runs spawn processes: none of them may outlive the run."""
-    me = psutil.Process()
-    before = {p.pid for p in me.children(recursive=True)}
-    yield
-    left = [
-        p for p in me.children(recursive=True) if p.pid not in before and p.status() != psutil.STATUS_ZOMBIE
-    ]
-    assert left == []
 
 
 def test_fit_client_server_both_roles(no_leftover_processes: None) -> None:

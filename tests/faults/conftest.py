@@ -13,47 +13,17 @@ from __future__ import annotations
 
 import json
 import os
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-import psutil
 import pytest
-
-AGL_VARS = ("AGL_CURRENT_ROLE", "AGL_SERVER_HOST", "AGL_SERVER_PORT", "AGL_MANAGED_STORE", "AGL_SERVER_TOKEN")
 
 _FIGURES: list[tuple[str, dict[str, Any]]] = []
 
 
 @pytest.fixture(autouse=True)
-def no_leftover_processes(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for name in AGL_VARS:
-        monkeypatch.delenv(name, raising=False)
-    me = psutil.Process()
-    before = {p.pid for p in me.children(recursive=True)}
-    yield
-    # A child that has just been killed may need a moment to be reaped by whoever owns it.
-    deadline = time.monotonic() + 5.0
-    while True:
-        left = [p for p in me.children(recursive=True) if p.pid not in before and _alive(p)]
-        if not left or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    assert left == [], f"processes left behind: {[(p.pid, _cmdline(p)) for p in left]}"
-
-
-def _alive(p: psutil.Process) -> bool:
-    try:
-        return p.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _cmdline(p: psutil.Process) -> list[str]:
-    try:
-        return p.cmdline()
-    except psutil.Error:
-        return ["?"]
+def _every_scenario_leaves_no_process(no_leftover_processes: None) -> None:
+    """Every scenario gets tests/conftest.py's ``no_leftover_processes`` check."""
 
 
 @pytest.fixture
