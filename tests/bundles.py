@@ -140,6 +140,14 @@ async def runner_drains(store: LightningStore, worker_id: int, event: ExecutionE
         await store.update_attempt(attempted.rollout_id, attempted.attempt.attempt_id, status="succeeded")
 
 
+async def runner_long_polls(store: LightningStore, worker_id: int, event: ExecutionEvent) -> None:
+    """Idle runner waiting for work in hour-long polls: it returns in time only when the server
+    answers its poll early (``end_long_polls`` when the algorithm returns)."""
+    await announce(store, worker_id)
+    while not event.is_set():
+        await store.dequeue_rollout(worker_id=worker_id, timeout=3600)
+
+
 async def runner_uses_store_after_event(store: LightningStore, worker_id: int, event: ExecutionEvent) -> None:
     """Keeps talking to the store for a while after the event: the server must still be up."""
     await announce(store, worker_id)

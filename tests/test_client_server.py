@@ -130,6 +130,20 @@ async def test_both_runs_the_workload_in_runner_processes(caplog: pytest.LogCapt
     assert "escalating" not in text  # cooperative runners: the event was enough
 
 
+async def test_idle_runners_in_a_long_poll_stop_when_the_algorithm_returns(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The server answers the runners' long polls as soon as the algorithm returns, so idle
+    runners see the event at once: no escalation, although their polls would last an hour."""
+    caplog.set_level(logging.INFO, logger="agl_async")
+    with anyio.fail_after(GUARD):
+        await cs(n_runners=2, graceful_timeout=20).execute(
+            bundles.algorithm_ready(2), bundles.runner_long_polls, InMemoryLightningStore()
+        )
+    assert "exited with code 0" in caplog.text
+    assert "escalating" not in caplog.text
+
+
 async def test_server_stays_up_until_the_runners_are_gone() -> None:
     store = InMemoryLightningStore()
     with anyio.fail_after(GUARD):

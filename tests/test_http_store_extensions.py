@@ -4,6 +4,7 @@ http): long-poll ``dequeue_rollout(timeout=)`` and ``finish_and_dequeue``."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import anyio
 import pytest
@@ -183,3 +184,38 @@ async def test_a_long_poll_ended_by_the_client_leaving_claims_nothing(anyio_back
         with anyio.fail_after(5):
             assert await server._long_poll(request, wait, look) is None
     assert looked == []
+
+
+async def test_end_long_polls_answers_waiting_and_later_polls_at_once(anyio_backend: str) -> None:
+    """``end_long_polls()`` (called by the client-server strategy when the algorithm returns) ends
+    the long polls in progress and makes later ones non-blocking, while the server keeps serving."""
+    if anyio_backend != "asyncio":
+        pytest.skip("the server runs on asyncio")
+    from agl_async import InMemoryLightningStore, LightningStoreClient, LightningStoreServer
+
+    class Store(InMemoryLightningStore):
+        polling = anyio.Event()  # set once a long poll has reached the store (the server is watching)
+
+        async def dequeue_rollout(self, worker_id: int | None = None, *, timeout: float | None = None) -> Any:
+            if timeout:
+                self.polling.set()
+            return await super().dequeue_rollout(worker_id, timeout=timeout)
+
+    store = Store()
+    async with LightningStoreServer(store, host="127.0.0.1", port=0) as server:
+        async with LightningStoreClient(server.endpoint) as client:
+            answers: list[object] = []
+
+            async def poll() -> None:
+                answers.append(await client.dequeue_rollout(worker_id=0, timeout=60))
+
+            with anyio.fail_after(20):  # a hang guard: the poll itself would wait 60 s
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(poll)
+                    await store.polling.wait()
+                    server.end_long_polls()
+                assert answers == [None]
+                assert await client.dequeue_rollout(worker_id=0, timeout=60) is None  # no wait now
+                rollout = await client.enqueue_rollout({"task": 1})  # still serving
+                claimed = await client.dequeue_rollout(worker_id=0, timeout=60)
+                assert claimed is not None and claimed.rollout_id == rollout.rollout_id

@@ -379,6 +379,8 @@ class ClientServerExecutionStrategy(ExecutionStrategy):
             def algorithm_returned() -> None:
                 logger.info("algorithm returned: stopping the runners")
                 event.set()
+                if server is not None:  # idle runners see the event now, not when their long poll ends
+                    server.end_long_polls()
 
             supervisor.add_bundle(
                 "algorithm", algorithm, server or store, event, on_return=algorithm_returned

@@ -368,6 +368,14 @@ class LightningStoreServer(LightningStore):
         with contextlib.suppress(BaseException):
             await task
 
+    def end_long_polls(self) -> None:
+        """Answer long polls at once from now on, while still serving: the ones waiting end with a
+        last non-blocking look, later ones do not wait. For the end of a run (the client-server
+        strategy calls it when the algorithm returns), so that idle runners see the stop event
+        without waiting out their poll; ``stop()`` does it first too. A no-op when not started."""
+        if self._closing is not None:
+            self._closing.set()
+
     async def stop(self) -> None:
         """Stop gracefully (see the module docstring); a no-op when not started."""
         task, server = self._task, self._server
