@@ -304,6 +304,34 @@ def test_cli_import_and_help_stay_light() -> None:
     assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
+CONTRACT_NAMES = (
+    "Rollout AttemptedRollout Attempt RolloutConfig Span ResourcesUpdate Worker "
+    "LightningStore InMemoryLightningStore LightningStoreLocked LightningStoreServer LightningStoreClient "
+    "ExecutionStrategy ExecutionEvent SharedMemoryExecutionStrategy ClientServerExecutionStrategy "
+    "Trainer Algorithm"
+).split()
+
+
+def test_every_contract_name_is_exported_from_its_documented_path() -> None:
+    """Section 1 of the contract, in a fresh interpreter (the package exports lazily)."""
+    code = (
+        f"from agl_async import {', '.join(CONTRACT_NAMES)}\n"
+        "import agl_async\n"
+        "from agl_async.execution.shared_memory import SharedMemoryExecutionStrategy as S\n"
+        "from agl_async.execution.client_server import ClientServerExecutionStrategy as C\n"
+        "from agl_async.trainer import Trainer as T\n"
+        "assert (S, C, T) == (SharedMemoryExecutionStrategy, ClientServerExecutionStrategy, Trainer)\n"
+        f"names = {CONTRACT_NAMES!r}\n"
+        "missing = [n for n in names if n not in agl_async.__all__ or n not in dir(agl_async)]\n"
+        "print(missing)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
 def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([]) == 2
     assert "COMMAND" in capsys.readouterr().out

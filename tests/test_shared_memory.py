@@ -158,10 +158,16 @@ async def test_algorithm_returning_stops_cooperative_runners() -> None:
     assert len({id(s) for s in rec.stores}) == 1
 
 
-async def test_unmanaged_store_is_handed_over_as_is() -> None:
+@pytest.mark.parametrize("how", ["argument", "environment"])
+async def test_unmanaged_store_is_handed_over_as_is(how: str, monkeypatch: pytest.MonkeyPatch) -> None:
     rec = Recorder()
     store = InMemoryLightningStore()
-    strategy = SharedMemoryExecutionStrategy(n_runners=2, managed_store=False)
+    if how == "environment":  # managed_store=None defers to AGL_MANAGED_STORE
+        monkeypatch.setenv("AGL_MANAGED_STORE", "false")
+        strategy = SharedMemoryExecutionStrategy(n_runners=2)
+    else:
+        monkeypatch.setenv("AGL_MANAGED_STORE", "true")  # the argument wins over the variable
+        strategy = SharedMemoryExecutionStrategy(n_runners=2, managed_store=False)
     with anyio.fail_after(GUARD):
         await strategy.execute(returning_algorithm(rec), cooperative_runner(rec), store)
     assert all(s is store for s in rec.stores) and len(rec.stores) == 3
@@ -353,8 +359,10 @@ async def test_caller_cancellation_sets_the_event_grants_the_grace_then_propagat
             async with anyio.create_task_group() as tg:
                 tg.start_soon(strategy.execute, algorithm, runner, InMemoryLightningStore())
                 await rec.all_started.wait()
+                cancelled_at = anyio.current_time()
                 scope.cancel()
     assert scope.cancelled_caught  # the cancellation propagated out of execute
+    assert anyio.current_time() - cancelled_at >= GRACE  # the deaf one got its grace period first
     assert sorted(rec.returned) == ["algorithm", "runner-0"]  # cooperative bundles returned
     assert rec.cancelled == ["runner-1"]  # the deaf one was cancelled after the grace period
 

@@ -69,13 +69,17 @@ async def test_reward_is_recorded_as_span_and_on_rollout(store: LightningStore) 
     await store.add_resources({"scale": 3})
     rollout = await store.enqueue_rollout({"x": 2}, metadata={"tag": "kept"})
     seen: list[tuple[Any, dict[str, Any]]] = []
+    during: list[str | None] = []
 
     async def agent(task: Any, resources: dict[str, Any]) -> float:
         seen.append((task, resources))
+        attempt = await store.get_latest_attempt(rollout.rollout_id)
+        during.append(None if attempt is None else attempt.status)
         return float(task["x"] * resources["scale"])
 
     assert await run_until_done(store, agent, [rollout.rollout_id]) == 1
     assert seen == [({"x": 2}, {"scale": 3})]
+    assert during == ["running"]  # marked running before the agent is called
     finished = await store.get_rollout_by_id(rollout.rollout_id)
     assert finished is not None
     assert finished.status == "succeeded"
@@ -320,6 +324,15 @@ async def test_arun_uses_the_constructor_arguments() -> None:
     with anyio.fail_after(TIMEOUT):
         await trainer.arun()
     assert algorithm.rewards == [10.0]
+
+
+def test_the_given_store_is_the_one_used() -> None:
+    store = InMemoryLightningStore()
+    trainer = Trainer(store=store, agent=double, train_dataset=[4])
+    assert trainer.store is store
+    trainer.run()
+    [rollout] = anyio.run(store.query_rollouts)
+    assert (rollout.status, reward_of(rollout)) == ("succeeded", 4.0)
 
 
 def test_debugging_setup_runner_in_the_main_thread() -> None:
