@@ -227,10 +227,15 @@ async def test_algorithm_error_propagates_as_itself_over_exit_code_failures() ->
 async def test_unmanaged_store_itself_goes_to_the_runner_processes() -> None:
     store = InMemoryLightningStore()
     await store.enqueue_rollout(input="before the run")
+    given: list[LightningStore] = []
+
+    async def algorithm(store: LightningStore, event: ExecutionEvent) -> None:  # runs here: may be local
+        given.append(store)
+        await event.wait()
+
     with anyio.fail_after(GUARD):
-        await cs(managed_store=False).execute(
-            bundles.algorithm_waits_for_event, bundles.runner_checks_unmanaged_store, store
-        )
+        await cs(managed_store=False).execute(algorithm, bundles.runner_checks_unmanaged_store, store)
+    assert given == [store] and given[0] is store  # no server in between: the store itself
 
 
 async def test_unpicklable_bundles_fail_before_anything_is_spawned() -> None:
@@ -335,7 +340,25 @@ async def test_role_runner_against_a_separately_started_server(n_runners: int) -
         with anyio.fail_after(GUARD):
             await strategy.execute(bundles.algorithm_raises, bundles.runner_drains, InMemoryLightningStore())
     assert await _statuses(store) == {"succeeded": 6}
-    assert {w.worker_id for w in await store.query_workers()} == set(range(n_runners))
+    workers = await store.query_workers()
+    assert {w.worker_id for w in workers} == set(range(n_runners))
+    pids = {int((w.heartbeat_stats or {})["pid"]) for w in workers}
+    if n_runners == 1:
+        assert pids == {os.getpid()}  # one runner runs in this process
+    else:
+        assert len(pids) == n_runners and os.getpid() not in pids  # one process each
+
+
+async def test_role_runner_child_crash_is_a_runtime_error_naming_it() -> None:
+    async with LightningStoreServer(
+        InMemoryLightningStore(), host="127.0.0.1", port=0, auth_token=""
+    ) as server:
+        strategy = cs(role="runner", server_port=server.port, n_runners=2)
+        with (
+            anyio.fail_after(GUARD),
+            pytest.raises(RuntimeError, match=r"runner-1 \(pid \d+\) exited with code 3"),
+        ):
+            await strategy.execute(bundles.algorithm_raises, bundles.runner_exits_3, InMemoryLightningStore())
 
 
 async def test_role_runner_cancelled_shuts_its_processes_down() -> None:
