@@ -10,6 +10,7 @@ it with ``BOTH_BACKENDS`` to run on trio as well.
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -17,6 +18,29 @@ import pytest
 
 from agl_async import InMemoryLightningStore, LightningStore, LightningStoreLocked
 
+
+def _store_methods() -> list[str]:
+    from agl_async import LightningStore
+
+    return sorted(
+        n for n, f in vars(LightningStore).items() if inspect.iscoroutinefunction(f) and n != "close"
+    )
+
+
+STORE_METHODS = _store_methods()
+"""Every coroutine method of the ``LightningStore`` API (``close`` aside)."""
+
+
+def required_kwargs(method: str) -> dict[str, str]:
+    """A placeholder for each required parameter of ``LightningStore.<method>`` (for calls that
+    only check where they are forwarded, e.g. to a mock store)."""
+    from agl_async import LightningStore
+
+    params = list(inspect.signature(getattr(LightningStore, method)).parameters.values())[1:]
+    return {p.name: f"<{p.name}>" for p in params if p.default is p.empty and p.kind in _NAMED}
+
+
+_NAMED = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
 AGL_VARS = ("AGL_CURRENT_ROLE", "AGL_SERVER_HOST", "AGL_SERVER_PORT", "AGL_MANAGED_STORE", "AGL_SERVER_TOKEN")
 BOTH_BACKENDS = [pytest.param("asyncio", id="asyncio"), pytest.param("trio", id="trio")]
 STORE_KINDS = ["memory", "locked", "http"]

@@ -7,10 +7,12 @@ import logging
 import pickle
 import signal
 import socket
+from unittest.mock import MagicMock
 
 import anyio
 import httpx
 import pytest
+from conftest import STORE_METHODS, required_kwargs
 
 from agl_async import InMemoryLightningStore, LightningStore, LightningStoreClient, LightningStoreServer
 from agl_async.http.client import StoreAuthError
@@ -84,6 +86,15 @@ async def test_in_process_calls_go_to_the_wrapped_store() -> None:
         *(lambda a: (a.rollout_id, a.attempt.attempt_id))(await server.start_rollout(0)), worker_id="w"
     )
     assert claimed is not None and claimed.rollout_id == rollout.rollout_id
+
+
+@pytest.mark.parametrize("name", STORE_METHODS)
+async def test_every_store_method_called_in_process_is_forwarded(name: str) -> None:
+    wrapped = MagicMock(spec=InMemoryLightningStore)
+    server = LightningStoreServer(wrapped, host="127.0.0.1", port=0)
+    kwargs = required_kwargs(name)
+    assert await getattr(server, name)(**kwargs) is getattr(wrapped, name).return_value
+    getattr(wrapped, name).assert_awaited_once_with(**kwargs)
 
 
 async def test_stop_ends_long_polls_promptly() -> None:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections import Counter
 from typing import Any
+from unittest.mock import MagicMock
 
 import anyio
 import pytest
-from conftest import BOTH_BACKENDS
+from conftest import BOTH_BACKENDS, STORE_METHODS, required_kwargs
 
 from agl_async import AttemptedRollout, InMemoryLightningStore, LightningStore, LightningStoreLocked
 from agl_async.types import WorkerId
@@ -81,6 +82,26 @@ async def test_the_lock_makes_each_dequeue_atomic() -> None:
     created = await store.enqueue_many_rollouts([{"input": i} for i in range(1000)])
     claims = await _drain(store, 50)
     assert sorted(rid for _, rid in claims) == sorted(r.rollout_id for r in created)
+
+
+@pytest.mark.parametrize("name", sorted(set(STORE_METHODS) - {"finish_and_dequeue"}))  # two locked calls
+async def test_every_call_takes_the_lock_and_reaches_the_wrapped_store(name: str) -> None:
+    wrapped = MagicMock(spec=InMemoryLightningStore)
+    locked = LightningStoreLocked(wrapped)
+    method = getattr(wrapped, name)
+    results: list[Any] = []
+
+    async def call() -> None:
+        results.append(await getattr(locked, name)(**required_kwargs(name)))
+
+    with anyio.fail_after(HANG_GUARD):
+        async with anyio.create_task_group() as tg:
+            async with locked._lock:
+                tg.start_soon(call)
+                await anyio.wait_all_tasks_blocked()
+                # only a wait goes through while someone holds the lock
+                assert method.await_count == (name == "wait_for_rollouts")
+    assert results == [method.return_value] and method.await_count == 1
 
 
 async def test_a_waiter_does_not_hold_the_lock() -> None:

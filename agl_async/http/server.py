@@ -44,9 +44,9 @@ import logging
 import os
 import socket
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Generator, Mapping
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any
 
 import anyio
 import msgspec
@@ -58,21 +58,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from ..store.base import UNSET, EnqueueRolloutRequest, LightningStore, Unset
-from ..types import (
-    Attempt,
-    AttemptedRollout,
-    AttemptStatus,
-    ResourcesUpdate,
-    Rollout,
-    RolloutConfig,
-    RolloutMode,
-    RolloutStatus,
-    Span,
-    Worker,
-    WorkerId,
-    WorkerStatus,
-)
+from ..store.base import UNSET, EnqueueRolloutRequest, LightningStore
+from ..store.delegation import delegate
+from ..types import Span, WorkerId
 from . import protocol as p
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "LightningStoreServer"]
@@ -712,150 +700,35 @@ class LightningStoreServer(LightningStore):
         return handlers
 
     # ------------------------------------------------------------------ in-process: the wrapped store
-    async def enqueue_rollout(
-        self,
-        input: Any,
-        mode: RolloutMode | None = None,
-        resources_id: str | None = None,
-        config: RolloutConfig | None = None,
-        metadata: dict[str, Any] | None = None,
-    ) -> Rollout:
-        return await self.store.enqueue_rollout(input, mode, resources_id, config, metadata)
-
-    async def enqueue_many_rollouts(
-        self, rollouts: Sequence[EnqueueRolloutRequest | Mapping[str, Any]]
-    ) -> list[Rollout]:
-        return await self.store.enqueue_many_rollouts(rollouts)
-
-    async def dequeue_rollout(
-        self, worker_id: WorkerId | None = None, *, timeout: float | None = None
-    ) -> AttemptedRollout | None:
-        return await self.store.dequeue_rollout(worker_id, timeout=timeout)
-
-    async def dequeue_many_rollouts(
-        self, *, limit: int = 1, worker_id: WorkerId | None = None
-    ) -> list[AttemptedRollout]:
-        return await self.store.dequeue_many_rollouts(limit=limit, worker_id=worker_id)
-
-    async def unclaim_rollout(self, rollout_id: str, attempt_id: str) -> bool:
-        return await self.store.unclaim_rollout(rollout_id, attempt_id)
-
-    async def finish_and_dequeue(
-        self,
-        rollout_id: str,
-        attempt_id: str,
-        status: AttemptStatus = "succeeded",
-        *,
-        worker_id: WorkerId | None = None,
-        timeout: float | None = None,
-    ) -> AttemptedRollout | None:
-        return await self.store.finish_and_dequeue(
-            rollout_id, attempt_id, status, worker_id=worker_id, timeout=timeout
-        )
-
-    async def start_rollout(
-        self,
-        input: Any,
-        mode: RolloutMode | None = None,
-        resources_id: str | None = None,
-        config: RolloutConfig | None = None,
-        metadata: dict[str, Any] | None = None,
-        worker_id: WorkerId | None = None,
-    ) -> AttemptedRollout:
-        return await self.store.start_rollout(input, mode, resources_id, config, metadata, worker_id)
-
-    async def start_attempt(self, rollout_id: str, worker_id: WorkerId | None = None) -> AttemptedRollout:
-        return await self.store.start_attempt(rollout_id, worker_id)
-
-    async def update_rollout(
-        self,
-        rollout_id: str,
-        input: Any | Unset = UNSET,
-        mode: RolloutMode | Unset | None = UNSET,
-        resources_id: str | Unset | None = UNSET,
-        status: RolloutStatus | Unset = UNSET,
-        config: RolloutConfig | Unset = UNSET,
-        metadata: dict[str, Any] | Unset | None = UNSET,
-    ) -> Rollout:
-        return await self.store.update_rollout(
-            rollout_id, input, mode, resources_id, status, config, metadata
-        )
-
-    async def update_attempt(
-        self,
-        rollout_id: str,
-        attempt_id: str | Literal["latest"],
-        status: AttemptStatus | Unset = UNSET,
-        worker_id: WorkerId | Unset | None = UNSET,
-        last_heartbeat_time: float | Unset = UNSET,
-        metadata: dict[str, Any] | Unset | None = UNSET,
-    ) -> Attempt:
-        return await self.store.update_attempt(
-            rollout_id, attempt_id, status, worker_id, last_heartbeat_time, metadata
-        )
-
-    async def wait_for_rollouts(
-        self, *, rollout_ids: list[str], timeout: float | None = None
-    ) -> list[Rollout]:
-        return await self.store.wait_for_rollouts(rollout_ids=rollout_ids, timeout=timeout)
-
-    async def get_rollout_by_id(self, rollout_id: str) -> Rollout | None:
-        return await self.store.get_rollout_by_id(rollout_id)
-
-    async def query_rollouts(
-        self,
-        *,
-        status_in: Sequence[RolloutStatus] | None = None,
-        rollout_id_in: Sequence[str] | None = None,
-    ) -> list[Rollout]:
-        return await self.store.query_rollouts(status_in=status_in, rollout_id_in=rollout_id_in)
-
-    async def query_attempts(self, rollout_id: str) -> list[Attempt]:
-        return await self.store.query_attempts(rollout_id)
-
-    async def get_latest_attempt(self, rollout_id: str) -> Attempt | None:
-        return await self.store.get_latest_attempt(rollout_id)
-
-    async def add_span(self, span: Span) -> Span | None:
-        return await self.store.add_span(span)
-
-    async def add_many_spans(self, spans: Sequence[Span]) -> list[Span]:
-        return await self.store.add_many_spans(spans)
-
-    async def query_spans(self, rollout_id: str, attempt_id: str | None = None) -> list[Span]:
-        return await self.store.query_spans(rollout_id, attempt_id)
-
-    async def get_next_span_sequence_id(self, rollout_id: str, attempt_id: str) -> int:
-        return await self.store.get_next_span_sequence_id(rollout_id, attempt_id)
-
-    async def add_resources(self, resources: Mapping[str, Any]) -> ResourcesUpdate:
-        return await self.store.add_resources(resources)
-
-    async def update_resources(self, resources_id: str, resources: Mapping[str, Any]) -> ResourcesUpdate:
-        return await self.store.update_resources(resources_id, resources)
-
-    async def get_latest_resources(self) -> ResourcesUpdate | None:
-        return await self.store.get_latest_resources()
-
-    async def get_resources_by_id(self, resources_id: str) -> ResourcesUpdate | None:
-        return await self.store.get_resources_by_id(resources_id)
-
-    async def query_resources(self) -> list[ResourcesUpdate]:
-        return await self.store.query_resources()
-
-    async def query_workers(self, *, status_in: Sequence[WorkerStatus] | None = None) -> list[Worker]:
-        return await self.store.query_workers(status_in=status_in)
-
-    async def get_worker_by_id(self, worker_id: WorkerId) -> Worker | None:
-        return await self.store.get_worker_by_id(worker_id)
-
-    async def update_worker(
-        self, worker_id: WorkerId, heartbeat_stats: dict[str, Any] | Unset = UNSET
-    ) -> Worker:
-        return await self.store.update_worker(worker_id, heartbeat_stats)
-
-    async def statistics(self) -> dict[str, Any]:
-        return await self.store.statistics()
+    # Calls made on the server object in its own process go straight to the wrapped store.
+    enqueue_rollout = delegate(LightningStore.enqueue_rollout)
+    enqueue_many_rollouts = delegate(LightningStore.enqueue_many_rollouts)
+    dequeue_rollout = delegate(LightningStore.dequeue_rollout)
+    dequeue_many_rollouts = delegate(LightningStore.dequeue_many_rollouts)
+    unclaim_rollout = delegate(LightningStore.unclaim_rollout)
+    finish_and_dequeue = delegate(LightningStore.finish_and_dequeue)
+    start_rollout = delegate(LightningStore.start_rollout)
+    start_attempt = delegate(LightningStore.start_attempt)
+    update_rollout = delegate(LightningStore.update_rollout)
+    update_attempt = delegate(LightningStore.update_attempt)
+    wait_for_rollouts = delegate(LightningStore.wait_for_rollouts)
+    get_rollout_by_id = delegate(LightningStore.get_rollout_by_id)
+    query_rollouts = delegate(LightningStore.query_rollouts)
+    query_attempts = delegate(LightningStore.query_attempts)
+    get_latest_attempt = delegate(LightningStore.get_latest_attempt)
+    add_span = delegate(LightningStore.add_span)
+    add_many_spans = delegate(LightningStore.add_many_spans)
+    query_spans = delegate(LightningStore.query_spans)
+    get_next_span_sequence_id = delegate(LightningStore.get_next_span_sequence_id)
+    add_resources = delegate(LightningStore.add_resources)
+    update_resources = delegate(LightningStore.update_resources)
+    get_latest_resources = delegate(LightningStore.get_latest_resources)
+    get_resources_by_id = delegate(LightningStore.get_resources_by_id)
+    query_resources = delegate(LightningStore.query_resources)
+    query_workers = delegate(LightningStore.query_workers)
+    get_worker_by_id = delegate(LightningStore.get_worker_by_id)
+    update_worker = delegate(LightningStore.update_worker)
+    statistics = delegate(LightningStore.statistics)
 
 
 @functools.cache

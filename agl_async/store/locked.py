@@ -13,27 +13,15 @@ outside an event loop. Cancellation while waiting for the lock leaves the store 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
 
 from ..types import AttemptedRollout, Rollout, WorkerId
 from .base import LightningStore
+from .delegation import delegate
 
 __all__ = ["LightningStoreLocked"]
-
-F = TypeVar("F", bound=Callable[..., Coroutine[Any, Any, Any]])
-
-
-def _locked(name: str) -> Any:
-    async def method(self: LightningStoreLocked, *args: Any, **kwargs: Any) -> Any:
-        async with self._lock:
-            return await getattr(self.store, name)(*args, **kwargs)
-
-    method.__name__ = method.__qualname__ = name
-    method.__doc__ = getattr(LightningStore, name).__doc__
-    return method
 
 
 class LightningStoreLocked(LightningStore):
@@ -77,28 +65,28 @@ class LightningStoreLocked(LightningStore):
         async with self._lock:
             return await self.store.dequeue_rollout(worker_id, timeout=timeout)
 
-    enqueue_rollout = _locked("enqueue_rollout")
-    enqueue_many_rollouts = _locked("enqueue_many_rollouts")
-    dequeue_many_rollouts = _locked("dequeue_many_rollouts")
-    unclaim_rollout = _locked("unclaim_rollout")
-    start_rollout = _locked("start_rollout")
-    start_attempt = _locked("start_attempt")
-    update_rollout = _locked("update_rollout")
-    update_attempt = _locked("update_attempt")
-    get_rollout_by_id = _locked("get_rollout_by_id")
-    query_rollouts = _locked("query_rollouts")
-    query_attempts = _locked("query_attempts")
-    get_latest_attempt = _locked("get_latest_attempt")
-    add_span = _locked("add_span")
-    add_many_spans = _locked("add_many_spans")
-    query_spans = _locked("query_spans")
-    get_next_span_sequence_id = _locked("get_next_span_sequence_id")
-    add_resources = _locked("add_resources")
-    update_resources = _locked("update_resources")
-    get_latest_resources = _locked("get_latest_resources")
-    get_resources_by_id = _locked("get_resources_by_id")
-    query_resources = _locked("query_resources")
-    query_workers = _locked("query_workers")
-    get_worker_by_id = _locked("get_worker_by_id")
-    update_worker = _locked("update_worker")
-    statistics = _locked("statistics")
+    enqueue_rollout = delegate(LightningStore.enqueue_rollout, locked=True)
+    enqueue_many_rollouts = delegate(LightningStore.enqueue_many_rollouts, locked=True)
+    dequeue_many_rollouts = delegate(LightningStore.dequeue_many_rollouts, locked=True)
+    unclaim_rollout = delegate(LightningStore.unclaim_rollout, locked=True)
+    start_rollout = delegate(LightningStore.start_rollout, locked=True)
+    start_attempt = delegate(LightningStore.start_attempt, locked=True)
+    update_rollout = delegate(LightningStore.update_rollout, locked=True)
+    update_attempt = delegate(LightningStore.update_attempt, locked=True)
+    get_rollout_by_id = delegate(LightningStore.get_rollout_by_id, locked=True)
+    query_rollouts = delegate(LightningStore.query_rollouts, locked=True)
+    query_attempts = delegate(LightningStore.query_attempts, locked=True)
+    get_latest_attempt = delegate(LightningStore.get_latest_attempt, locked=True)
+    add_span = delegate(LightningStore.add_span, locked=True)
+    add_many_spans = delegate(LightningStore.add_many_spans, locked=True)
+    query_spans = delegate(LightningStore.query_spans, locked=True)
+    get_next_span_sequence_id = delegate(LightningStore.get_next_span_sequence_id, locked=True)
+    add_resources = delegate(LightningStore.add_resources, locked=True)
+    update_resources = delegate(LightningStore.update_resources, locked=True)
+    get_latest_resources = delegate(LightningStore.get_latest_resources, locked=True)
+    get_resources_by_id = delegate(LightningStore.get_resources_by_id, locked=True)
+    query_resources = delegate(LightningStore.query_resources, locked=True)
+    query_workers = delegate(LightningStore.query_workers, locked=True)
+    get_worker_by_id = delegate(LightningStore.get_worker_by_id, locked=True)
+    update_worker = delegate(LightningStore.update_worker, locked=True)
+    statistics = delegate(LightningStore.statistics, locked=True)
