@@ -159,11 +159,10 @@ async def test_unclaim_puts_an_unstarted_claim_back_at_the_head(wrap: str) -> No
     assert later is not None and later.rollout_id == second.rollout_id
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # the server runs on asyncio
 async def test_a_long_poll_ended_by_the_client_leaving_claims_nothing(anyio_backend: str) -> None:
     """Once the server sees the client gone it must not take a last look at the queue: a rollout
     claimed then would belong to nobody and sit in "preparing"."""
-    if anyio_backend != "asyncio":
-        pytest.skip("the server runs on asyncio")
     from starlette.requests import Request
 
     from agl_async import InMemoryLightningStore, LightningStoreServer
@@ -186,11 +185,10 @@ async def test_a_long_poll_ended_by_the_client_leaving_claims_nothing(anyio_back
     assert looked == []
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # the server runs on asyncio
 async def test_end_long_polls_answers_waiting_and_later_polls_at_once(anyio_backend: str) -> None:
     """``end_long_polls()`` (called by the client-server strategy when the algorithm returns) ends
     the long polls in progress and makes later ones non-blocking, while the server keeps serving."""
-    if anyio_backend != "asyncio":
-        pytest.skip("the server runs on asyncio")
     from agl_async import InMemoryLightningStore, LightningStoreClient, LightningStoreServer
 
     class Store(InMemoryLightningStore):
