@@ -14,8 +14,9 @@ import anyio
 import httpx
 import pytest
 from anyio.abc import SocketStream, TaskStatus
+from conftest import make_span
 
-from agl_async import InMemoryLightningStore, LightningStoreClient, LightningStoreServer, Span
+from agl_async import InMemoryLightningStore, LightningStoreClient, LightningStoreServer
 from agl_async.http.client import StoreConnectionError
 from agl_async.testing import free_port, serve_store
 
@@ -163,12 +164,6 @@ class DroppingProxy:
                 tg.cancel_scope.cancel()
 
 
-def _span(rollout_id: str, attempt_id: str) -> Span:
-    return Span(
-        rollout_id=rollout_id, attempt_id=attempt_id, sequence_id=1, trace_id="t", span_id="s", name="n"
-    )
-
-
 async def test_retried_mutations_are_applied_once() -> None:
     store = InMemoryLightningStore()
     async with _server(store) as server, anyio.create_task_group() as tg:
@@ -195,7 +190,7 @@ async def test_retried_mutations_are_applied_once() -> None:
         assert (await store.statistics())["queue_length"] == 3  # claimed once, not twice
 
         proxy.drop += 1
-        await client.add_span(_span(claimed.rollout_id, claimed.attempt.attempt_id))
+        await client.add_span(make_span(claimed.rollout_id, claimed.attempt.attempt_id))
         assert proxy.dropped == 4
         assert len(await store.query_spans(claimed.rollout_id)) == 1
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from conftest import BOTH_BACKENDS
+from conftest import BOTH_BACKENDS, make_span
 
-from agl_async import LightningStore, Span
+from agl_async import LightningStore
 
 pytestmark = pytest.mark.anyio
 
@@ -13,21 +13,6 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture(params=BOTH_BACKENDS)
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
-
-
-def _span(rollout_id: str, attempt_id: str, sequence_id: int, name: str = "step") -> Span:
-    return Span(
-        rollout_id=rollout_id,
-        attempt_id=attempt_id,
-        sequence_id=sequence_id,
-        trace_id="trace",
-        span_id=f"{attempt_id}-{sequence_id}",
-        name=name,
-        parent_id=None,
-        start_time=1.0,
-        end_time=2.0,
-        attributes={"reward": 0.5, "tags": ["a"], "nested": {"k": None}},
-    )
 
 
 # ---------------------------------------------------------------------------------- spans
@@ -47,23 +32,23 @@ async def test_span_sequence_ids_are_per_attempt(store: LightningStore) -> None:
 async def test_added_spans_advance_the_sequence(store: LightningStore) -> None:
     started = await store.start_rollout(1)
     rid, aid = started.rollout_id, started.attempt.attempt_id
-    await store.add_span(_span(rid, aid, 7))
+    await store.add_span(make_span(rid, aid, 7))
     assert await store.get_next_span_sequence_id(rid, aid) == 8  # never issues one already used
 
 
 async def test_query_spans_by_attempt_and_latest(store: LightningStore) -> None:
     first = await store.start_rollout(1)
     rid, a1 = first.rollout_id, first.attempt.attempt_id
-    stored = await store.add_span(_span(rid, a1, 2))
-    assert stored == _span(rid, a1, 2)
-    await store.add_span(_span(rid, a1, 1))
+    stored = await store.add_span(make_span(rid, a1, 2))
+    assert stored == make_span(rid, a1, 2)
+    await store.add_span(make_span(rid, a1, 1))
     second = await store.start_attempt(rid)
     a2 = second.attempt.attempt_id
-    await store.add_many_spans([_span(rid, a2, 1), _span(rid, a2, 2)])
+    await store.add_many_spans([make_span(rid, a2, 1), make_span(rid, a2, 2)])
 
     everything = await store.query_spans(rid)
     assert [(s.attempt_id, s.sequence_id) for s in everything] == [(a1, 1), (a1, 2), (a2, 1), (a2, 2)]
-    assert everything[0] == _span(rid, a1, 1)  # attributes round-trip as values
+    assert everything[0] == make_span(rid, a1, 1)  # attributes round-trip as values
     assert [s.sequence_id for s in await store.query_spans(rid, attempt_id=a1)] == [1, 2]
     latest = await store.query_spans(rid, attempt_id="latest")
     assert [(s.attempt_id, s.sequence_id) for s in latest] == [(a2, 1), (a2, 2)]
@@ -74,7 +59,7 @@ async def test_query_spans_by_attempt_and_latest(store: LightningStore) -> None:
 async def test_a_span_is_a_heartbeat_that_makes_the_attempt_running(store: LightningStore) -> None:
     started = await store.start_rollout(1)
     rid, aid = started.rollout_id, started.attempt.attempt_id
-    await store.add_span(_span(rid, aid, 1))
+    await store.add_span(make_span(rid, aid, 1))
     attempt = await store.get_latest_attempt(rid)
     assert attempt is not None and attempt.status == "running"
     assert attempt.last_heartbeat_time is not None
@@ -86,7 +71,7 @@ async def test_spans_after_the_end_do_not_revive_a_finished_attempt(store: Light
     started = await store.start_rollout(1)
     rid, aid = started.rollout_id, started.attempt.attempt_id
     await store.update_attempt(rid, aid, status="succeeded")
-    await store.add_span(_span(rid, aid, 1))
+    await store.add_span(make_span(rid, aid, 1))
     attempt = await store.get_latest_attempt(rid)
     assert attempt is not None and attempt.status == "succeeded"
     assert len(await store.query_spans(rid)) == 1
@@ -96,7 +81,7 @@ async def test_add_many_spans_is_all_or_nothing(store: LightningStore) -> None:
     started = await store.start_rollout(1)
     rid, aid = started.rollout_id, started.attempt.attempt_id
     with pytest.raises(ValueError, match="at-missing"):
-        await store.add_many_spans([_span(rid, aid, 1), _span(rid, "at-missing", 2)])
+        await store.add_many_spans([make_span(rid, aid, 1), make_span(rid, "at-missing", 2)])
     assert await store.query_spans(rid) == []
     attempt = await store.get_latest_attempt(rid)
     assert attempt is not None and attempt.status == "preparing"
@@ -203,7 +188,7 @@ async def test_statistics_count_by_status(store: LightningStore) -> None:
     done = await store.start_rollout("done", worker_id="a")
     await store.update_attempt(done.rollout_id, "latest", status="succeeded")
     await store.dequeue_rollout(worker_id="b")
-    await store.add_span(_span(done.rollout_id, done.attempt.attempt_id, 1))
+    await store.add_span(make_span(done.rollout_id, done.attempt.attempt_id, 1))
 
     stats = await store.statistics()
     assert stats["total_rollouts"] == 4
@@ -227,7 +212,7 @@ async def test_returned_objects_are_snapshots(store: LightningStore) -> None:
     res = await store.add_resources({"model": "m"})
     started = await store.start_rollout({"q": 1}, metadata={"k": 1}, worker_id="w")
     rid, aid = started.rollout_id, started.attempt.attempt_id
-    span = _span(rid, aid, 1)
+    span = make_span(rid, aid, 1)
     await store.add_span(span)
     await store.update_worker("w", heartbeat_stats={"load": 1})
 
@@ -256,7 +241,7 @@ async def test_returned_objects_are_snapshots(store: LightningStore) -> None:
     assert rollout.config.retry_condition == [] and rollout.status == "running"
     attempt = await store.get_latest_attempt(rid)
     assert attempt is not None and attempt.metadata == {} and attempt.status == "running"
-    assert await store.query_spans(rid) == [_span(rid, aid, 1)]
+    assert await store.query_spans(rid) == [make_span(rid, aid, 1)]
     assert await store.get_resources_by_id(res.resources_id) == res
     worker = await store.get_worker_by_id("w")
     assert worker is not None and worker.heartbeat_stats == {"load": 1}
@@ -264,11 +249,11 @@ async def test_returned_objects_are_snapshots(store: LightningStore) -> None:
 
 async def test_span_sequence_id_must_be_an_integer(store: LightningStore) -> None:
     started = await store.start_rollout(1)
-    bad = _span(started.rollout_id, started.attempt.attempt_id, 1)
+    bad = make_span(started.rollout_id, started.attempt.attempt_id, 1)
     bad.sequence_id = "one"  # type: ignore[assignment]
     with pytest.raises(ValueError, match="sequence_id"):
         await store.add_span(bad)
-    good = _span(started.rollout_id, started.attempt.attempt_id, 1)
+    good = make_span(started.rollout_id, started.attempt.attempt_id, 1)
     with pytest.raises(ValueError, match="sequence_id"):
         await store.add_many_spans([good, bad])
     assert await store.query_spans(started.rollout_id) == []

@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from conftest import BOTH_BACKENDS
+from conftest import BOTH_BACKENDS, make_span
 
-from agl_async import EnqueueRolloutRequest, LightningStore, RolloutConfig, Span
+from agl_async import EnqueueRolloutRequest, LightningStore, RolloutConfig
 
 pytestmark = pytest.mark.anyio
 
@@ -19,18 +19,6 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture(params=BOTH_BACKENDS)
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
-
-
-def _span(rollout_id: str, attempt_id: str, sequence_id: int = 1, **kw: Any) -> Span:
-    return Span(
-        rollout_id=rollout_id,
-        attempt_id=attempt_id,
-        sequence_id=sequence_id,
-        trace_id="t",
-        span_id=f"s{sequence_id}",
-        name="step",
-        **kw,
-    )
 
 
 # ---------------------------------------------------------------------------------- enqueue
@@ -408,9 +396,9 @@ async def test_mutations_raise_value_error_naming_the_id(store: LightningStore) 
     with pytest.raises(ValueError, match="ro-missing"):
         await store.start_attempt("ro-missing")
     with pytest.raises(ValueError, match="ro-missing"):
-        await store.add_span(_span("ro-missing", aid))
+        await store.add_span(make_span("ro-missing", aid))
     with pytest.raises(ValueError, match="at-missing"):
-        await store.add_span(_span(rid, "at-missing"))
+        await store.add_span(make_span(rid, "at-missing"))
     with pytest.raises(ValueError, match="at-missing"):
         await store.get_next_span_sequence_id(rid, "at-missing")
     with pytest.raises(ValueError, match="rs-missing"):

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import anyio
 import pytest
-from conftest import BOTH_BACKENDS
+from conftest import BOTH_BACKENDS, make_span
 
-from agl_async import LightningStore, RolloutConfig, Span
+from agl_async import LightningStore, RolloutConfig
 
 pytestmark = pytest.mark.anyio
 
@@ -21,17 +21,6 @@ HANG_GUARD = 10.0
 @pytest.fixture(params=BOTH_BACKENDS)
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
-
-
-def _span(rollout_id: str, attempt_id: str, sequence_id: int) -> Span:
-    return Span(
-        rollout_id=rollout_id,
-        attempt_id=attempt_id,
-        sequence_id=sequence_id,
-        trace_id="t",
-        span_id=f"s{sequence_id}",
-        name="beat",
-    )
 
 
 # ---------------------------------------------------------------------------------- watchdog
@@ -85,7 +74,7 @@ async def test_spans_and_heartbeats_keep_an_attempt_alive(store: LightningStore)
         await anyio.sleep(0.05)
         kind = i % 3
         if kind == 0:
-            await store.add_span(_span(rid, aid, i + 1))
+            await store.add_span(make_span(rid, aid, i + 1))
         elif kind == 1:
             await store.update_attempt(rid, aid)
         else:
@@ -128,7 +117,7 @@ async def test_unresponsive_attempt_comes_back_with_a_span(store: LightningStore
     started = await store.start_rollout(1, config=config)
     with anyio.fail_after(HANG_GUARD):
         await store.wait_for_rollouts(rollout_ids=[started.rollout_id])
-    await store.add_span(_span(started.rollout_id, started.attempt.attempt_id, 1))
+    await store.add_span(make_span(started.rollout_id, started.attempt.attempt_id, 1))
     attempt = await store.get_latest_attempt(started.rollout_id)
     assert attempt is not None and attempt.status == "running" and attempt.end_time is None
     rollout = await store.get_rollout_by_id(started.rollout_id)
