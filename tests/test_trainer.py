@@ -24,7 +24,7 @@ from agl_async import (
 from agl_async.algorithm import Baseline, PassStats, reward_of
 from agl_async.examples.evolution import agent as es_agent
 from agl_async.examples.evolution import make_tasks
-from agl_async.testing import open_store, store_fixture
+from agl_async.testing import free_port, open_store, store_fixture
 from agl_async.trainer import REWARD_SPAN_NAME, runner_loop
 
 TIMEOUT = 30  # hang guard only: the machine is shared and slow
@@ -354,7 +354,7 @@ def test_fit_client_server_both_roles(no_leftover_processes: None) -> None:
     train, val = make_tasks(0, n_train=4, n_val=2)
     algorithm = Baseline()
     trainer = Trainer(
-        strategy={"type": "cs", "server_host": "127.0.0.1", "server_port": _free_port()},
+        strategy={"type": "cs", "server_host": "127.0.0.1", "server_port": free_port()},
         n_runners=2,
         algorithm=algorithm,
         initial_resources={"theta": [0.0] * 6},
@@ -380,7 +380,7 @@ async def test_fit_async_client_server_records_failures_from_runner_processes(
 ) -> None:
     algorithm = Baseline()
     strategy = ClientServerExecutionStrategy(
-        role="both", n_runners=2, server_host="127.0.0.1", server_port=_free_port()
+        role="both", n_runners=2, server_host="127.0.0.1", server_port=free_port()
     )
     trainer = Trainer(strategy=strategy, algorithm=algorithm, initial_resources={"factor": 3})
     with anyio.fail_after(TIMEOUT * 2):
@@ -499,14 +499,6 @@ async def test_blocking_fit_inside_a_running_loop_points_to_fit_async() -> None:
 def test_algorithm_store_is_set_by_the_trainer_only() -> None:
     with pytest.raises(RuntimeError, match="store is not set"):
         _ = Recorder().store
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # ------------------------------------------------------------------------ agl_async.testing
