@@ -315,6 +315,14 @@ async def test_main_process_runner_runs_the_runner_here_and_the_algorithm_in_a_c
     assert await store.query_rollouts() == []  # the child worked on its own copy of the store
 
 
+async def test_main_process_runner_the_child_serves_until_the_runner_here_is_done() -> None:
+    # the runner keeps calling the store after the algorithm returned: the child must still serve
+    with anyio.fail_after(GUARD):
+        await cs(main_process="runner", graceful_timeout=GUARD).execute(
+            bundles.algorithm_ready(1), bundles.runner_uses_store_after_event, InMemoryLightningStore()
+        )  # (a grace shorter than the client's retries would cancel a runner that lost its server)
+
+
 async def test_main_process_runner_algorithm_child_failing_stops_the_runner() -> None:
     stopped: list[bool] = []
 
