@@ -25,7 +25,14 @@ from agl_async import (
     Span,
     Worker,
 )
-from agl_async.types import ATTEMPT_STATUSES, ROLLOUT_STATUSES, from_json, to_builtins, to_json
+from agl_async.types import (
+    ATTEMPT_STATUSES,
+    ROLLOUT_STATUSES,
+    TERMINAL_ROLLOUT_STATUSES,
+    from_json,
+    to_builtins,
+    to_json,
+)
 
 json_values = st.recursive(
     st.none()
@@ -179,6 +186,23 @@ def test_models_are_built_with_keywords() -> None:
     span = Span(rollout_id="r", attempt_id="a", sequence_id=1, trace_id="t", span_id="s", name="n")
     assert (span.parent_id, span.start_time, span.end_time, span.attributes) == (None, None, None, {})
     assert ResourcesUpdate("rs", {"a": 1}).version == 1
+    config = RolloutConfig()
+    assert (config.timeout_seconds, config.unresponsive_seconds, config.max_attempts) == (None, None, 1)
+    assert config.retry_condition == []
+
+
+def test_statuses_are_the_contracts() -> None:
+    assert ROLLOUT_STATUSES == {
+        "queuing",
+        "preparing",
+        "running",
+        "succeeded",
+        "failed",
+        "cancelled",
+        "requeuing",
+    }
+    assert ATTEMPT_STATUSES == {"preparing", "running", "succeeded", "failed", "unresponsive", "timeout"}
+    assert TERMINAL_ROLLOUT_STATUSES == {"succeeded", "failed", "cancelled"}
 
 
 def test_unset_pickles_as_itself() -> None:
