@@ -68,6 +68,7 @@ async def run_until_done(store: LightningStore, agent: Any, ids: list[str], **kw
 async def test_reward_is_recorded_as_span_and_on_rollout(store: LightningStore) -> None:
     await store.add_resources({"scale": 3})
     rollout = await store.enqueue_rollout({"x": 2}, metadata={"tag": "kept"})
+    await store.add_resources({"scale": 100})  # newer, but the agent gets the rollout's own resources
     seen: list[tuple[Any, dict[str, Any]]] = []
     during: list[str | None] = []
 
