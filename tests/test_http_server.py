@@ -77,8 +77,8 @@ async def test_server_does_not_capture_signals() -> None:
 
 async def test_in_process_calls_go_to_the_wrapped_store() -> None:
     store = InMemoryLightningStore()
-    server = LightningStoreServer(store, host="127.0.0.1", port=0)
-    assert isinstance(server, LightningStore)
+    server = LightningStoreServer(store, "127.0.0.1", 0)  # the contract's positional form
+    assert isinstance(server, LightningStore) and (server.host, server.store) == ("127.0.0.1", store)
     # Not started: in-process calls work all the same.
     rollout = await server.enqueue_rollout({"x": 1})
     assert (await store.get_rollout_by_id(rollout.rollout_id)) == rollout
