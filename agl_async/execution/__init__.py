@@ -8,10 +8,32 @@
 * :mod:`.client_server` — ``ClientServerExecutionStrategy``.
 """
 
-from .base import ExecutionStrategy, register_strategy, resolve_strategy
-from .client_server import ClientServerExecutionStrategy
-from .events import ExecutionEvent, ProcessExecutionEvent, ThreadingExecutionEvent
-from .shared_memory import SharedMemoryExecutionStrategy
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from .base import ExecutionStrategy, register_strategy, resolve_strategy
+    from .client_server import ClientServerExecutionStrategy
+    from .events import ExecutionEvent, ProcessExecutionEvent, ThreadingExecutionEvent
+    from .shared_memory import SharedMemoryExecutionStrategy
+
+# Imported on first access (PEP 562): a runner child process imports this package for
+# ``.processes`` / ``.events`` and must not pay for the server side (uvicorn, starlette).
+_LAZY = {
+    "ExecutionStrategy": ".base",
+    "register_strategy": ".base",
+    "resolve_strategy": ".base",
+    "ClientServerExecutionStrategy": ".client_server",
+    "ExecutionEvent": ".events",
+    "ProcessExecutionEvent": ".events",
+    "ThreadingExecutionEvent": ".events",
+    "SharedMemoryExecutionStrategy": ".shared_memory",
+}
+
+
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
+
 
 __all__ = [
     "ClientServerExecutionStrategy",

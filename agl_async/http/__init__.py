@@ -5,7 +5,25 @@ The wire protocol (one ``POST /v1/<method>`` per store method, msgspec-validated
 :mod:`agl_async.http.client`.
 """
 
-from .client import LightningStoreClient, StoreAuthError, StoreConnectionError
-from .server import LightningStoreServer
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from .client import LightningStoreClient, StoreAuthError, StoreConnectionError
+    from .server import LightningStoreServer
+
+# Imported on first access (PEP 562): runner processes need the client only, not the server's
+# uvicorn and starlette.
+_LAZY = {
+    "LightningStoreClient": ".client",
+    "StoreAuthError": ".client",
+    "StoreConnectionError": ".client",
+    "LightningStoreServer": ".server",
+}
+
+
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
+
 
 __all__ = ["LightningStoreClient", "LightningStoreServer", "StoreAuthError", "StoreConnectionError"]
