@@ -34,15 +34,15 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
 import anyio
+import harness  # benchmarks/harness.py: the half shared with Agent-Lightning's worker
+from harness import memory_status, with_cpu, write_memory_status
 
 from agl_async import (
     ClientServerExecutionStrategy,
@@ -56,31 +56,6 @@ from agl_async import (
 
 HERE = Path(__file__).resolve().parent
 RESULT: dict[str, float] = {}  # written by the algorithm bundle, which runs in this process
-
-
-def memory_status() -> dict[str, float]:
-    """This process's peak RSS, RSS and private (unshared) memory in MiB, from ``/proc``."""
-    out: dict[str, float] = {}
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("VmHWM", "VmRSS"):
-                out[key] = int(value.split()[0]) / 1024
-        private = 0
-        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
-            if line.startswith(("Private_Clean:", "Private_Dirty:")):
-                private += int(line.split()[1])
-        out["private"] = private / 1024
-    except OSError:  # not Linux: use what getrusage knows
-        import resource
-
-        out["VmHWM"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return out
-
-
-def write_memory_status(path: Path) -> None:
-    """Write :func:`memory_status` as JSON (once, when a runner ends: blocking is harmless)."""
-    path.write_text(json.dumps(memory_status()))
 
 
 # ---------------------------------------------------------------------------- bundles (they pickle)
@@ -230,23 +205,6 @@ def cmd_execution(
     }
 
 
-def with_cpu(n: int, run: Any) -> dict[str, Any]:
-    """``run()``'s sample plus the CPU time the whole run cost (this process, all its threads, and
-    its children, which are reaped by the end of a run), per rollout: a figure that, unlike the
-    rates, barely depends on what else the machine is doing."""
-
-    def times() -> tuple[float, float]:
-        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-        return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
-
-    before = times()
-    sample: dict[str, Any] = run()
-    after = times()
-    sample["cpu_ms_per_rollout"] = 1000 * (after[0] - before[0] + after[1] - before[1]) / n
-    sample["cpu_children_ms_per_rollout"] = 1000 * (after[1] - before[1]) / n
-    return sample
-
-
 def cmd_noop(mode: str, runners: int, n: int) -> dict[str, Any]:
     import execution  # benchmarks/execution.py: figure 1's workload is its workload
 
@@ -287,37 +245,6 @@ COMMANDS = {
 }
 
 
-def serve() -> None:
-    """Answer JSON commands from stdin, one JSON line each on the original stdout."""
-    answers = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    sys.path.insert(0, str(HERE))
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        try:
-            command = json.loads(line)
-            answer: dict[str, Any] = {"ok": COMMANDS[command["fn"]](**command.get("args", {}))}
-        except Exception:
-            answer = {"error": traceback.format_exc(limit=8)}
-        answers.write(json.dumps(answer) + "\n")
-
-
-def main() -> None:
-    if sys.argv[1:2] == ["serve"]:
-        serve()
-    elif sys.argv[1:2] == ["lifecycle"]:
-        import argparse
-
-        parser = argparse.ArgumentParser(description="one lifecycle sample (figures 3 and 4)")
-        parser.add_argument("lifecycle")
-        parser.add_argument("--runners", type=int, default=2)
-        parser.add_argument("--n", type=int, default=200)
-        args = parser.parse_args()
-        print(json.dumps(cmd_lifecycle(args.runners, args.n)))
-    else:
-        sys.exit(f"usage: {sys.argv[0]} serve | lifecycle [--runners R] [--n N]")
-
-
 if __name__ == "__main__":
-    main()
+    sys.path.insert(0, str(HERE))  # spawned/forked children import the bundles from here
+    harness.main(COMMANDS)

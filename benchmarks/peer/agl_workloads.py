@@ -28,48 +28,25 @@ import asyncio
 import json
 import logging
 import os
-import resource
 import socket
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 logging.disable(logging.WARNING)
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/harness.py (stdlib only)
+import harness  # noqa: E402
 from agentlightning.execution import ClientServerExecutionStrategy, SharedMemoryExecutionStrategy  # noqa: E402
 from agentlightning.store.memory import InMemoryLightningStore  # noqa: E402
 from agentlightning.types import EnqueueRolloutRequest, Span  # noqa: E402
+from harness import memory_status, with_cpu, write_memory_status  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULT: dict[str, float] = {}
-
-
-def memory_status() -> dict[str, float]:
-    out: dict[str, float] = {}
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("VmHWM", "VmRSS"):
-                out[key] = int(value.split()[0]) / 1024
-        private = 0
-        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
-            if line.startswith(("Private_Clean:", "Private_Dirty:")):
-                private += int(line.split()[1])
-        out["private"] = private / 1024
-    except OSError:
-        import resource
-
-        out["VmHWM"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return out
-
-
-def write_memory_status(path: Path) -> None:
-    """Write :func:`memory_status` as JSON (once, when a runner ends: blocking is harmless)."""
-    path.write_text(json.dumps(memory_status()))
 
 
 def _free_port() -> int:
@@ -203,23 +180,6 @@ def cmd_execution(
     }
 
 
-def with_cpu(n: int, run: Any) -> dict[str, Any]:
-    """``run()``'s sample plus the CPU time the whole run cost (this process, all its threads, and
-    its children, which are reaped by the end of a run), per rollout: a figure that, unlike the
-    rates, barely depends on what else the machine is doing."""
-
-    def times() -> tuple[float, float]:
-        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-        return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
-
-    before = times()
-    sample: dict[str, Any] = run()
-    after = times()
-    sample["cpu_ms_per_rollout"] = 1000 * (after[0] - before[0] + after[1] - before[1]) / n
-    sample["cpu_children_ms_per_rollout"] = 1000 * (after[1] - before[1]) / n
-    return sample
-
-
 def cmd_noop(mode: str, runners: int, n: int) -> dict[str, Any]:
     import agl_execution  # benchmarks/peer/agl_execution.py: figure 1's workload is its workload
 
@@ -271,36 +231,6 @@ COMMANDS = {
 }
 
 
-def serve() -> None:
-    answers = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    sys.path.insert(0, str(HERE))
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        try:
-            command = json.loads(line)
-            answer: dict[str, Any] = {"ok": COMMANDS[command["fn"]](**command.get("args", {}))}
-        except Exception:
-            answer = {"error": traceback.format_exc(limit=8)}
-        answers.write(json.dumps(answer) + "\n")
-
-
-def main() -> None:
-    if sys.argv[1:2] == ["serve"]:
-        serve()
-    elif sys.argv[1:2] == ["lifecycle"]:
-        import argparse
-
-        parser = argparse.ArgumentParser()
-        parser.add_argument("lifecycle")
-        parser.add_argument("--runners", type=int, default=2)
-        parser.add_argument("--n", type=int, default=200)
-        args = parser.parse_args()
-        print(json.dumps(cmd_lifecycle(args.runners, args.n)))
-    else:
-        sys.exit(f"usage: {sys.argv[0]} serve | lifecycle [--runners R] [--n N]")
-
-
 if __name__ == "__main__":
-    main()
+    sys.path.insert(0, str(HERE))  # spawned/forked children import the bundles from here
+    harness.main(COMMANDS)
