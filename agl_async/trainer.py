@@ -35,6 +35,8 @@ from typing import Any, Protocol, cast
 import anyio
 import anyio.to_thread
 
+from ._backend import running_asyncio_loop
+from ._validate import check_count
 from .algorithm import REWARD_KEY, Algorithm, Baseline
 from .execution.base import ExecutionStrategy, resolve_strategy
 from .store.base import LightningStore
@@ -402,11 +404,7 @@ def _make_strategy(spec: Any, n_runners: int | None) -> ExecutionStrategy:
 
 
 def _refuse_running_loop() -> None:
-    import asyncio
-
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
+    if running_asyncio_loop() is None:
         return
     raise RuntimeError(
         "Trainer.fit() / run() start their own event loop and cannot run inside a running one; "
@@ -448,10 +446,8 @@ class Trainer:
         *,
         heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
     ) -> None:
-        if n_runners is not None and (
-            isinstance(n_runners, bool) or not isinstance(n_runners, int) or n_runners < 1
-        ):
-            raise ValueError(f"n_runners must be a positive integer, got {n_runners!r}")
+        if n_runners is not None:
+            check_count(n_runners, "n_runners")
         if max_rollouts is not None and (
             isinstance(max_rollouts, bool) or not isinstance(max_rollouts, int) or max_rollouts < 0
         ):

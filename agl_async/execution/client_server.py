@@ -33,14 +33,15 @@ caller wins over both).
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import socket
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Literal
 
 import anyio
 
+from .._backend import current_async_library
+from .._net import bind_socket, free_port, http_url
+from .._validate import check_count, check_seconds
 from ..http.client import LightningStoreClient
 from ..http.server import LightningStoreServer
 from ..store.base import LightningStore
@@ -64,7 +65,6 @@ from .processes import (
     escalate,
     spawn,
 )
-from .shared_memory import _check_n_runners, _check_timeout
 from .supervision import Supervisor
 
 __all__ = ["ClientServerExecutionStrategy"]
@@ -72,45 +72,6 @@ __all__ = ["ClientServerExecutionStrategy"]
 logger = logging.getLogger("agl_async.execution.cs")
 
 Role = Literal["algorithm", "runner", "both"]
-
-
-def _current_async_library() -> str:
-    """The async library running the current task ("asyncio" or "trio")."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return "trio"
-    return "asyncio"
-
-
-def _client_endpoint(host: str, port: int) -> str:
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return f"http://{host}:{port}"
-
-
-def _check_port_free(host: str, port: int) -> None:
-    """Fail fast, naming the port, when ``host:port`` cannot be bound (for a server that a child
-    process will start)."""
-    bind_host = "127.0.0.1" if host == "localhost" else host
-    try:
-        infos = socket.getaddrinfo(bind_host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, type_, proto, _, address = infos[0]
-        with socket.socket(family, type_, proto) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(address)
-    except OSError as exc:
-        raise OSError(exc.errno, f"cannot serve the store on {host}:{port}: {exc.strerror or exc}") from exc
-
-
-def _free_port(host: str) -> int:
-    bind_host = "127.0.0.1" if host == "localhost" else host
-    infos = socket.getaddrinfo(bind_host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    family, type_, proto, _, address = infos[0]
-    with socket.socket(family, type_, proto) as sock:
-        sock.bind(address)
-        port: int = sock.getsockname()[1]
-        return port
 
 
 # ---------------------------------------------------------------------------- child targets
@@ -195,9 +156,9 @@ class ClientServerExecutionStrategy(ExecutionStrategy):
         if not 0 <= self.server_port <= 65535:
             source = "server_port" if server_port is not None else "environment variable AGL_SERVER_PORT"
             raise ValueError(f"{source} must be in 0..65535, got {self.server_port}")
-        _check_n_runners(n_runners)
-        _check_timeout("graceful_timeout", graceful_timeout)
-        _check_timeout("terminate_timeout", terminate_timeout)
+        check_count(n_runners, "n_runners")
+        check_seconds(graceful_timeout, "graceful_timeout", optional=False)
+        check_seconds(terminate_timeout, "terminate_timeout", optional=False)
         if main_process not in ("algorithm", "runner"):
             raise ValueError(f"main_process must be 'algorithm' or 'runner', got {main_process!r}")
         if main_process == "runner":
@@ -229,10 +190,10 @@ class ClientServerExecutionStrategy(ExecutionStrategy):
         serves_here = self.managed_store and (
             self.role == "algorithm" or (self.role == "both" and self.main_process == "algorithm")
         )
-        if serves_here and _current_async_library() != "asyncio":
+        if serves_here and current_async_library() != "asyncio":
             raise RuntimeError(
                 "ClientServerExecutionStrategy serves the store with uvicorn, which needs asyncio; "
-                f"this loop runs {_current_async_library()} (use anyio.run(..., backend='asyncio') or run())"
+                f"this loop runs {current_async_library()} (use anyio.run(..., backend='asyncio') or run())"
             )
         try:
             if self.role == "algorithm":
@@ -325,7 +286,7 @@ class ClientServerExecutionStrategy(ExecutionStrategy):
         return LightningStoreClient(endpoint) if self.managed_store else store
 
     async def _run_runners(self, runner: RunnerBundle, store: LightningStore) -> None:
-        endpoint = _client_endpoint(self.server_host, self.server_port)
+        endpoint = http_url(self.server_host, self.server_port)
         if self.n_runners == 1:
             event = ThreadingExecutionEvent()
             supervisor = self._supervisor(event)
@@ -403,8 +364,9 @@ class ClientServerExecutionStrategy(ExecutionStrategy):
         port = self.server_port
         if self.managed_store:
             if port == 0:
-                port = _free_port(self.server_host)
-            _check_port_free(self.server_host, port)
+                port = free_port(self.server_host)
+            # Fail fast, naming the port, before the child that will serve on it is started.
+            bind_socket(self.server_host, port, listen=False).close()
         event, ready, release = ProcessExecutionEvent(), ProcessExecutionEvent(), ProcessExecutionEvent()
         try:
             spec = (
@@ -413,9 +375,7 @@ class ClientServerExecutionStrategy(ExecutionStrategy):
                 (algorithm, store, self.server_host, port, self.managed_store, event, ready, release),
             )
             supervisor = self._supervisor(event)
-            endpoint = _client_endpoint(
-                "127.0.0.1" if self.server_host == "localhost" else self.server_host, port
-            )
+            endpoint = http_url(self.server_host, port, bound=True)
             runner_store = self._runner_store(store, endpoint)
 
             async def runner_here() -> None:

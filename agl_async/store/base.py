@@ -20,63 +20,28 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Mapping, Sequence
-from typing import Any, Final, Literal
+from typing import Any, Literal, cast
 
-import msgspec
-
+from .._validate import as_enqueue_requests, check_seconds
 from ..types import (
+    UNSET,
     Attempt,
     AttemptedRollout,
     AttemptStatus,
+    EnqueueRolloutRequest,
     ResourcesUpdate,
     Rollout,
     RolloutConfig,
     RolloutMode,
     RolloutStatus,
     Span,
+    Unset,
     Worker,
     WorkerId,
     WorkerStatus,
 )
 
 __all__ = ["UNSET", "EnqueueRolloutRequest", "LightningStore", "Unset"]
-
-
-class Unset:
-    """Type of :data:`UNSET`, the marker for "leave this field as it is" in ``update_*`` calls.
-
-    It distinguishes an omitted argument from an explicit ``None``. There is exactly one instance;
-    it survives pickling as itself.
-    """
-
-    _instance: Unset | None = None
-
-    def __new__(cls) -> Unset:
-        if cls._instance is None:
-            cls._instance = super().__new__(cls)
-        return cls._instance
-
-    def __repr__(self) -> str:
-        return "UNSET"
-
-    def __bool__(self) -> bool:
-        return False
-
-    def __reduce__(self) -> str:
-        return "UNSET"
-
-
-UNSET: Final = Unset()
-
-
-class EnqueueRolloutRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """One entry of ``enqueue_many_rollouts``: the parameters of ``enqueue_rollout``."""
-
-    input: Any
-    mode: RolloutMode | None = None
-    resources_id: str | None = None
-    config: RolloutConfig | None = None
-    metadata: dict[str, Any] | None = None
 
 
 class LightningStore(abc.ABC):
@@ -107,10 +72,11 @@ class LightningStore(abc.ABC):
     ) -> list[Rollout]:
         """Enqueue several rollouts, in order; each entry holds ``enqueue_rollout``'s parameters."""
         out = []
-        for request in _as_enqueue_requests(rollouts):
+        for request in as_enqueue_requests(rollouts):
+            mode = cast(RolloutMode | None, request.mode)  # a plain string: enqueue_rollout checks it
             out.append(
                 await self.enqueue_rollout(
-                    request.input, request.mode, request.resources_id, request.config, request.metadata
+                    request.input, mode, request.resources_id, request.config, request.metadata
                 )
             )
         return out
@@ -147,8 +113,7 @@ class LightningStore(abc.ABC):
         request, which saves a round trip per rollout for runners. When the update raises
         (``ValueError`` for an unknown id or status) nothing is dequeued.
         """
-        if timeout is not None and (isinstance(timeout, bool) or not timeout >= 0):
-            raise ValueError(f"timeout must be >= 0 or None, got {timeout!r}")  # before changing anything
+        check_seconds(timeout)  # before changing anything
         await self.update_attempt(rollout_id, attempt_id, status=status)
         return await self.dequeue_rollout(worker_id=worker_id, timeout=timeout)
 
@@ -318,21 +283,3 @@ class LightningStore(abc.ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook, not abstract
         """Release what the store holds (connections, files). A no-op for in-memory stores."""
-
-
-def _as_enqueue_requests(
-    rollouts: Sequence[EnqueueRolloutRequest | Mapping[str, Any]],
-) -> list[EnqueueRolloutRequest]:
-    """Accept request structs or plain mappings with ``enqueue_rollout``'s keyword names."""
-    out = []
-    for item in rollouts:
-        if isinstance(item, EnqueueRolloutRequest):
-            out.append(item)
-        elif isinstance(item, Mapping):
-            try:
-                out.append(EnqueueRolloutRequest(**item))
-            except TypeError as exc:
-                raise ValueError(f"invalid enqueue request {dict(item)!r}: {exc}") from None
-        else:
-            raise ValueError(f"enqueue requests must be EnqueueRolloutRequest or mappings, got {item!r}")
-    return out
