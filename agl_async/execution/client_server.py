@@ -45,16 +45,8 @@ from .._validate import check_count, check_seconds
 from ..http.client import LightningStoreClient
 from ..http.server import LightningStoreServer
 from ..store.base import LightningStore
-from .base import (
-    AlgorithmBundle,
-    ExecutionStrategy,
-    RunnerBundle,
-    env_bool,
-    env_choice,
-    env_int,
-    env_str,
-    register_strategy,
-)
+from ._env import env_bool, env_choice, env_int, env_str
+from .base import AlgorithmBundle, ExecutionStrategy, RunnerBundle
 from .events import ExecutionEvent, ProcessExecutionEvent, ThreadingExecutionEvent
 from .processes import (
     DEFINE_AT_MODULE_LEVEL,
@@ -62,9 +54,9 @@ from .processes import (
     Lifeline,
     MultiprocessingHelpers,
     check_picklable,
-    escalate,
     spawn,
 )
+from .shutdown import escalate
 from .supervision import Supervisor
 
 __all__ = ["ClientServerExecutionStrategy"]
@@ -133,8 +125,6 @@ async def _first_of(*events: ExecutionEvent) -> None:
 class ClientServerExecutionStrategy(ExecutionStrategy):
     """Algorithm and runners in separate processes talking to one store over HTTP (asyncio only:
     the embedded server is uvicorn). Parameters and semantics: see the module docstring."""
-
-    alias = "cs"
 
     def __init__(
         self,
@@ -389,6 +379,3 @@ class ClientServerExecutionStrategy(ExecutionStrategy):
         finally:
             for e in (event, ready, release):
                 e.close()
-
-
-register_strategy(ClientServerExecutionStrategy, "client_server")

@@ -28,7 +28,8 @@ from typing import Literal
 from .._validate import check_count, check_seconds
 from ..store.base import LightningStore
 from ..store.locked import LightningStoreLocked
-from .base import AlgorithmBundle, ExecutionStrategy, RunnerBundle, env_bool, register_strategy
+from ._env import env_bool
+from .base import AlgorithmBundle, ExecutionStrategy, RunnerBundle
 from .events import ThreadingExecutionEvent
 from .supervision import Supervisor
 
@@ -43,8 +44,6 @@ class SharedMemoryExecutionStrategy(ExecutionStrategy):
     ``managed_store`` (None: env ``AGL_MANAGED_STORE``, default true) wraps the store in
     ``LightningStoreLocked``; false hands the store over as it is.
     """
-
-    alias = "shm"
 
     def __init__(
         self,
@@ -95,6 +94,3 @@ class SharedMemoryExecutionStrategy(ExecutionStrategy):
             await supervisor.run()
         finally:
             logger.info("shared-memory run finished")
-
-
-register_strategy(SharedMemoryExecutionStrategy, "shared_memory")

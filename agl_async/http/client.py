@@ -141,6 +141,9 @@ class LightningStoreClient(LightningStore):
     docstring). ``max_connections`` caps the pool (concurrent requests of this client).
     """
 
+    #: A long poll abandoned mid-request may have been answered with a claim already.
+    long_poll_is_cancel_safe = False
+
     def __init__(
         self,
         endpoint: str,

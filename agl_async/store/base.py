@@ -12,8 +12,14 @@ Error conventions, shared by every implementation (in-memory, locked, HTTP clien
   unknown id, and invalid arguments raise ``ValueError`` *before* anything is changed.
 
 Cancellation: cancelling a call to a store method never leaves a half-applied change; only
-``wait_for_rollouts`` (and the long-poll form of ``dequeue_rollout`` where offered) actually
-wait, and cancelling them changes nothing.
+``wait_for_rollouts`` and the long-poll form of ``dequeue_rollout`` actually wait. Cancelling
+``wait_for_rollouts`` changes nothing. Whether cancelling a waiting ``dequeue_rollout`` can lose a
+claim depends on where the store is, and every store says so in
+:attr:`LightningStore.long_poll_is_cancel_safe`: in-process stores claim without awaiting, so an
+abandoned wait claimed nothing; over HTTP the server may have claimed a rollout for a request
+that is being abandoned (it puts the claim back when it notices, but that is not guaranteed).
+The runner loop races a cancel-safe long poll against its stop event, and otherwise polls in
+short requests.
 """
 
 from __future__ import annotations
@@ -50,6 +56,10 @@ class LightningStore(abc.ABC):
     Subclasses implement every abstract coroutine. The batched forms have default
     implementations in terms of the single ones; stores with a cheaper bulk path override them.
     """
+
+    #: Whether a ``dequeue_rollout(timeout=...)`` may be cancelled at any moment without a rollout
+    #: being claimed for nobody (see the module docstring). ``False`` unless a store states it.
+    long_poll_is_cancel_safe: bool = False
 
     # ------------------------------------------------------------------ rollouts and the queue
     @abc.abstractmethod

@@ -57,6 +57,11 @@ class DelegatingStore(LightningStore):
     store: LightningStore
     _lock: Any = None
 
+    @property
+    def long_poll_is_cancel_safe(self) -> bool:  # type: ignore[override]
+        """The wrapped store's (the forwarding adds no await after the claim)."""
+        return self.store.long_poll_is_cancel_safe
+
     enqueue_rollout = delegate(LightningStore.enqueue_rollout)
     enqueue_many_rollouts = delegate(LightningStore.enqueue_many_rollouts)
     dequeue_rollout = delegate(LightningStore.dequeue_rollout)

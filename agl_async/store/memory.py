@@ -145,6 +145,8 @@ class _Waiter:
 class InMemoryLightningStore(LightningStore):
     """A complete ``LightningStore`` kept in memory (the default store of a ``Trainer``)."""
 
+    long_poll_is_cancel_safe = True  # the claim never awaits: an abandoned wait claimed nothing
+
     def __init__(self) -> None:
         self._rollouts: dict[str, Rollout] = {}
         self._attempts: dict[str, list[Attempt]] = {}  # rollout_id -> attempts by sequence_id
