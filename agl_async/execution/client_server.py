@@ -33,8 +33,9 @@ caller wins over both).
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, Literal
 
 import anyio
@@ -91,24 +92,45 @@ async def _algorithm_child(
     """``main_process="runner"``: serve ``store`` and run the algorithm; when it ends, set the
     event, and keep serving until the parent's runner has finished (``release``)."""
     try:
-        if not managed:
-            ready.set()
-            await algorithm(store, event)
-            return
-        server = LightningStoreServer(store, host=host, port=port)
-        await server.start()
-        try:
+        async with _served(store, host, port, managed) as served:
             ready.set()
             try:
-                await algorithm(server, event)
+                await algorithm(served, event)
             finally:
                 event.set()
-                await release.wait()
-        finally:
-            with anyio.CancelScope(shield=True):
-                await server.stop()
+                if managed:
+                    await release.wait()
     finally:
         event.set()
+
+
+@contextlib.asynccontextmanager
+async def _served(
+    store: LightningStore, host: str, port: int, managed: bool
+) -> AsyncIterator[LightningStore]:
+    """With ``managed``, serve ``store`` on ``host:port`` for the duration of the block, as a task of
+    a task group of this one, and yield the server; else yield ``store``. Binding fails at once
+    (``OSError`` naming host:port) before the block runs. The stop at the end is graceful even when
+    the block is cancelled (shielded; bounded by the server's ``graceful_timeout``)."""
+    if not managed:
+        yield store
+        return
+    server = LightningStoreServer(store, host=host, port=port)
+    failed: list[BaseException] = []
+    async with anyio.create_task_group() as tg:
+        try:
+            await tg.start(server.serve)
+            try:
+                yield server
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await server.stop()
+        except anyio.get_cancelled_exc_class():
+            raise
+        except BaseException as exc:  # re-raised as itself, outside the task group (no group)
+            failed.append(exc)
+    if failed:
+        raise failed[0]
 
 
 async def _first_of(*events: ExecutionEvent) -> None:
@@ -215,16 +237,9 @@ class ClientServerExecutionStrategy(ExecutionStrategy):
 
         return on_exit
 
-    async def _start_server(self, store: LightningStore) -> LightningStoreServer:
-        server = LightningStoreServer(store, host=self.server_host, port=self.server_port)
-        await server.start()  # OSError naming host:port when it is in use: nothing spawned yet
-        return server
-
-    @staticmethod
-    async def _stop_server(server: LightningStoreServer | None) -> None:
-        if server is not None:
-            with anyio.CancelScope(shield=True):
-                await server.stop()
+    def _served(self, store: LightningStore) -> contextlib.AbstractAsyncContextManager[LightningStore]:
+        # Binds before anything is spawned: a port in use is an OSError naming it, and nothing runs.
+        return _served(store, self.server_host, self.server_port, self.managed_store)
 
     async def _spawn_and_supervise(
         self,
@@ -263,14 +278,11 @@ class ClientServerExecutionStrategy(ExecutionStrategy):
 
     # ------------------------------------------------------------------ roles
     async def _run_algorithm_here(self, algorithm: AlgorithmBundle, store: LightningStore) -> None:
-        server = await self._start_server(store) if self.managed_store else None
-        try:
+        async with self._served(store) as served:
             event = ThreadingExecutionEvent()
             supervisor = self._supervisor(event)
-            supervisor.add_bundle("algorithm", algorithm, server or store, event, on_return=event.set)
+            supervisor.add_bundle("algorithm", algorithm, served, event, on_return=event.set)
             await supervisor.run()
-        finally:
-            await self._stop_server(server)
 
     def _runner_store(self, store: LightningStore, endpoint: str) -> LightningStore:
         return LightningStoreClient(endpoint) if self.managed_store else store
@@ -315,31 +327,37 @@ class ClientServerExecutionStrategy(ExecutionStrategy):
         self, algorithm: AlgorithmBundle, runner: RunnerBundle, store: LightningStore
     ) -> None:
         self._check_runner_crosses(runner, store)
-        server = await self._start_server(store) if self.managed_store else None
         event = ProcessExecutionEvent()
         try:
-            runner_store: LightningStore = (
-                LightningStoreClient(server.endpoint) if server is not None else store
-            )
-            specs = [
-                (f"runner-{i}", _runner_child, (runner, runner_store, i, event, self.managed_store))
-                for i in range(self.n_runners)
-            ]
-            supervisor = self._supervisor(event)
-
-            def algorithm_returned() -> None:
-                logger.info("algorithm returned: stopping the runners")
-                event.set()
-                if server is not None:  # idle runners see the event now, not when their long poll ends
-                    server.end_long_polls()
-
-            supervisor.add_bundle(
-                "algorithm", algorithm, server or store, event, on_return=algorithm_returned
-            )
-            await self._spawn_and_supervise(supervisor, specs)
+            async with self._served(store) as served:  # stopped once every runner process has exited
+                await self._run_both_served(algorithm, runner, store, served, event)
         finally:
-            await self._stop_server(server)  # every runner process has exited by now
             event.close()
+
+    async def _run_both_served(
+        self,
+        algorithm: AlgorithmBundle,
+        runner: RunnerBundle,
+        store: LightningStore,
+        served: LightningStore,
+        event: ProcessExecutionEvent,
+    ) -> None:
+        server = served if isinstance(served, LightningStoreServer) else None
+        runner_store: LightningStore = LightningStoreClient(server.endpoint) if server is not None else store
+        specs = [
+            (f"runner-{i}", _runner_child, (runner, runner_store, i, event, self.managed_store))
+            for i in range(self.n_runners)
+        ]
+        supervisor = self._supervisor(event)
+
+        def algorithm_returned() -> None:
+            logger.info("algorithm returned: stopping the runners")
+            event.set()
+            if server is not None:  # idle runners see the event now, not when their long poll ends
+                server.end_long_polls()
+
+        supervisor.add_bundle("algorithm", algorithm, served, event, on_return=algorithm_returned)
+        await self._spawn_and_supervise(supervisor, specs)
 
     async def _run_both_runner_main(
         self, algorithm: AlgorithmBundle, runner: RunnerBundle, store: LightningStore

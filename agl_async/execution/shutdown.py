@@ -58,32 +58,27 @@ async def escalate(
     def alive() -> list[Child]:
         return [c for c in children if not c.exited.is_set()]
 
-    survivors = alive()
-    if not survivors:
-        return True
-    logger.info(
-        "stopping %s: stop event set, waiting up to %.3g s (graceful_timeout)",
-        ", ".join(map(repr, survivors)),
-        graceful_timeout,
-    )
-    if await _all_exited(survivors, graceful_timeout):
-        return True
-    waited, waited_name = graceful_timeout, "graceful_timeout"
-    for step in Step:
+    # The grace period first (nothing sent but the event), then each step, with its own wait.
+    stages: list[tuple[Step | None, float, str]] = [(None, graceful_timeout, "graceful_timeout")]
+    stages += [(step, terminate_timeout, "terminate_timeout") for step in Step]
+    waited, waited_name = 0.0, ""
+    for step, timeout, timeout_name in stages:
         survivors = alive()
         if not survivors:
             return True
-        logger.warning(
-            "%s still running after %.3g s (%s): escalating to %s",
-            ", ".join(map(repr, survivors)),
-            waited,
-            waited_name,
-            step.value,
-        )
-        for child in survivors:
-            step.send(child)
-        if await _all_exited(survivors, terminate_timeout):
+        names = ", ".join(map(repr, survivors))
+        if step is None:
+            logger.info(
+                "stopping %s: stop event set, waiting up to %.3g s (%s)", names, timeout, "graceful_timeout"
+            )
+        else:
+            logger.warning(
+                "%s still running after %.3g s (%s): escalating to %s", names, waited, waited_name, step.value
+            )
+            for child in survivors:
+                step.send(child)
+        if await _all_exited(survivors, timeout):
             return True
-        waited, waited_name = terminate_timeout, "terminate_timeout"
+        waited, waited_name = timeout, timeout_name
     logger.error("%s did not exit even after kill()", ", ".join(map(repr, alive())))
     return False

@@ -121,7 +121,10 @@ def _remote(method: M) -> M:
         if len(args) > len(positional):
             raise TypeError(f"{spec.name}() takes {len(positional)} positional arguments, got {len(args)}")
         if args:
-            kwargs.update(zip(positional, args, strict=False))
+            for name, value in zip(positional, args, strict=False):
+                if name in kwargs:
+                    raise TypeError(f"{spec.name}() got multiple values for argument {name!r}")
+                kwargs[name] = value
         for name, convert in prepare:
             if name in kwargs:
                 kwargs[name] = convert(kwargs[name])
@@ -215,8 +218,8 @@ class LightningStoreClient(LightningStore):
                     max_connections=self.max_connections, max_keepalive_connections=self.max_connections
                 ),
                 trust_env=False,  # a loopback store must not go through HTTP(S)_PROXY
-                # TLS settings only matter for https; for http, skip loading the CA bundle (20-200 ms
-                # of every runner process's start-up, measured by benchmarks/report.py figure 3)
+                # TLS settings only matter for https; for http, do not load the CA bundle, which
+                # would add tens of milliseconds to every runner process's start-up
                 verify=not self.endpoint.lower().startswith("http:"),
             )
             self._http_owner = owner

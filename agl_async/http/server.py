@@ -221,11 +221,17 @@ class LightningStoreServer(DelegatingStore):
             self._server.request_stop()
 
     async def __aenter__(self) -> LightningStoreServer:
-        async with contextlib.AsyncExitStack() as stack:
-            tg = await stack.enter_async_context(anyio.create_task_group())
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        try:
             await tg.start(self.serve)
-            stack.callback(self._request_stop)  # runs before the task group waits for serve
-            self._exit_stack = stack.pop_all()
+        except BaseException:
+            await tg.__aexit__(None, None, None)  # serve never started: the error is start()'s own
+            raise
+        stack = contextlib.AsyncExitStack()
+        stack.push_async_exit(tg.__aexit__)
+        stack.callback(self._request_stop)  # runs before the task group waits for serve
+        self._exit_stack = stack
         return self
 
     async def __aexit__(
