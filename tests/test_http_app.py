@@ -129,6 +129,23 @@ async def test_async_with_raises_a_bind_error_and_the_block_error_as_themselves(
             raise KeyError("from the block")
 
 
+async def test_async_with_keeps_serving_while_its_block_is_cancelled() -> None:
+    """A shutdown inside a cancelled block (what the client-server strategy does on Ctrl-C) can
+    still reach the server; it stops after the block, gracefully."""
+    answered: list[int] = []
+    server = LightningStoreServer(InMemoryLightningStore(), host="127.0.0.1", port=0, auth_token="")
+    with anyio.CancelScope() as scope:
+        async with server:
+            scope.cancel()
+            try:
+                await anyio.sleep_forever()
+            finally:
+                with anyio.CancelScope(shield=True), anyio.fail_after(10):
+                    async with LightningStoreClient(server.endpoint, auth_token="") as client:
+                        answered.append((await client.statistics())["total_rollouts"])
+    assert answered == [0] and not server.started
+
+
 def test_every_store_method_has_a_route_whose_body_is_its_parameters() -> None:
     """The route table covers the store API (but ``unclaim_rollout``, which only the server calls,
     and ``close``), and each generated body has the method's parameter names and defaults."""

@@ -108,29 +108,15 @@ async def _algorithm_child(
 async def _served(
     store: LightningStore, host: str, port: int, managed: bool
 ) -> AsyncIterator[LightningStore]:
-    """With ``managed``, serve ``store`` on ``host:port`` for the duration of the block, as a task of
-    a task group of this one, and yield the server; else yield ``store``. Binding fails at once
-    (``OSError`` naming host:port) before the block runs. The stop at the end is graceful even when
-    the block is cancelled (shielded; bounded by the server's ``graceful_timeout``)."""
+    """With ``managed``, serve ``store`` on ``host:port`` for the duration of the block (``async
+    with`` the server: a task of a task group of this task) and yield the server; else yield
+    ``store``. Binding fails at once (``OSError`` naming host:port) before the block runs. The
+    server keeps serving while the block winds down, cancelled or not, and stops gracefully after."""
     if not managed:
         yield store
         return
-    server = LightningStoreServer(store, host=host, port=port)
-    failed: list[BaseException] = []
-    async with anyio.create_task_group() as tg:
-        try:
-            await tg.start(server.serve)
-            try:
-                yield server
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await server.stop()
-        except anyio.get_cancelled_exc_class():
-            raise
-        except BaseException as exc:  # re-raised as itself, outside the task group (no group)
-            failed.append(exc)
-    if failed:
-        raise failed[0]
+    async with LightningStoreServer(store, host=host, port=port) as server:
+        yield server
 
 
 async def _first_of(*events: ExecutionEvent) -> None:

@@ -10,15 +10,18 @@ Lifecycle
     itself (so "address in use" is an immediate ``OSError`` naming host:port, raised before
     anything else starts), reports started once the socket accepts connections, and returns after
     :meth:`~LightningStoreServer.stop`; ``async with server:`` runs it in a task group of its own
-    (``tg.start``) and stops it on the way out. ``await start()`` / ``await stop()`` are the same
-    for code without a task group of its own: ``start()`` runs ``serve`` in a background task of
-    the running (asyncio) loop and ``stop()`` ends and awaits it.
+    (``tg.start``) and stops it gracefully on the way out, however the block ends (a cancelled
+    block included: the server keeps serving until then, so a shutdown inside the block can
+    still use it; the stop is bounded by ``graceful_timeout``). ``await start()`` / ``await
+    stop()`` are the same for code without a task group of its own: ``start()`` runs ``serve`` in
+    a background task of the running (asyncio) loop and ``stop()`` ends and awaits it.
 
     Stopping: stop accepting, end the long polls in progress (a waiting ``dequeue_rollout`` answers
     ``None``, a waiting ``wait_for_rollouts`` what has finished so far), let requests in flight
     finish for up to ``graceful_timeout`` seconds, then cancel the rest; when ``stop()`` returns
     no task of the server is left. Cancelling ``serve`` (or ``stop()``, or ``start()``) is a hard
     stop: listeners and connections closed, requests in flight cancelled, socket released.
+    (``async with`` is never stopped hard: see above.)
 
 Signals
     uvicorn normally installs SIGINT/SIGTERM handlers while it serves. The embedded server does
@@ -220,11 +223,17 @@ class LightningStoreServer(DelegatingStore):
         if self._server is not None:
             self._server.request_stop()
 
+    async def _serve_until_stopped(self, *, task_status: TaskStatus[None]) -> None:
+        # Shielded: the block of `async with` may still use the server while it is being
+        # cancelled (a shutdown that talks to runners); __aexit__ always stops it, gracefully.
+        with anyio.CancelScope(shield=True):
+            await self.serve(task_status=task_status)
+
     async def __aenter__(self) -> LightningStoreServer:
         tg = anyio.create_task_group()
         await tg.__aenter__()
         try:
-            await tg.start(self.serve)
+            await tg.start(self._serve_until_stopped)
         except BaseException:
             await tg.__aexit__(None, None, None)  # serve never started: the error is start()'s own
             raise
