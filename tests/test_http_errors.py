@@ -56,6 +56,23 @@ def _still_serving(http: httpx.Client) -> None:
     assert response.status_code == 200 and response.json()["input"] == "still alive"
 
 
+@pytest.mark.parametrize("path", ["/v1/enqueue_rollout", "/v1/add_span", "/v1/update_worker"])
+@pytest.mark.parametrize(
+    "body",
+    [b"[" * 60_000, b'{"input": ' + b"[" * 50_000, b'{"input": ' + b"[" * 5000 + b"]" * 5000 + b"}"],
+    ids=["open-brackets", "open-in-field", "balanced-deep"],
+)
+def test_deeply_nested_json_is_400_and_logs_no_error(
+    http: httpx.Client, path: str, body: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("ERROR", logger="agl_async"):
+        response = http.post(path, content=body)
+    assert response.status_code in (400, 422), response.text
+    _assert_error(response, response.status_code)
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+    _still_serving(http)
+
+
 def test_malformed_json_is_400(http: httpx.Client) -> None:
     for body in (b"{", b"not json", b'{"input": }', b"\xff\xfe", b'{"input": 1}}'):
         _assert_error(http.post("/v1/enqueue_rollout", content=body), 400, "malformed_json")

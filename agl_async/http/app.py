@@ -10,11 +10,12 @@
 
 Errors take one path. An endpoint raises :class:`HTTPError` (status, snake_case kind, detail); a
 store ``ValueError`` is a 400 ``value_error``; anything else is a bug, logged with its traceback and
-answered 500 ``internal_error``. Every error is the JSON body ``{"error": kind, "detail": message}``
-(:class:`~agl_async.http.protocol.ErrorBody`). The kinds: ``malformed_json``, ``bad_request``,
-``client_disconnected``, ``value_error`` (400); ``unauthorized`` (401); ``not_found`` (404);
-``method_not_allowed`` (405); ``payload_too_large`` (413); ``validation_error`` (422);
-``internal_error`` (500).
+answered 500 ``internal_error`` (a ``RecursionError`` — a body nested deeper than the decoder
+goes — is the request's fault: 400 ``malformed_json``). Every error is the JSON body
+``{"error": kind, "detail": message}`` (:class:`~agl_async.http.protocol.ErrorBody`). The kinds:
+``malformed_json``, ``bad_request``, ``client_disconnected``, ``value_error`` (400);
+``unauthorized`` (401); ``not_found`` (404); ``method_not_allowed`` (405); ``payload_too_large``
+(413); ``validation_error`` (422); ``internal_error`` (500).
 
 Adding a route that is not a store method (e.g. ``POST /v1/traces``, ``GET /metrics``, a dashboard)::
 
@@ -89,6 +90,8 @@ def _error_of(exc: Exception, where: str) -> HTTPError:
         return HTTPError(400, "value_error", str(exc))
     if isinstance(exc, ClientDisconnect):  # gone before its body arrived: nothing was applied
         return HTTPError(400, "client_disconnected", "incomplete request body")
+    if isinstance(exc, RecursionError):  # a body nested deeper than the decoder goes
+        return HTTPError(400, "malformed_json", f"JSON nested too deeply: {exc}")
     logger.error("LightningStoreServer: unexpected error in %s", where, exc_info=exc)
     return HTTPError(500, "internal_error", f"{type(exc).__name__}: {exc}")
 
