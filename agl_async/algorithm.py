@@ -23,14 +23,11 @@ from typing import Any
 import msgspec
 
 from .store.base import EnqueueRolloutRequest, LightningStore
-from .types import Rollout, RolloutConfig, RolloutMode
+from .types import REWARD_KEY, Rollout, RolloutConfig, RolloutMode
 
 __all__ = ["Algorithm", "Baseline", "PassStats", "reward_of"]
 
 logger = logging.getLogger(__name__)
-
-#: Key of the reward in ``Rollout.metadata`` (written by the runner loop before the rollout succeeds).
-REWARD_KEY = "reward"
 
 
 def reward_of(rollout: Rollout) -> float | None:

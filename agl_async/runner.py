@@ -34,10 +34,9 @@ from typing import Any, cast
 import anyio
 import anyio.to_thread
 
-from .algorithm import REWARD_KEY
 from .execution.events import ExecutionEvent
 from .store.base import LightningStore
-from .types import AttemptedRollout, Span, WorkerId
+from .types import REWARD_KEY, AttemptedRollout, Span, WorkerId
 
 __all__ = [
     "DEFAULT_HEARTBEAT_INTERVAL",

@@ -21,6 +21,7 @@ from msgspec import UNSET, UnsetType
 __all__ = [
     "ATTEMPT_STATUSES",
     "QUEUE_STATUSES",
+    "REWARD_KEY",
     "ROLLOUT_STATUSES",
     "TERMINAL_ATTEMPT_STATUSES",
     "TERMINAL_ROLLOUT_STATUSES",
@@ -59,6 +60,9 @@ TERMINAL_ROLLOUT_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "c
 TERMINAL_ATTEMPT_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "unresponsive", "timeout"})
 #: A rollout in one of these statuses is waiting in the queue.
 QUEUE_STATUSES: frozenset[str] = frozenset({"queuing", "requeuing"})
+#: Key of the reward in ``Rollout.metadata`` (the runner loop writes it before the attempt
+#: succeeds; a terminal rollout's reward never changes afterwards).
+REWARD_KEY = "reward"
 
 
 #: The marker for "leave this field as it is" in ``update_*`` calls, distinct from an explicit

@@ -18,6 +18,7 @@ to the event loop they wait on and are not carried over.
 from __future__ import annotations
 
 import heapq
+import logging
 import os
 import time
 from collections import deque
@@ -31,6 +32,7 @@ from .._validate import as_config, as_enqueue_requests, as_resources, check_seco
 from ..types import (
     ATTEMPT_STATUSES,
     QUEUE_STATUSES,
+    REWARD_KEY,
     ROLLOUT_STATUSES,
     TERMINAL_ATTEMPT_STATUSES,
     TERMINAL_ROLLOUT_STATUSES,
@@ -50,6 +52,8 @@ from ..types import (
 from .base import UNSET, EnqueueRolloutRequest, LightningStore, Unset
 
 __all__ = ["InMemoryLightningStore"]
+
+logger = logging.getLogger("agl_async.store")
 
 _LIVE_ATTEMPT_STATUSES = frozenset({"preparing", "running"})
 _MODES = frozenset({"train", "val", "test"})
@@ -302,8 +306,17 @@ class InMemoryLightningStore(LightningStore):
         self._sync_worker(attempt, now)
         if self._is_latest(attempt):
             rollout = self._rollouts[attempt.rollout_id]
-            if rollout.status != "cancelled":
+            if rollout.status not in TERMINAL_ROLLOUT_STATUSES:
                 self._set_rollout_status(rollout, _rollout_status_for(attempt, rollout.config), now)
+            elif status != previous:
+                # Terminal is final: only an explicit update_rollout / start_attempt moves it on.
+                logger.warning(
+                    "attempt %s of rollout %s is now %r; the rollout stays %r (terminal)",
+                    attempt.attempt_id,
+                    attempt.rollout_id,
+                    status,
+                    rollout.status,
+                )
 
     def _new_attempt(self, rollout: Rollout, worker_id: WorkerId | None, now: float) -> Attempt:
         attempts = self._attempts.setdefault(rollout.rollout_id, [])
@@ -359,8 +372,20 @@ class InMemoryLightningStore(LightningStore):
 
     def _heartbeat(self, attempt: Attempt, now: float) -> None:
         attempt.last_heartbeat_time = now
-        if attempt.status in ("preparing", "unresponsive"):
+        if attempt.status == "preparing" or (attempt.status == "unresponsive" and not self._is_dead(attempt)):
             self._set_attempt_status(attempt, "running", now)
+
+    def _is_dead(self, attempt: Attempt) -> bool:
+        """Whether the watchdog has ended ``attempt`` for good: ``timeout``; or ``unresponsive``
+        once its rollout has moved on (a newer attempt, or a terminal status). A dead attempt keeps
+        its verdict; an ``unresponsive`` attempt that is still the latest of a rollout waiting for
+        a retry comes back to ``running`` with its next span, heartbeat status or result."""
+        if attempt.status == "timeout":
+            return True
+        if attempt.status != "unresponsive":
+            return False
+        rollout = self._rollouts[attempt.rollout_id]
+        return not self._is_latest(attempt) or rollout.status in TERMINAL_ROLLOUT_STATUSES
 
     def _nudge_waiters(self) -> None:
         """Wake every ``wait_for_rollouts`` call so that it recomputes how long to sleep."""
@@ -572,7 +597,13 @@ class InMemoryLightningStore(LightningStore):
                 if attempt.status in _LIVE_ATTEMPT_STATUSES:
                     self._watch(attempt)  # the new limits apply to attempts already running
         if not isinstance(metadata, Unset):
-            rollout.metadata = dict(metadata) if metadata else {}
+            new_metadata = dict(metadata) if metadata else {}
+            stays_terminal = rollout.status in TERMINAL_ROLLOUT_STATUSES and (
+                isinstance(status, Unset) or status in TERMINAL_ROLLOUT_STATUSES
+            )
+            if stays_terminal:
+                _keep_reward(rollout, new_metadata)
+            rollout.metadata = new_metadata
         if not isinstance(status, Unset):
             self._set_rollout_status(rollout, status, time.time())
         return _copy(rollout)
@@ -596,6 +627,17 @@ class InMemoryLightningStore(LightningStore):
             raise ValueError(f"last_heartbeat_time must be a number, got {last_heartbeat_time!r}")
         if not isinstance(worker_id, Unset):
             check_worker_id(worker_id)
+        if not isinstance(status, Unset) and status != attempt.status and self._is_dead(attempt):
+            # A result (or any other status) arriving for an attempt the watchdog has ended:
+            # its verdict is final, and the rollout has moved on (requeued, retried or finished).
+            logger.warning(
+                "ignoring status %r for attempt %s of rollout %s: the watchdog already ended it as %r",
+                status,
+                attempt.attempt_id,
+                rollout_id,
+                attempt.status,
+            )
+            return _copy(attempt)
         now = time.time()
         if not isinstance(metadata, Unset):
             attempt.metadata = dict(metadata) if metadata else {}
@@ -824,6 +866,25 @@ class InMemoryLightningStore(LightningStore):
 
 
 _DEFAULT_CONFIG = RolloutConfig()  # only ever copied (cheaper than constructing and validating)
+
+
+def _keep_reward(rollout: Rollout, new_metadata: dict[str, Any]) -> None:
+    """A terminal rollout's reward is final: put the old one back into ``new_metadata`` (the rest
+    of the metadata may change), logging a late attempt to change it."""
+    old, new = rollout.metadata.get(REWARD_KEY, UNSET), new_metadata.get(REWARD_KEY, UNSET)
+    if old == new:
+        return
+    logger.warning(
+        "rollout %s is %s: its reward stays %r (a late update tried to make it %r)",
+        rollout.rollout_id,
+        rollout.status,
+        None if old is UNSET else old,
+        None if new is UNSET else new,
+    )
+    if old is UNSET:
+        del new_metadata[REWARD_KEY]
+    else:
+        new_metadata[REWARD_KEY] = old
 
 
 def _config_copy(config: Any) -> RolloutConfig:
