@@ -9,8 +9,19 @@ Each check raises ``ValueError`` naming the parameter and the value it got, and 
 * worker ids: a ``str`` or an ``int`` (``bool`` excluded);
 * a rollout config: a :class:`~agl_async.types.RolloutConfig` (checked again: its fields may have
   been assigned after construction) or a mapping of its fields;
-* resources: a mapping of names to values;
+* resources: a mapping of names to JSON values (the JSON rule below);
 * enqueue requests: :class:`~agl_async.types.EnqueueRolloutRequest` or mappings of its fields.
+
+The JSON rule (:func:`check_json_value`): a store keeps task inputs, metadata, resources and
+heartbeat statistics as JSON, and hands them out as they come back from JSON, whichever store and
+mode, in process or over HTTP. So a value is accepted only when it comes back *unchanged* from a
+JSON round trip: ``dict`` with ``str`` keys, ``list``, ``str``, ``int`` (64-bit), finite ``float``,
+``bool``, ``None``, nested no deeper than a few hundred levels. A tuple (which would come back as
+a list), bytes (base64 text), ``NaN`` / ``inf`` (``null``), an integer key (a string), a
+``Decimal`` or a ``datetime`` (strings), a set, an arbitrary object, or a string holding a lone
+surrogate (not encodable at all) is refused with a ``ValueError`` that names the field and says
+what is wrong, before anything is changed. Spans (:func:`check_encodable`) only need to be
+encodable: OpenTelemetry attributes are often tuples, and are stored as the JSON lists they become.
 """
 
 from __future__ import annotations
@@ -19,6 +30,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import msgspec
+
 from .types import EnqueueRolloutRequest, RolloutConfig
 
 __all__ = [
@@ -26,9 +39,14 @@ __all__ = [
     "as_enqueue_requests",
     "as_resources",
     "check_count",
+    "check_encodable",
+    "check_json_value",
     "check_seconds",
     "check_worker_id",
 ]
+
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder().decode
 
 
 def check_seconds(value: Any, name: str = "timeout", *, optional: bool = True) -> None:
@@ -53,6 +71,73 @@ def check_worker_id(worker_id: Any, *, optional: bool = True) -> None:
     if isinstance(worker_id, bool) or not isinstance(worker_id, (str, int)):
         also = " or None" if optional else ""
         raise ValueError(f"worker_id must be a string or an integer{also}, got {worker_id!r}")
+    if isinstance(worker_id, str) and not worker_id.isascii():
+        check_encodable(worker_id, "worker_id")
+
+
+def check_encodable(value: Any, what: str) -> bytes:
+    """``value`` encoded as JSON; ``ValueError`` naming ``what`` when it cannot be encoded at all
+    (a lone surrogate in a string, an object of an unknown type, an integer beyond 64 bits,
+    nesting too deep). Returns the encoding."""
+    try:
+        return _encode(value)
+    except RecursionError:
+        raise ValueError(f"{what} is nested too deeply to be stored as JSON") from None
+    except (TypeError, ValueError, OverflowError) as exc:  # UnicodeEncodeError is a ValueError
+        raise ValueError(f"{what} cannot be stored as JSON: {exc}") from None
+
+
+def check_json_value(value: Any, what: str) -> Any:
+    """The JSON rule (see the module docstring): ``value`` comes back unchanged from a JSON round
+    trip, else ``ValueError`` naming ``what`` and the part that would change. Returns ``value``."""
+    if value is None or (type(value) is str and value.isascii()):
+        return value  # the common cheap cases
+    data = check_encodable(value, what)
+    try:
+        back = _decode(data)
+    except RecursionError:
+        raise ValueError(f"{what} is nested too deeply to be stored as JSON") from None
+    if back != value:
+        raise ValueError(f"{what} does not survive a JSON round trip: {_first_change(value, back, what)}")
+    return value
+
+
+def _first_change(value: Any, back: Any, path: str) -> str:
+    """A human description of the first part of ``value`` that a JSON round trip changes
+    (``back`` is what the round trip made of it); ``""`` when ``value`` comes back equal."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{path} is {value!r}, which JSON cannot express (it would come back as null)"
+    if isinstance(value, (tuple, set, frozenset)):
+        return f"{path} is a {type(value).__name__}, which would come back as a list: use a list"
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return f"{path} is {type(value).__name__}, which would come back as base64 text: use a str"
+    if isinstance(value, Mapping) and isinstance(back, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return (
+                    f"{path} has the {type(key).__name__} key {key!r}, which would come back as "
+                    f"the string {str(key)!r}: use str keys"
+                )
+            found = _first_change(item, back.get(key), f"{path}[{key!r}]")
+            if found:
+                return found
+    elif isinstance(value, list) and isinstance(back, list) and len(value) == len(back):
+        for i, (item, item_back) in enumerate(zip(value, back, strict=True)):
+            found = _first_change(item, item_back, f"{path}[{i}]")
+            if found:
+                return found
+    if value == back:
+        return ""
+    return (
+        f"{path} is a {type(value).__name__} ({_short(value)}), which would come back as the "
+        f"{type(back).__name__} {_short(back)}: use JSON types (dict with str keys, list, str, int, "
+        "float, bool, None)"
+    )
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def as_config(config: Any) -> RolloutConfig | None:
@@ -71,10 +156,12 @@ def as_config(config: Any) -> RolloutConfig | None:
 
 
 def as_resources(resources: Any) -> dict[str, Any]:
-    """A plain ``dict`` copy of a mapping of resource names to values."""
+    """A plain ``dict`` copy of a mapping of resource names to JSON values (the JSON rule)."""
     if not isinstance(resources, Mapping):
         raise ValueError(f"resources must be a mapping of names to values, got {type(resources).__name__}")
-    return dict(resources)
+    copy = dict(resources)
+    check_json_value(copy, "resources")
+    return copy
 
 
 def as_enqueue_requests(

@@ -118,7 +118,7 @@ async def test_value_errors_come_back_as_value_errors_with_the_server_message() 
             await client.update_rollout("ro-nope", status="failed")
         with pytest.raises(ValueError, match="max_attempts"):
             await client.enqueue_rollout(1, config={"max_attempts": 0})
-        with pytest.raises(ValueError, match="JSON-serialisable"):
+        with pytest.raises(ValueError, match="input cannot be stored as JSON"):
             await client.enqueue_rollout(object())
         with pytest.raises(ValueError, match="Span"):
             await client.add_span("not a span")  # type: ignore[arg-type]

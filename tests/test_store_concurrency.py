@@ -165,7 +165,7 @@ async def test_long_polling_workers_are_woken_by_enqueues_and_claim_each_once(st
             await anyio.wait_all_tasks_blocked()  # everyone waits on an empty queue
             created = []
             for batch in range(5):
-                created += await store.enqueue_many_rollouts([{"input": (batch, j)} for j in range(20)])
+                created += await store.enqueue_many_rollouts([{"input": [batch, j]} for j in range(20)])
                 await anyio.lowlevel.checkpoint()
             await all_claimed.wait()
             tg.cancel_scope.cancel()  # cancelling the long polls claims nothing

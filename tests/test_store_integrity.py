@@ -4,13 +4,18 @@
   because of an attempt; only an explicit ``update_rollout`` / ``start_attempt`` moves it on.
 * An attempt the watchdog ended (``timeout``; ``unresponsive`` once its rollout moved on) keeps its
   verdict: a late result is refused (nothing changes) and logged.
+* What the store keeps is JSON: a value that cannot be encoded is refused where it enters, and
+  task inputs, metadata, resources and heartbeat statistics must come back unchanged from a JSON
+  round trip (the JSON rule, ``agl_async._validate``), in every store and over HTTP alike.
 
 Every wait is bounded by ``anyio.fail_after`` (a hang guard, not a timing claim).
 """
 
 from __future__ import annotations
 
+import decimal
 import logging
+import math
 from typing import Any
 
 import anyio
@@ -142,3 +147,109 @@ async def test_an_unresponsive_attempt_comes_back_only_while_its_rollout_waits(s
     await store.update_attempt(clock.rollout_id, clock.attempt.attempt_id, status="succeeded")
     attempt = await store.get_latest_attempt(clock.rollout_id)
     assert attempt is not None and attempt.status == "unresponsive"
+
+
+# ---------------------------------------------------------------------------- JSON at the door
+BAD_VALUES = [
+    pytest.param("lone \ud800 surrogate", id="surrogate"),
+    pytest.param(math.nan, id="nan"),
+    pytest.param(math.inf, id="inf"),
+    pytest.param((1, 2), id="tuple"),
+    pytest.param(b"bytes", id="bytes"),
+    pytest.param({1: "int key"}, id="int-key"),
+    pytest.param(decimal.Decimal("0.5"), id="decimal"),
+    pytest.param({1, 2}, id="set"),
+    pytest.param(object(), id="object"),
+]
+
+
+def _nested(depth: int) -> Any:
+    value: Any = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("bad", [*BAD_VALUES, pytest.param(_nested(5000), id="deep")])
+async def test_what_does_not_survive_json_is_refused_at_entry(store: LightningStore, bad: Any) -> None:
+    with pytest.raises(ValueError, match="input"):
+        await store.enqueue_rollout({"text": bad})
+    with pytest.raises(ValueError, match="input"):
+        await store.enqueue_many_rollouts([{"input": 1}, {"input": [bad]}])
+    with pytest.raises(ValueError, match="metadata"):
+        await store.start_rollout(1, metadata={"m": bad})
+    with pytest.raises(ValueError, match="resources"):
+        await store.add_resources({"model": bad})
+    assert await store.query_rollouts() == []
+    assert await store.query_resources() == []
+    started = await store.start_rollout("ok")
+    resources = await store.add_resources({"model": "m"})
+    with pytest.raises(ValueError, match="input"):
+        await store.update_rollout(started.rollout_id, input=bad)
+    with pytest.raises(ValueError, match="metadata"):
+        await store.update_rollout(started.rollout_id, metadata={"m": bad})
+    with pytest.raises(ValueError, match="metadata"):
+        await store.update_attempt(started.rollout_id, "latest", metadata={"m": bad})
+    with pytest.raises(ValueError, match="resources"):
+        await store.update_resources(resources.resources_id, {"model": bad})
+    with pytest.raises(ValueError, match="heartbeat_stats"):
+        await store.update_worker("w", heartbeat_stats={"s": bad})
+    got = await store.get_rollout_by_id(started.rollout_id)
+    assert got is not None and (got.input, got.metadata) == ("ok", {})
+    latest = await store.get_resources_by_id(resources.resources_id)
+    assert latest is not None and (latest.resources, latest.version) == ({"model": "m"}, 1)
+    assert await store.query_workers() == []  # the bad heartbeat registered no worker
+
+
+async def test_the_refusal_says_what_would_change(store: LightningStore) -> None:
+    with pytest.raises(ValueError, match=r"input\['pair'\] is a tuple, which would come back as a list"):
+        await store.enqueue_rollout({"pair": (1, 2)})
+    with pytest.raises(ValueError, match=r"nan.*null"):
+        await store.enqueue_rollout([1.0, math.nan])
+    with pytest.raises(ValueError, match=r"int key 1.*use str keys"):
+        await store.enqueue_rollout({1: "a"})
+
+
+@pytest.mark.parametrize(
+    "good",
+    [
+        {"q": "2+2", "choices": [1, 2.5, True, None], "nested": {"deep": [[{"k": "v"}]]}},
+        "ünïcödé ✓",
+        2**63 - 1,
+        -(2**63),
+        [],
+        0.1,
+    ],
+)
+async def test_json_values_arrive_exactly_as_enqueued(store: LightningStore, good: Any) -> None:
+    await store.enqueue_rollout(good, metadata={"same": good})
+    claimed = await store.dequeue_rollout()
+    assert claimed is not None
+    assert claimed.input == good and type(claimed.input) is type(good)
+    assert claimed.metadata == {"same": good}
+
+
+async def test_spans_must_be_encodable(store: LightningStore) -> None:
+    started = await store.start_rollout("task")
+    rid, aid = started.rollout_id, started.attempt.attempt_id
+    with pytest.raises(ValueError):
+        await store.add_span(make_span(rid, aid, 1, name="lone \udc00"))
+    with pytest.raises(ValueError):
+        bad = make_span(rid, aid, 3, attributes={"x": object()})
+        await store.add_many_spans([make_span(rid, aid, 2), bad])
+    assert await store.query_spans(rid) == []
+    # OpenTelemetry attribute values are often tuples: a span only has to be encodable.
+    await store.add_span(make_span(rid, aid, 4, attributes={"tags": ("a", "b")}))
+    (span,) = await store.query_spans(rid)
+    assert list(span.attributes["tags"]) == ["a", "b"]
+
+
+async def test_a_surrogate_in_a_worker_id_is_refused(store: LightningStore) -> None:
+    await store.enqueue_rollout("task")
+    with pytest.raises(ValueError, match=r"worker_id|JSON"):
+        await store.dequeue_rollout(worker_id="w\ud800")
+    with pytest.raises(ValueError, match=r"worker_id|JSON"):
+        await store.update_worker("w\ud800")
+    assert await store.query_workers() == []
+    claimed = await store.dequeue_rollout(worker_id="w")
+    assert claimed is not None  # the refused dequeue claimed nothing

@@ -46,7 +46,7 @@ import httpx
 import msgspec
 
 from .._backend import loop_identity
-from .._validate import as_config, as_enqueue_requests, as_resources
+from .._validate import as_config, as_enqueue_requests, as_resources, check_json_value
 from ..store.base import LightningStore
 from ..types import AttemptedRollout, AttemptStatus, Rollout, Span, Unset, WorkerId
 from . import protocol as p
@@ -95,13 +95,34 @@ def _as_config_or_unset(config: Any) -> Any:
     return config if isinstance(config, Unset) else as_config(config)
 
 
+def _json_rule(name: str) -> Callable[[Any], Any]:
+    """The JSON rule of the stores, checked here: the wire would silently change what it breaks
+    (NaN to null, a tuple to a list), so the server could not tell."""
+
+    def check(value: Any) -> Any:
+        return value if isinstance(value, Unset) else check_json_value(value, name)
+
+    return check
+
+
+def _as_checked_requests(rollouts: Any) -> Any:
+    requests = as_enqueue_requests(rollouts)
+    for request in requests:
+        check_json_value(request.input, "input")
+        check_json_value(request.metadata, "metadata")
+    return requests
+
+
 #: Arguments checked and converted on this side, by parameter name, whatever the method: what the
 #: in-process store accepts (mappings for structs, any sequence) becomes what the wire carries.
 _PREPARE: dict[str, Callable[[Any], Any]] = {
     "config": _as_config_or_unset,
     "resources": as_resources,
-    "rollouts": as_enqueue_requests,
+    "rollouts": _as_checked_requests,
     "spans": _as_spans,
+    "input": _json_rule("input"),
+    "metadata": _json_rule("metadata"),
+    "heartbeat_stats": _json_rule("heartbeat_stats"),
 }
 
 M = TypeVar("M", bound=Callable[..., Coroutine[Any, Any, Any]])
@@ -255,7 +276,7 @@ class LightningStoreClient(LightningStore):
         name = spec.name
         try:
             content = _encoder.encode(body)
-        except (TypeError, ValueError, OverflowError) as exc:
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
             raise ValueError(f"{name}: arguments are not JSON-serialisable: {exc}") from None
         headers = self._headers
         if spec.mutating:

@@ -28,7 +28,15 @@ from typing import Any, Literal, TypeVar
 import anyio
 import msgspec
 
-from .._validate import as_config, as_enqueue_requests, as_resources, check_seconds, check_worker_id
+from .._validate import (
+    as_config,
+    as_enqueue_requests,
+    as_resources,
+    check_encodable,
+    check_json_value,
+    check_seconds,
+    check_worker_id,
+)
 from ..types import (
     ATTEMPT_STATUSES,
     QUEUE_STATUSES,
@@ -208,14 +216,23 @@ class InMemoryLightningStore(LightningStore):
     # ------------------------------------------------------------------ validation
     @staticmethod
     def _check_rollout_args(
-        mode: Any, resources_id: Any, config: Any, metadata: Any, resources: Mapping[str, ResourcesUpdate]
+        mode: Any,
+        resources_id: Any,
+        config: Any,
+        metadata: Any,
+        resources: Mapping[str, ResourcesUpdate],
+        input: Any = UNSET,
     ) -> RolloutConfig:
         if mode is not None and mode not in _MODES:
             raise ValueError(f"unknown rollout mode {mode!r}; expected one of {sorted(_MODES)}")
         if resources_id is not None and resources_id not in resources:
             raise ValueError(f"resources {resources_id!r} not found")
-        if metadata is not None and not isinstance(metadata, dict):
-            raise ValueError(f"metadata must be a dict or None, got {type(metadata).__name__}")
+        if metadata is not None:
+            if not isinstance(metadata, dict):
+                raise ValueError(f"metadata must be a dict or None, got {type(metadata).__name__}")
+            check_json_value(metadata, "metadata")
+        if input is not UNSET:
+            check_json_value(input, "input")
         return _config_copy(config)
 
     # ------------------------------------------------------------------ watchdog
@@ -409,8 +426,13 @@ class InMemoryLightningStore(LightningStore):
         config: RolloutConfig | None,
         metadata: dict[str, Any] | None,
         now: float,
+        checked: RolloutConfig | None = None,
     ) -> Rollout:
-        cfg = self._check_rollout_args(mode, resources_id, config, metadata, self._resources)
+        """A new rollout in the store; ``checked``: the arguments were checked already (this is
+        the config :meth:`_check_rollout_args` made of them)."""
+        cfg = checked or self._check_rollout_args(
+            mode, resources_id, config, metadata, self._resources, input
+        )
         rollout = Rollout(
             rollout_id=_new_id("ro"),
             input=input,
@@ -452,12 +474,17 @@ class InMemoryLightningStore(LightningStore):
     ) -> list[Rollout]:
         self._settle_deadlines()
         requests = as_enqueue_requests(rollouts)
-        for r in requests:  # validate all before creating any: nothing half-applied
-            self._check_rollout_args(r.mode, r.resources_id, r.config, r.metadata, self._resources)
+        # Validate all before creating any: nothing half-applied.
+        configs = [
+            self._check_rollout_args(r.mode, r.resources_id, r.config, r.metadata, self._resources, r.input)
+            for r in requests
+        ]
         now = time.time()
         out = []
-        for r in requests:
-            rollout = self._create_rollout(r.input, r.mode, r.resources_id, r.config, r.metadata, now)
+        for r, config in zip(requests, configs, strict=True):
+            rollout = self._create_rollout(
+                r.input, r.mode, r.resources_id, r.config, r.metadata, now, checked=config
+            )
             self._enqueue(rollout)
             out.append(_copy(rollout))
         return out
@@ -583,6 +610,7 @@ class InMemoryLightningStore(LightningStore):
             None,
             None if metadata is UNSET else metadata,
             self._resources,
+            input,
         )
         new_config = None if config is UNSET else _config_copy(config)
         if not isinstance(input, Unset):
@@ -623,6 +651,8 @@ class InMemoryLightningStore(LightningStore):
             raise ValueError(f"unknown attempt status {status!r}; expected one of {sorted(ATTEMPT_STATUSES)}")
         if not isinstance(metadata, (Unset, dict)) and metadata is not None:
             raise ValueError(f"metadata must be a dict or None, got {type(metadata).__name__}")
+        if isinstance(metadata, dict):
+            check_json_value(metadata, "metadata")
         if not isinstance(last_heartbeat_time, (Unset, int, float)) or isinstance(last_heartbeat_time, bool):
             raise ValueError(f"last_heartbeat_time must be a number, got {last_heartbeat_time!r}")
         if not isinstance(worker_id, Unset):
@@ -738,6 +768,7 @@ class InMemoryLightningStore(LightningStore):
             raise ValueError(f"span sequence_id must be an integer, got {span.sequence_id!r}")
         if type(span.attributes) is not dict or type(span.events) is not list:
             raise ValueError("span attributes must be a dict and events a list")
+        check_encodable(span, f"span {span.span_id!r}")
         return attempt
 
     def _store_span(self, span: Span, now: float) -> Span:
@@ -829,6 +860,8 @@ class InMemoryLightningStore(LightningStore):
         check_worker_id(worker_id, optional=False)
         if not isinstance(heartbeat_stats, (Unset, dict)):
             raise ValueError(f"heartbeat_stats must be a dict, got {type(heartbeat_stats).__name__}")
+        if isinstance(heartbeat_stats, dict):
+            check_json_value(heartbeat_stats, "heartbeat_stats")
         now = time.time()
         worker = self._worker(worker_id)
         worker.last_heartbeat_time = now
