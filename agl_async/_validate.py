@@ -10,7 +10,8 @@ Each check raises ``ValueError`` naming the parameter and the value it got, and 
 * a rollout config: a :class:`~agl_async.types.RolloutConfig` (checked again: its fields may have
   been assigned after construction) or a mapping of its fields;
 * resources: a mapping of names to JSON values (the JSON rule below);
-* enqueue requests: :class:`~agl_async.types.EnqueueRolloutRequest` or mappings of its fields.
+* enqueue requests: :class:`~agl_async.types.EnqueueRolloutRequest` or mappings of its fields;
+* a ``limit`` (``dequeue_many_rollouts``): an ``int`` ``>= 0``.
 
 The JSON rule (:func:`check_json_value`): a store keeps task inputs, metadata, resources and
 heartbeat statistics as JSON, and hands them out as they come back from JSON, whichever store and
@@ -41,6 +42,7 @@ __all__ = [
     "check_count",
     "check_encodable",
     "check_json_value",
+    "check_limit",
     "check_seconds",
     "check_worker_id",
 ]
@@ -73,6 +75,12 @@ def check_worker_id(worker_id: Any, *, optional: bool = True) -> None:
         raise ValueError(f"worker_id must be a string or an integer{also}, got {worker_id!r}")
     if isinstance(worker_id, str) and not worker_id.isascii():
         check_encodable(worker_id, "worker_id")
+
+
+def check_limit(limit: Any) -> None:
+    """``limit`` (of ``dequeue_many_rollouts``) is an ``int`` ``>= 0`` (``bool`` is not)."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise ValueError(f"limit must be an integer >= 0, got {limit!r}")
 
 
 def check_encodable(value: Any, what: str) -> bytes:

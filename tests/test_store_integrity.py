@@ -7,6 +7,7 @@
 * What the store keeps is JSON: a value that cannot be encoded is refused where it enters, and
   task inputs, metadata, resources and heartbeat statistics must come back unchanged from a JSON
   round trip (the JSON rule, ``agl_async._validate``), in every store and over HTTP alike.
+* ``dequeue_many_rollouts(limit=...)`` takes an integer ``>= 0``.
 
 Every wait is bounded by ``anyio.fail_after`` (a hang guard, not a timing claim).
 """
@@ -253,3 +254,13 @@ async def test_a_surrogate_in_a_worker_id_is_refused(store: LightningStore) -> N
     assert await store.query_workers() == []
     claimed = await store.dequeue_rollout(worker_id="w")
     assert claimed is not None  # the refused dequeue claimed nothing
+
+
+# ----------------------------------------------------------------------------------- arguments
+@pytest.mark.parametrize("limit", [-5, -1, True, 1.5, "2", None])
+async def test_dequeue_many_limit_must_be_a_non_negative_integer(store: LightningStore, limit: Any) -> None:
+    await store.enqueue_rollout("task")
+    with pytest.raises(ValueError, match="limit"):
+        await store.dequeue_many_rollouts(limit=limit)
+    assert await store.dequeue_many_rollouts(limit=0) == []
+    assert len(await store.dequeue_many_rollouts(limit=5)) == 1

@@ -28,7 +28,7 @@ import abc
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, cast
 
-from .._validate import as_enqueue_requests, check_seconds
+from .._validate import as_enqueue_requests, check_limit, check_seconds
 from ..types import (
     UNSET,
     Attempt,
@@ -142,9 +142,11 @@ class LightningStore(abc.ABC):
     async def dequeue_many_rollouts(
         self, *, limit: int = 1, worker_id: WorkerId | None = None
     ) -> list[AttemptedRollout]:
-        """Claim up to ``limit`` rollouts in FIFO order (fewer when the queue runs out)."""
+        """Claim up to ``limit`` rollouts in FIFO order (fewer when the queue runs out); ``limit``
+        is an integer ``>= 0`` (else ``ValueError``)."""
+        check_limit(limit)
         out: list[AttemptedRollout] = []
-        for _ in range(max(limit, 0)):
+        for _ in range(limit):
             claimed = await self.dequeue_rollout(worker_id=worker_id)
             if claimed is None:
                 break

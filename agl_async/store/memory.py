@@ -34,6 +34,7 @@ from .._validate import (
     as_resources,
     check_encodable,
     check_json_value,
+    check_limit,
     check_seconds,
     check_worker_id,
 )
@@ -556,11 +557,12 @@ class InMemoryLightningStore(LightningStore):
     async def dequeue_many_rollouts(
         self, *, limit: int = 1, worker_id: WorkerId | None = None
     ) -> list[AttemptedRollout]:
+        check_limit(limit)
         check_worker_id(worker_id)
         self._settle_deadlines()
         now = time.time()
         out = []
-        for _ in range(max(limit, 0)):
+        for _ in range(limit):
             rollout = self._pop_queued()
             if rollout is None:
                 break
