@@ -245,22 +245,22 @@ async def test_main_thread_runner_waits_for_the_algorithm_to_return_by_itself() 
     assert order == ["runner", "algorithm (event set: False)"]
 
 
-async def test_main_thread_runner_algorithm_returning_first_does_not_stop_the_runner() -> None:
-    algorithm_done = anyio.Event()
-    seen: list[bool] = []
+async def test_main_thread_runner_the_algorithm_returning_ends_the_run() -> None:
+    # As in client-server mode with main_process="runner": the runner would otherwise wait for
+    # work forever once the algorithm is done (issue 16: the debugging setup never returned).
+    seen: list[str] = []
 
     async def algorithm(store: LightningStore, event: ExecutionEvent) -> None:
-        algorithm_done.set()
+        pass
 
     async def runner(store: LightningStore, worker_id: int, event: ExecutionEvent) -> None:
-        await algorithm_done.wait()
-        await anyio.sleep(GRACE)
-        seen.append(event.is_set())
+        await event.wait()
+        seen.append("stopped by the event")
 
-    strategy = SharedMemoryExecutionStrategy(main_thread="runner", graceful_delay=0)
+    strategy = SharedMemoryExecutionStrategy(main_thread="runner", graceful_delay=GUARD)
     with anyio.fail_after(GUARD):
         await strategy.execute(algorithm, runner, InMemoryLightningStore())
-    assert seen == [False]
+    assert seen == ["stopped by the event"]
 
 
 async def test_event_set_from_a_thread_starts_the_grace_period_for_everyone() -> None:

@@ -7,10 +7,11 @@ processes. The bundles share a :class:`~agl_async.execution.events.ThreadingExec
 
 Stop and cancellation semantics (implemented by :class:`~agl_async.execution.supervision.Supervisor`):
 
-* ``main_thread="algorithm"``: when the algorithm returns, the event is set; bundles still running
-  get ``graceful_delay`` seconds (a deadline on their cancel scope) and are then cancelled.
+* When the algorithm returns, the event is set; bundles still running get ``graceful_delay``
+  seconds (a deadline on their cancel scope) and are then cancelled. This holds for both values
+  of ``main_thread``: the run is over when the algorithm is (as in client-server mode).
 * ``main_thread="runner"`` (one runner): when the runner returns, the algorithm is awaited until it
-  returns by itself; the algorithm returning first does not stop the runner.
+  returns by itself (the runner returning sets nothing).
 * The event being set by anyone — a bundle, a thread — starts the same grace period for all
   bundles still running.
 * A bundle raising sets the event, the others get the grace period, and ``execute`` re-raises
@@ -77,9 +78,10 @@ class SharedMemoryExecutionStrategy(ExecutionStrategy):
         supervisor = Supervisor(event, self.graceful_delay, "graceful_delay")
 
         def algorithm_returned() -> None:
-            if self.main_thread == "algorithm":
-                logger.info("algorithm returned: setting the stop event")
-                event.set()
+            # Whatever main_thread says: with "runner", a runner would otherwise wait for work
+            # forever once the algorithm has finished (the run never returned).
+            logger.info("algorithm returned: setting the stop event")
+            event.set()
 
         supervisor.add_bundle("algorithm", algorithm, bundle_store, event, on_return=algorithm_returned)
         for worker_id in range(self.n_runners):
