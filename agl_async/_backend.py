@@ -8,9 +8,12 @@ never starts, imports or changes an event loop (trio is imported only when it is
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Literal
 
-__all__ = ["current_async_library", "loop_identity", "running_asyncio_loop"]
+import anyio
+
+__all__ = ["current_async_library", "loop_identity", "running_asyncio_loop", "threadsafe_setter"]
 
 
 def running_asyncio_loop() -> asyncio.AbstractEventLoop | None:
@@ -34,3 +37,33 @@ def loop_identity() -> object:
     import trio
 
     return trio.lowlevel.current_root_task()
+
+
+def threadsafe_setter(event: anyio.Event) -> Callable[[], None]:
+    """A callable that sets ``event`` (of the running loop) from any thread: through the loop's
+    thread-safe scheduling call (``call_soon_threadsafe`` on asyncio, the trio token's
+    ``run_sync_soon``). Called after that loop has ended, it does nothing: nobody waits any more.
+    Call this function itself from async code, on the loop that waits on ``event``."""
+    loop = running_asyncio_loop()
+    if loop is not None:
+        running = loop
+
+        def wake_asyncio() -> None:
+            try:
+                running.call_soon_threadsafe(event.set)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                pass
+
+        return wake_asyncio
+
+    import trio  # the only other backend anyio runs on
+
+    token = trio.lowlevel.current_trio_token()
+
+    def wake_trio() -> None:
+        try:
+            token.run_sync_soon(event.set)
+        except trio.RunFinishedError:
+            pass
+
+    return wake_trio

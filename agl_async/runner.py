@@ -32,8 +32,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import anyio
-import anyio.to_thread
 
+from ._threads import run_in_daemon_thread
 from .execution.events import ExecutionEvent
 from .store.base import LightningStore
 from .types import REWARD_KEY, AttemptedRollout, Span, WorkerId
@@ -161,18 +161,16 @@ async def _heartbeat(
 async def call_agent(agent: Agent, rollout: AttemptedRollout, resources: dict[str, Any]) -> Any:
     """The one place where an attempt's agent call runs: ``agent(rollout.input, resources)``.
 
-    An async agent is awaited on this task; a sync one runs in a worker thread, which keeps the
-    loop free and is abandoned (not interrupted) when this call is cancelled. What wraps the agent
-    call as a whole (a tracing context, a concurrency slot) wraps this function.
+    An async agent is awaited on this task; a sync one runs in a daemon thread of its own, which
+    keeps the loop free and is abandoned (not interrupted) when this call is cancelled, and never
+    keeps the process alive (:mod:`agl_async._threads`). What wraps the agent call as a whole (a
+    tracing context, a concurrency slot) wraps this function.
     """
     task_input = rollout.input
     if _is_async_callable(agent):
         result: Any = await cast(Callable[..., Awaitable[Any]], agent)(task_input, resources)
     else:
-        # A worker thread keeps the loop free; abandoned (not interrupted) on cancellation.
-        result = await anyio.to_thread.run_sync(
-            functools.partial(agent, task_input, resources), abandon_on_cancel=True
-        )
+        result = await run_in_daemon_thread(agent, task_input, resources, name=f"agent {rollout.rollout_id}")
     if inspect.isawaitable(result):
         result = await result
     return result

@@ -27,7 +27,7 @@ from typing import Any, Protocol, runtime_checkable
 import anyio
 from anyio.lowlevel import checkpoint
 
-from .._backend import running_asyncio_loop
+from .._backend import threadsafe_setter
 
 __all__ = ["ExecutionEvent", "ProcessExecutionEvent", "ThreadingExecutionEvent"]
 
@@ -46,33 +46,6 @@ class ExecutionEvent(Protocol):
     def is_set(self) -> bool: ...
 
     async def wait(self) -> None: ...
-
-
-def _threadsafe_waker(event: anyio.Event) -> Callable[[], None]:
-    """Return a callable that sets ``event`` (bound to the running loop) from any thread."""
-    loop = running_asyncio_loop()
-    if loop is not None:
-        running = loop
-
-        def wake_asyncio() -> None:
-            try:
-                running.call_soon_threadsafe(event.set)
-            except RuntimeError:  # the loop is closed: nobody is waiting any more
-                pass
-
-        return wake_asyncio
-
-    import trio  # the only other backend anyio runs on
-
-    token = trio.lowlevel.current_trio_token()
-
-    def wake_trio() -> None:
-        try:
-            token.run_sync_soon(event.set)
-        except trio.RunFinishedError:
-            pass
-
-    return wake_trio
 
 
 class ThreadingExecutionEvent:
@@ -108,7 +81,7 @@ class ThreadingExecutionEvent:
 
     async def wait(self) -> None:
         woken = anyio.Event()
-        wake = _threadsafe_waker(woken)
+        wake = threadsafe_setter(woken)
         with self._lock:
             already = self._flag
             if not already:
