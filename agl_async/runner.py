@@ -13,8 +13,22 @@ rollouts and while it waits for work; the rollout it holds when the event is set
 first (the strategy's grace period). If the runner is cancelled while the agent runs (grace over,
 Ctrl-C), the attempt is marked ``failed`` with ``error = "cancelled"`` under a shielded, bounded
 scope before the cancellation propagates, so no attempt is left ``running`` by a runner that is
-gone; a synchronous agent's worker thread is abandoned (it cannot be interrupted) and its result
-discarded.
+gone; a synchronous agent's thread is abandoned (it cannot be interrupted) and its result
+discarded. Synchronous agents run in daemon threads of their own (:mod:`agl_async._threads`), so an
+abandoned one never keeps the process alive after the run.
+
+Time limits: a rollout whose ``config.timeout_seconds`` is set has its agent call cancelled when
+that time has passed since the claim (an async agent at its next ``await``; a sync agent's thread
+abandoned), and the attempt is recorded ``timeout`` — the status the store's watchdog gives it too,
+so retries follow ``retry_condition`` either way. An agent's result that arrives for an attempt the
+store has already ended (the watchdog, a newer attempt) is discarded and logged.
+
+What an agent raises fails its attempt, whatever it is: an ``Exception`` (even one whose ``str()``
+raises) is recorded and the runner goes on; ``KeyboardInterrupt`` / ``SystemExit`` are recorded
+and then re-raised as themselves (they end the run, and ``fit`` raises them). A reward must be a
+real number (``int``, ``float``, ``bool``, ``Fraction``, ``Decimal``, numpy scalars — anything with
+``__float__`` that is not complex), converted to a finite ``float``; ``NaN``, infinities and other
+types fail the attempt with an error saying so.
 
 :class:`RunnerBundle` is the picklable ``runner(store, worker_id, event)`` the trainer hands to
 the execution strategy.
@@ -22,9 +36,12 @@ the execution strategy.
 
 from __future__ import annotations
 
+import decimal
 import functools
 import inspect
 import logging
+import math
+import numbers
 import time
 import traceback
 import uuid
@@ -83,11 +100,41 @@ def _is_async_callable(fn: Any) -> bool:
 
 
 def _as_reward(value: Any) -> float | None:
+    """The agent's result as a reward: ``None``, or a real number as a finite ``float``."""
     if value is None:
         return None
-    if isinstance(value, (bool, int, float)):
-        return float(value)
-    raise TypeError(f"the agent must return a float reward or None, got {type(value).__name__}: {value!r}")
+    is_real = isinstance(value, (numbers.Real, decimal.Decimal)) or (
+        hasattr(type(value), "__float__") and not isinstance(value, (numbers.Complex, str, bytes))
+    )
+    if not is_real:
+        raise TypeError(
+            f"the agent must return a real number (the reward) or None, got {type(value).__name__}: "
+            f"{_safe_repr(value)}"
+        )
+    try:
+        reward = float(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ValueError(f"the reward {_safe_repr(value)} cannot be converted to a float: {exc}") from None
+    if not math.isfinite(reward):
+        raise ValueError(f"the reward must be a finite number, got {_safe_repr(value)}")
+    return reward
+
+
+def _safe_repr(value: Any) -> str:
+    try:
+        return repr(value)[:200]
+    except Exception:
+        return f"<{type(value).__name__} (repr() failed)>"
+
+
+def describe_error(exc: BaseException) -> str:
+    """``"<Type>: <message>"`` for the attempt's metadata and the log; never raises (an exception
+    whose ``__str__`` raises is still described)."""
+    try:
+        message = str(exc)
+    except Exception as inner:
+        message = f"<str() raised {type(inner).__name__}>"
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
 async def _dequeue_until_stopped(
@@ -207,6 +254,7 @@ async def _run_attempt(
     """:func:`run_rollout` up to, not including, marking the attempt ``succeeded`` (the caller
     does that, possibly together with the next dequeue). Returns ``(succeeded, reward)``; a failure
     is already recorded when ``succeeded`` is false."""
+    claimed_at = time.monotonic()
     rollout_id, attempt_id = rollout.rollout_id, rollout.attempt.attempt_id
     await store.update_attempt(rollout_id, attempt_id, status="running", worker_id=worker_id)
     resources: dict[str, Any] = {}
@@ -214,20 +262,33 @@ async def _run_attempt(
         update = await store.get_resources_by_id(rollout.resources_id)
         if update is not None:
             resources = dict(update.resources)
-    unresponsive = rollout.config.unresponsive_seconds
+    config = rollout.config
+    unresponsive = config.unresponsive_seconds
     interval = heartbeat_interval if unresponsive is None else min(heartbeat_interval, unresponsive / 3)
+    # The agent may run until the rollout's timeout, counted from the claim (the store's watchdog
+    # counts from the attempt's creation, a moment earlier: both end it as "timeout").
+    limit = math.inf if config.timeout_seconds is None else config.timeout_seconds
+    deadline = claimed_at + limit
 
     started = time.time()
     reward: float | None = None
     error: BaseException | None = None
     error_traceback = ""
+    timed_out = False
     try:
         async with anyio.create_task_group() as tg:
             if interval > 0:
                 tg.start_soon(_heartbeat, store, worker_id, rollout_id, attempt_id, interval)
+            # The agent's call runs here, in the host of the task group, and whatever it raises is
+            # caught here: only a cancellation of this runner leaves the task group as an
+            # exception (never an exception group around the agent's own error).
             try:
-                reward = _as_reward(await call_agent(agent, rollout, resources))
-            except Exception as exc:
+                with anyio.move_on_after(max(deadline - time.monotonic(), 0.0)) as time_limit:
+                    reward = _as_reward(await call_agent(agent, rollout, resources))
+                timed_out = time_limit.cancelled_caught
+            except anyio.get_cancelled_exc_class():
+                raise
+            except BaseException as exc:  # the agent's error, recorded below
                 error, error_traceback = exc, traceback.format_exc()
             finally:
                 tg.cancel_scope.cancel()
@@ -243,14 +304,27 @@ async def _run_attempt(
         raise
     ended = time.time()
 
+    if timed_out:
+        message = (
+            f"TimeoutError: the agent ran longer than the rollout's timeout_seconds={limit:g} "
+            "and its call was cancelled"
+        )
+        logger.warning("runner %s: rollout %s: %s", worker_id, rollout_id, message)
+        await store.update_attempt(rollout_id, attempt_id, status="timeout", metadata={"error": message})
+        return False, None
     if error is not None:
-        logger.warning("runner %s: rollout %s failed: %r", worker_id, rollout_id, error)
+        description = describe_error(error)
+        logger.warning("runner %s: rollout %s failed: %s", worker_id, rollout_id, description)
         await store.update_attempt(
             rollout_id,
             attempt_id,
             status="failed",
-            metadata={"error": f"{type(error).__name__}: {error}", "traceback": error_traceback},
+            metadata={"error": description, "traceback": error_traceback},
         )
+        if not isinstance(error, Exception):  # KeyboardInterrupt, SystemExit: recorded, then raised
+            raise error
+        return False, None
+    if unresponsive is not None and not await _still_ours(store, worker_id, rollout_id, attempt_id):
         return False, None
     if reward is not None:
         sequence_id = await store.get_next_span_sequence_id(rollout_id, attempt_id)
@@ -271,6 +345,24 @@ async def _run_attempt(
         # Written before the attempt succeeds, so whoever is woken by the success sees the reward.
         await store.update_rollout(rollout_id, metadata={**rollout.metadata, REWARD_KEY: reward})
     return True, reward
+
+
+async def _still_ours(store: LightningStore, worker_id: WorkerId, rollout_id: str, attempt_id: str) -> bool:
+    """Whether the attempt is still its rollout's latest and not ended by the watchdog; a result
+    for one that is not would set a reward on a rollout that has moved on: discarded, logged.
+    (Asked only for rollouts with ``unresponsive_seconds``: time limits are enforced here.)"""
+    latest = await store.get_latest_attempt(rollout_id)
+    if latest is not None and latest.attempt_id == attempt_id and latest.status != "timeout":
+        return True
+    verdict = "a newer attempt" if latest is not None and latest.attempt_id != attempt_id else "the watchdog"
+    logger.warning(
+        "runner %s: rollout %s: attempt %s was ended by %s while its agent ran; its result is discarded",
+        worker_id,
+        rollout_id,
+        attempt_id,
+        verdict,
+    )
+    return False
 
 
 async def runner_loop(
@@ -302,12 +394,14 @@ async def runner_loop(
         more = (max_rollouts is None or done < max_rollouts) and not event.is_set()
         if succeeded and more:
             # One call (one round trip over HTTP) ends this attempt and claims the next rollout.
+            # Without waiting when the store's wait can be raced against the event instead
+            # (_next_rollout does that next): a wait here would not see the event.
             rollout = await store.finish_and_dequeue(
                 rollout.rollout_id,
                 rollout.attempt.attempt_id,
                 "succeeded",
                 worker_id=worker_id,
-                timeout=_LONG_POLL_TIMEOUT if long_poll else None,
+                timeout=_LONG_POLL_TIMEOUT if long_poll and not store.long_poll_is_cancel_safe else None,
             )
             if rollout is None:
                 rollout = await _next_rollout(store, worker_id, event, long_poll)

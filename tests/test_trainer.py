@@ -138,7 +138,7 @@ async def test_non_numeric_result_fails_the_attempt(store: LightningStore) -> No
     await run_until_done(store, lambda task, resources: "great", [rollout.rollout_id])
     attempt = await store.get_latest_attempt(rollout.rollout_id)
     assert attempt is not None and attempt.status == "failed"
-    assert attempt.metadata["error"].startswith("TypeError: the agent must return a float reward or None")
+    assert attempt.metadata["error"].startswith("TypeError: the agent must return a real number")
 
 
 @pytest.mark.anyio
