@@ -7,27 +7,35 @@ rewards. The :class:`~agl_async.trainer.Trainer` sets :attr:`Algorithm.store` (a
 
 Shutdown: when ``run`` returns, the run is over — the execution strategy sets the stop event and
 the runners finish the rollout they hold (within the strategy's grace period) and return. When
-the run is stopped from outside (Ctrl-C, a runner crashing), ``run`` is cancelled at its next
-``await``: write algorithms so that a cancellation at any ``await`` leaves nothing half-done that
-matters (the store makes every single call atomic).
+the run is stopped from outside (Ctrl-C, SIGTERM, a runner crashing), the stop event is set
+first: an algorithm sees it as :attr:`Algorithm.stop_event` (``self.stopping``, and
+:meth:`Algorithm.until_stopped` to wait for something unless the run stops first) and may end
+promptly by itself — :class:`Baseline` does. One that does not is cancelled at its next ``await``
+once the grace period is over: write algorithms so that a cancellation at any ``await`` leaves
+nothing half-done that matters (the store makes every single call atomic).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
+import anyio
 import msgspec
 
+from .execution.events import ExecutionEvent
 from .store.base import EnqueueRolloutRequest, LightningStore
 from .types import REWARD_KEY, Rollout, RolloutConfig, RolloutMode
 
-__all__ = ["Algorithm", "Baseline", "PassStats", "reward_of"]
+__all__ = ["Algorithm", "Baseline", "PassStats", "check_algorithm", "reward_of"]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def reward_of(rollout: Rollout) -> float | None:
@@ -39,15 +47,19 @@ def reward_of(rollout: Rollout) -> float | None:
 class Algorithm:
     """Base of training algorithms: subclass it and implement :meth:`run`.
 
-    The trainer sets :attr:`store` (the store as seen from the algorithm's process) and
-    :attr:`initial_resources` before calling :meth:`run`. ``set_store`` / ``get_store`` exist for
-    code ported from Agent-Lightning.
+    The trainer sets :attr:`store` (the store as seen from the algorithm's process),
+    :attr:`initial_resources` and :attr:`stop_event` before calling :meth:`run`. ``set_store`` /
+    ``get_store`` exist for code ported from Agent-Lightning. ``run`` must be ``async def``: the
+    trainer refuses an algorithm whose ``run`` is a plain function (``ValueError``).
 
     An algorithm crosses into a child process in client-server mode with
     ``main_process="runner"``, so keep its state picklable until ``run`` starts.
     """
 
     initial_resources: dict[str, Any] | None = None
+    #: The run's stop event (set by the trainer; ``None`` outside a run): set when the run is
+    #: being stopped from outside (Ctrl-C, SIGTERM, a crashed runner) or when a bundle ends it.
+    stop_event: ExecutionEvent | None = None
     _store: LightningStore | None = None
 
     @property
@@ -72,6 +84,29 @@ class Algorithm:
     def get_initial_resources(self) -> dict[str, Any] | None:
         """The resources the trainer published before :meth:`run` (``None`` when none were given)."""
         return self.initial_resources
+
+    @property
+    def stopping(self) -> bool:
+        """Whether the run's stop event is set: time to wind down and return."""
+        return self.stop_event is not None and self.stop_event.is_set()
+
+    async def until_stopped(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T | None:
+        """``await fn(*args, **kwargs)``, unless the stop event is set first: then ``fn`` is
+        cancelled and ``None`` is returned at once. Without a stop event, just the call."""
+        event = self.stop_event
+        if event is None:
+            return await fn(*args, **kwargs)
+        result: list[T] = []
+        async with anyio.create_task_group() as tg:
+
+            async def stop_at_event() -> None:
+                await event.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(stop_at_event)
+            result.append(await fn(*args, **kwargs))
+            tg.cancel_scope.cancel()
+        return result[0] if result else None
 
     async def run(
         self, train_dataset: Sequence[Any] | None = None, val_dataset: Sequence[Any] | None = None
@@ -130,8 +165,10 @@ class Baseline(Algorithm):
     (they stay in the store). ``None`` waits until all are done. ``config`` is given to every
     rollout (timeouts, retries).
 
-    Cancellation: a cancelled ``run`` stops at its current ``await`` (enqueueing or waiting); the
-    rollouts already enqueued stay in the store.
+    Stopping: when the run's stop event is set (Ctrl-C, SIGTERM, a crashed runner), the pass in
+    progress is abandoned at once and ``run`` returns (its statistics are not reported), so the
+    run does not wait out the strategy's grace period. A cancelled ``run`` stops at its current
+    ``await`` (enqueueing or waiting). Either way the rollouts already enqueued stay in the store.
     """
 
     def __init__(
@@ -151,18 +188,27 @@ class Baseline(Algorithm):
             raise ValueError("Baseline needs a train_dataset or a val_dataset with at least one task")
         for epoch in range(1, self.n_epochs + 1):
             for mode, dataset in (("train", train_dataset), ("val", val_dataset)):
-                if dataset:
-                    stats = await self.run_pass(epoch, mode, dataset)  # type: ignore[arg-type]
-                    self.history.append(stats)
-                    self.report(stats)
+                if not dataset:
+                    continue
+                stats = await self.run_pass(epoch, mode, dataset)  # type: ignore[arg-type]
+                if stats is None:
+                    logger.info("stop event set: Baseline ends during epoch %d (%s pass)", epoch, mode)
+                    return
+                self.history.append(stats)
+                self.report(stats)
 
-    async def run_pass(self, epoch: int, mode: RolloutMode, dataset: Sequence[Any]) -> PassStats:
-        """Enqueue ``dataset`` in one batch, wait for it, and return its statistics."""
+    async def run_pass(self, epoch: int, mode: RolloutMode, dataset: Sequence[Any]) -> PassStats | None:
+        """Enqueue ``dataset`` in one batch, wait for it, and return its statistics (``None`` when
+        the run's stop event was set before the pass finished)."""
+        if self.stopping:
+            return None
         started = time.monotonic()
         requests = [EnqueueRolloutRequest(input=task, mode=mode, config=self.config) for task in dataset]
         enqueued = await self.store.enqueue_many_rollouts(requests)
         ids = [rollout.rollout_id for rollout in enqueued]
-        await self.store.wait_for_rollouts(rollout_ids=ids, timeout=self.timeout)
+        waited = await self.until_stopped(self.store.wait_for_rollouts, rollout_ids=ids, timeout=self.timeout)
+        if waited is None:
+            return None
         # Read every rollout back (the unfinished ones too, so they are counted as not succeeded).
         rollouts = await self.store.query_rollouts(rollout_id_in=ids)
         return PassStats.from_rollouts(epoch, mode, rollouts, time.monotonic() - started)
@@ -179,4 +225,15 @@ class Baseline(Algorithm):
             stats.failed,
             mean,
             stats.seconds,
+        )
+
+
+def check_algorithm(algorithm: Algorithm) -> None:
+    """``ValueError`` unless ``algorithm.run`` is a coroutine function (``async def``)."""
+    run = getattr(algorithm, "run", None)
+    if not inspect.iscoroutinefunction(run):
+        raise ValueError(
+            f"{type(algorithm).__name__}.run must be a coroutine function: define it as "
+            "`async def run(self, train_dataset=None, val_dataset=None)` (it talks to the store, "
+            "whose methods are coroutines)"
         )

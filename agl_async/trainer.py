@@ -19,7 +19,7 @@ from typing import Any, cast
 
 from ._backend import running_asyncio_loop
 from ._validate import check_count
-from .algorithm import Algorithm, Baseline
+from .algorithm import Algorithm, Baseline, check_algorithm
 from .execution.base import ExecutionStrategy
 from .execution.events import ExecutionEvent
 from .execution.registry import resolve_strategy
@@ -65,8 +65,10 @@ class _AlgorithmBundle:
             await event.wait()
             return
         self.algorithm.store = store
+        self.algorithm.stop_event = event
         if self.initial_resources is not None:
             self.algorithm.initial_resources = dict(self.initial_resources)
+        check_algorithm(self.algorithm)  # again: run may have been replaced since
         await self.algorithm.run(train_dataset=self.train_dataset, val_dataset=self.val_dataset)
 
 
@@ -143,6 +145,8 @@ class Trainer:
             raise ValueError(f"store must be a LightningStore, got {type(store).__name__}")
         if algorithm is not None and not isinstance(algorithm, Algorithm):
             raise ValueError(f"algorithm must be an Algorithm, got {type(algorithm).__name__}")
+        if algorithm is not None:
+            check_algorithm(algorithm)
         self.strategy = _make_strategy(strategy, n_runners)
         self.n_runners: int = getattr(self.strategy, "n_runners", n_runners or 1)
         self.store: LightningStore = store if store is not None else InMemoryLightningStore()

@@ -239,3 +239,55 @@ async def test_the_debugging_setup_returns_when_baseline_is_done() -> None:
     with anyio.fail_after(TIMEOUT):
         await trainer.fit_async(lambda task, resources: float(task), [1, 2])
     assert [s.mean_reward for s in algorithm.history] == [1.5, 1.5]
+
+
+# ------------------------------------------------------------------------------- the algorithm
+async def test_baseline_ends_at_the_stop_event_instead_of_waiting_out_the_grace_period() -> None:
+    """A caller's cancellation (what Ctrl-C is) sets the event: Baseline sees it and returns, so the
+    run ends as soon as the runners have finished the rollout they hold, not after graceful_delay."""
+    started = anyio.Event()
+
+    async def agent(task: Any, resources: dict[str, Any]) -> float:
+        started.set()
+        await anyio.sleep(0.02)
+        return 1.0
+
+    algorithm = Baseline()
+    trainer = Trainer(strategy={"type": "shm", "graceful_delay": TIMEOUT * 10}, algorithm=algorithm)
+    with anyio.fail_after(TIMEOUT):  # the grace period alone would be ten times longer
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(trainer.fit_async, agent, list(range(10_000)))
+            await started.wait()
+            tg.cancel_scope.cancel()
+    assert algorithm.history == []  # the interrupted pass is not reported
+    assert algorithm.stopping
+
+
+async def test_until_stopped_returns_the_result_or_none_at_the_event() -> None:
+    from agl_async.execution.events import ThreadingExecutionEvent
+
+    algorithm = Baseline()
+    assert await algorithm.until_stopped(anyio.sleep, 0) is None  # no event: just the call
+    algorithm.stop_event = ThreadingExecutionEvent()
+
+    async def answer() -> int:
+        return 42
+
+    assert await algorithm.until_stopped(answer) == 42
+    with anyio.fail_after(TIMEOUT):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(algorithm.until_stopped, anyio.sleep_forever)
+            await anyio.wait_all_tasks_blocked()
+            algorithm.stop_event.set()
+    assert algorithm.stopping
+
+
+def test_a_synchronous_algorithm_run_is_refused_with_what_to_write() -> None:
+    from agl_async import Algorithm
+
+    class Sync(Algorithm):
+        def run(self, train_dataset: Any = None, val_dataset: Any = None) -> None:  # type: ignore[override]
+            pass
+
+    with pytest.raises(ValueError, match=r"Sync\.run must be a coroutine function: .*async def run"):
+        Trainer(algorithm=Sync())
