@@ -10,11 +10,29 @@ from __future__ import annotations
 import ipaddress
 import socket
 
-__all__ = ["bind_socket", "free_port", "http_url", "is_loopback"]
+__all__ = ["bind_socket", "check_host", "free_port", "http_url", "is_loopback"]
 
 
 def _bind_host(host: str) -> str:
     return "127.0.0.1" if host in ("localhost", "") else host
+
+
+def check_host(host: object, name: str) -> str:
+    """``host`` if it is a host name or an IP address — not a URL, no port, no path — else
+    ``ValueError`` naming ``name`` (a parameter, or where the value came from)."""
+    if isinstance(host, str):
+        text = host.strip()
+        try:
+            ipaddress.ip_address(text.strip("[]"))
+            return text.strip("[]")
+        except ValueError:
+            pass
+        if text and text.isascii() and all(c.isalnum() or c in "-._" for c in text):
+            return text
+    raise ValueError(
+        f"{name} must be a host name or an IP address (no scheme, port or path, e.g. 'localhost', "
+        f"'10.0.0.5', 'head.example'), got {host!r}"
+    )
 
 
 def is_loopback(host: str) -> bool:

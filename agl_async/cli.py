@@ -3,22 +3,31 @@
 Only :mod:`argparse` is imported up front; each command imports what it needs when it runs, so
 ``agl-async --help`` stays fast.
 
-Exit codes: 0 success (and a Ctrl-C / SIGTERM that stopped ``serve`` cleanly), 1 a runtime error
-(unreachable server, a failed run), 2 a usage error (bad arguments, an agent that does not
-import), 130 a Ctrl-C that interrupted ``demo`` or ``runner``.
+Exit codes: 0 success (and a Ctrl-C / SIGTERM that stopped ``serve`` cleanly; and runners that
+the store server told the run is over), 1 a runtime error (unreachable server, a failed run), 2 a
+usage error (bad arguments, an agent that does not import), 130 a Ctrl-C and 143 a SIGTERM that
+interrupted ``demo`` or ``runner`` (after the same clean shutdown).
+
+Every value is checked when the command line is parsed: a bad one is one ``error:`` line and exit
+code 2, never a traceback, a hang or a silent default.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 __all__ = ["main"]
 
 DEFAULT_PORT = 4747
+#: Upper bound of ``demo --runners`` and ``runner -n``: each client-server runner is a process.
+MAX_RUNNERS = 256
+#: Upper bound of ``demo --latency`` (seconds of simulated work per rollout).
+MAX_LATENCY = 60.0
 
 
 class CLIError(Exception):
@@ -32,6 +41,9 @@ class CLIError(Exception):
 # ------------------------------------------------------------------------------------------- demo
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .examples.evolution import print_summary, run_demo
+
+    if args.port is not None and args.mode != "cs":
+        raise CLIError("--port applies to --mode cs only (shared-memory mode serves nothing)", 2)
 
     print(
         f"agl-async demo: evolution strategy on a toy linear task; mode={args.mode}, "
@@ -161,8 +173,6 @@ def _cmd_runner(args: argparse.Namespace) -> int:
         host, port = _parse_server(args.server)
     except ValueError as exc:
         raise CLIError(str(exc), 2) from None
-    if args.n < 1:
-        raise CLIError(f"-n must be >= 1, got {args.n}", 2)
     agent = load_agent(args.agent)
 
     import anyio
@@ -184,18 +194,57 @@ def _cmd_runner(args: argparse.Namespace) -> int:
     print(f"agl-async: {args.n} runner(s) of {args.agent} attached to {endpoint}", flush=True)
     try:
         trainer.fit(agent)
-    except (RuntimeError, OSError) as exc:
+    except (RuntimeError, OSError, ConnectionError) as exc:
         raise CLIError(f"runners stopped: {exc}") from None
     print("agl-async: runners finished", flush=True)
     return 0
 
 
 # ------------------------------------------------------------------------------------------ parser
+def _int(text: str) -> int:
+    """A plain decimal integer (no ``_`` separators, no ``+``: what a person types)."""
+    stripped = text.strip()
+    digits = stripped[1:] if stripped.startswith("-") else stripped
+    if not digits.isdigit() or not digits.isascii():
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}")
+    return int(stripped)
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def _runners(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_RUNNERS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_RUNNERS}, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number in 0..65535, got {value}")
+    return value
+
+
+def _seconds(*, positive: bool, maximum: float = math.inf) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+        low_ok = value > 0 if positive else value >= 0
+        if not math.isfinite(value) or not low_ok or value > maximum:
+            bound = "> 0" if positive else ">= 0"
+            top = f" and <= {maximum:g}" if math.isfinite(maximum) else ""
+            raise argparse.ArgumentTypeError(f"must be a finite number of seconds {bound}{top}, got {text!r}")
+        return value
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -229,17 +278,21 @@ def build_parser() -> argparse.ArgumentParser:
         default="shm",
         help="shm: all in this process (default); cs: store over HTTP on 127.0.0.1, runner processes",
     )
-    demo.add_argument("--runners", type=_positive_int, default=4, metavar="N", help="runners (default 4)")
+    demo.add_argument(
+        "--runners", type=_runners, default=4, metavar="N", help=f"runners, 1..{MAX_RUNNERS} (default 4)"
+    )
     demo.add_argument("--epochs", type=_positive_int, default=12, metavar="E", help="epochs (default 12)")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the tasks and the search (default 0)")
+    demo.add_argument("--seed", type=_int, default=0, help="seed of the tasks and the search (default 0)")
     demo.add_argument(
         "--latency",
-        type=float,
+        type=_seconds(positive=False, maximum=MAX_LATENCY),
         default=0.005,
         metavar="SEC",
-        help="simulated work per rollout in seconds (default 0.005)",
+        help=f"simulated work per rollout in seconds, 0..{MAX_LATENCY:g} (default 0.005)",
     )
-    demo.add_argument("--port", type=int, default=None, help="--mode cs: server port (default: a free one)")
+    demo.add_argument(
+        "--port", type=_port, default=None, help="--mode cs only: server port (default: a free one)"
+    )
     demo.set_defaults(handler=_cmd_demo)
 
     serve = commands.add_parser(
@@ -253,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 = all)"
     )
-    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    serve.add_argument("--port", type=_port, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     serve.add_argument(
         "--token",
         default=os.environ.get("AGL_SERVER_TOKEN"),
@@ -278,7 +331,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the agent to run, e.g. my_agents:solve (the current directory is importable)",
     )
     runner.add_argument(
-        "-n", "--n-runners", dest="n", type=int, default=1, metavar="N", help="runners (default 1)"
+        "-n",
+        "--n-runners",
+        dest="n",
+        type=_runners,
+        default=1,
+        metavar="N",
+        help=f"runners, 1..{MAX_RUNNERS} (default 1; more than one: one process each)",
     )
     runner.add_argument(
         "--max-rollouts",
@@ -292,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     runner.add_argument(
         "--connect-timeout",
-        type=float,
+        type=_seconds(positive=True),
         default=10.0,
         metavar="SEC",
         help="give up if the server does not answer within SEC seconds (default 10)",

@@ -376,3 +376,75 @@ def test_ctrl_c_stops_attached_runners_and_their_processes(procs: list[Proc]) ->
     assert alive(children) == set()
     server.popen.send_signal(signal.SIGTERM)
     assert server.wait() == 0, server.output
+
+
+# ------------------------------------------------------------------------------- value checks
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["demo", "--mode", "cs", "--port", "99999"], "--port: must be a port number in 0..65535"),
+        (["serve", "--port", "99999"], "--port: must be a port number in 0..65535"),
+        (["serve", "--port", "4_800"], "--port: must be an integer, got '4_800'"),
+        (["demo", "--latency", "inf"], "--latency: must be a finite number of seconds"),
+        (["demo", "--latency", "nan"], "--latency: must be a finite number of seconds"),
+        (["demo", "--latency", "-1"], "--latency: must be a finite number of seconds"),
+        (["demo", "--latency", "3600"], "--latency: must be a finite number of seconds >= 0 and <= 60"),
+        (["demo", "--runners", "100000"], "--runners: must be at most 256"),
+        (["demo", "--runners", "0"], "--runners: must be >= 1"),
+        (
+            ["runner", "--server", "http://h:1", "--agent", "m:a", "-n", "100000"],
+            "-n/--n-runners: must be at most",
+        ),
+        (
+            ["runner", "--server", "http://h:1", "--agent", "m:a", "--connect-timeout", "nan"],
+            "--connect-timeout",
+        ),
+        (
+            ["runner", "--server", "http://h:1", "--agent", "m:a", "--connect-timeout", "0"],
+            "--connect-timeout",
+        ),
+    ],
+)
+def test_bad_values_are_one_clear_error_line(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    assert len([line for line in err.splitlines() if "error:" in line]) == 1, err
+
+
+def test_port_without_client_server_mode_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--port", "4800"]) == 2
+    assert "--port applies to --mode cs only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("AGL_SERVER_PORT", "4_800", "AGL_SERVER_PORT must be an integer, got '4_800'"),
+        ("AGL_SERVER_PORT", "+4800", "AGL_SERVER_PORT must be an integer"),
+        ("AGL_SERVER_PORT", "99999", "AGL_SERVER_PORT must be in 0..65535"),
+        ("AGL_SERVER_HOST", "http://x:1", "AGL_SERVER_HOST must be a host name or an IP address"),
+        ("AGL_SERVER_HOST", "head:4747", "AGL_SERVER_HOST must be a host name or an IP address"),
+        ("AGL_SERVER_HOST", "host/path", "AGL_SERVER_HOST must be a host name or an IP address"),
+    ],
+)
+def test_bad_environment_values_are_refused_naming_the_variable(
+    variable: str, value: str, message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agl_async import ClientServerExecutionStrategy
+
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ClientServerExecutionStrategy()
+
+
+@pytest.mark.parametrize("host", ["localhost", "127.0.0.1", "::1", "[::1]", "head-node.example", "0.0.0.0"])
+def test_good_hosts_are_kept(host: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from agl_async import ClientServerExecutionStrategy
+
+    monkeypatch.setenv("AGL_SERVER_HOST", host)
+    assert ClientServerExecutionStrategy().server_host == host.strip("[]")

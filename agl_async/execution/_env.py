@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["env_bool", "env_choice", "env_int", "env_str"]
+__all__ = ["env_bool", "env_choice", "env_host", "env_int", "env_str"]
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -28,6 +28,14 @@ def env_str(name: str, override: str | None, default: str) -> str:
         return override
     raw = _env(name)
     return default if raw is None else raw
+
+
+def env_host(name: str, param: str, override: str | None, default: str) -> str:
+    """Like :func:`env_str`, checked to be a host name or an IP address (not a URL)."""
+    from .._net import check_host
+
+    value = env_str(name, override, default)
+    return check_host(value, param if override is not None else f"environment variable {name}")
 
 
 def env_choice(name: str, param: str, override: str | None, default: str, choices: tuple[str, ...]) -> str:
@@ -49,10 +57,10 @@ def env_int(name: str, param: str, override: int | None, default: int) -> int:
     raw = _env(name)
     if raw is None:
         return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValueError(f"environment variable {name} must be an integer, got {raw!r}") from None
+    digits = raw[1:] if raw.startswith("-") else raw
+    if not (digits.isascii() and digits.isdigit()):  # int() would take "4_800" and "+1"
+        raise ValueError(f"environment variable {name} must be an integer, got {raw!r}")
+    return int(raw)
 
 
 def env_bool(name: str, param: str, override: bool | None, default: bool) -> bool:

@@ -46,7 +46,7 @@ from .._validate import check_count, check_seconds
 from ..http.client import LightningStoreClient
 from ..http.server import LightningStoreServer
 from ..store.base import LightningStore
-from ._env import env_bool, env_choice, env_int, env_str
+from ._env import env_bool, env_choice, env_host, env_int
 from .base import AlgorithmBundle, ExecutionStrategy, RunnerBundle
 from .events import ExecutionEvent, ProcessExecutionEvent, ThreadingExecutionEvent
 from .processes import (
@@ -149,7 +149,7 @@ class ClientServerExecutionStrategy(ExecutionStrategy):
         self.role: Role = env_choice(  # type: ignore[assignment]
             "AGL_CURRENT_ROLE", "role", role, "both", ("algorithm", "runner", "both")
         )
-        self.server_host = env_str("AGL_SERVER_HOST", server_host, "localhost")
+        self.server_host = env_host("AGL_SERVER_HOST", "server_host", server_host, "localhost")
         self.server_port = env_int("AGL_SERVER_PORT", "server_port", server_port, 4747)
         if not 0 <= self.server_port <= 65535:
             source = "server_port" if server_port is not None else "environment variable AGL_SERVER_PORT"
