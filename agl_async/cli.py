@@ -360,6 +360,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _ignore_stop_signals() -> None:
+    """The command is about to exit: a further SIGINT or SIGTERM must not turn its clean exit into
+    a traceback or a death by signal."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``agl-async``; returns the exit code."""
     parser = build_parser()
@@ -374,6 +385,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     import logging
 
+    from .execution._signals import EXIT_CODE_SIGTERM, Terminated
+
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     package_logger = logging.getLogger("agl_async")  # ours only: httpx/uvicorn stay quiet
@@ -385,8 +398,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"agl-async: error: {exc}", file=sys.stderr)
         return exc.code
     except KeyboardInterrupt:
+        _ignore_stop_signals()  # exiting: a further Ctrl-C must not print a traceback now
         print("agl-async: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        _ignore_stop_signals()
+        print("agl-async: terminated (SIGTERM)", file=sys.stderr)
+        return EXIT_CODE_SIGTERM
     return code
 
 

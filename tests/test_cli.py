@@ -352,7 +352,14 @@ async def _wait_for_workers(endpoint: str, n: int) -> None:
 
 
 @needs_proc
-def test_ctrl_c_stops_attached_runners_and_their_processes(procs: list[Proc]) -> None:
+@pytest.mark.parametrize(
+    ("sig", "code", "word"),
+    [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")],
+    ids=["ctrl-c", "sigterm"],
+)
+def test_ctrl_c_stops_attached_runners_and_their_processes(
+    procs: list[Proc], sig: signal.Signals, code: int, word: str
+) -> None:
     port = free_port()
     server = Proc("serve", "--port", str(port), "--token", "")
     procs.append(server)
@@ -370,9 +377,9 @@ def test_ctrl_c_stops_attached_runners_and_their_processes(procs: list[Proc]) ->
     anyio.run(_wait_for_workers, f"http://127.0.0.1:{port}", 2)  # both runner processes are up
     children = descendants(runner.popen.pid)
     assert children
-    runner.popen.send_signal(signal.SIGINT)
-    assert runner.wait() == 130, runner.output
-    assert "interrupted" in runner.output
+    runner.popen.send_signal(sig)
+    assert runner.wait() == code, runner.output
+    assert word in runner.output and "Traceback" not in runner.output
     assert alive(children) == set()
     server.popen.send_signal(signal.SIGTERM)
     assert server.wait() == 0, server.output

@@ -419,6 +419,26 @@ def test_sigint_to_the_parent_of_run_shuts_down_then_raises_keyboard_interrupt(
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_sigterm_to_the_parent_of_run_is_the_same_shutdown_then_exit_code_143(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="agl_async")
+
+    async def algorithm(store: LightningStore, event: ExecutionEvent) -> None:  # runs in this process
+        await bundles.wait_ready(store, 2)
+        os.kill(os.getpid(), signal.SIGTERM)  # docker stop, Kubernetes, SLURM
+        await event.wait()
+
+    with pytest.raises(SystemExit) as exited:
+        cs(n_runners=2, graceful_timeout=GUARD).run(
+            algorithm, bundles.runner_until_event, InMemoryLightningStore()
+        )
+    assert exited.value.code == 143
+    assert caplog.text.count("exited with code 0") == 2  # every child reaped, cleanly
+    assert "SIGTERM: cancelling and shutting down" in caplog.text
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
 @pytest.mark.parametrize("anyio_backend", ["trio"])
 async def test_serving_roles_say_they_need_asyncio() -> None:
     with pytest.raises(RuntimeError, match="needs asyncio"):

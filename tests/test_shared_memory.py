@@ -429,10 +429,10 @@ async def test_lifecycle_is_logged(caplog: pytest.LogCaptureFixture) -> None:
 
 
 # ---------------------------------------------------------------------------- blocking run()
-def _blocking_bundles(rec: Recorder, interrupt: bool) -> tuple[Any, Any]:
+def _blocking_bundles(rec: Recorder, interrupt: bool, sig: int = signal.SIGINT) -> tuple[Any, Any]:
     async def algorithm(store: LightningStore, event: ExecutionEvent) -> None:
         if interrupt:
-            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C
+            os.kill(os.getpid(), sig)  # Ctrl-C, or what docker / Kubernetes / SLURM send
         await rec.track("algorithm", event.wait())
 
     async def runner(store: LightningStore, worker_id: int, event: ExecutionEvent) -> None:
@@ -462,6 +462,19 @@ def test_run_ctrl_c_shuts_down_then_raises_keyboard_interrupt(backend: str) -> N
     assert rec.returned == ["algorithm"]  # the event was set: the cooperative bundle returned
     assert rec.cancelled == ["runner-0"]  # the deaf one was cancelled after the grace period
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_run_sigterm_is_the_same_shutdown_then_exit_code_143(backend: str) -> None:
+    rec = Recorder()
+    algorithm, runner = _blocking_bundles(rec, interrupt=True, sig=signal.SIGTERM)
+    with pytest.raises(SystemExit) as exited:
+        SharedMemoryExecutionStrategy(graceful_delay=GRACE).run(
+            algorithm, runner, InMemoryLightningStore(), backend=backend
+        )
+    assert exited.value.code == 143  # the process exits 143, no traceback (SystemExit)
+    assert rec.returned == ["algorithm"] and rec.cancelled == ["runner-0"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 def test_run_reraises_the_bundle_error() -> None:

@@ -2,19 +2,21 @@
 
 A strategy's ``await execute(algorithm, runner, store)`` runs one whole run inside the caller's
 event loop; ``run(...)`` is the blocking convenience that starts a loop with ``anyio.run`` and
-turns Ctrl-C into the same shutdown as cancelling ``execute``, then raises ``KeyboardInterrupt``.
+turns Ctrl-C (or SIGTERM) into the same shutdown as cancelling ``execute``, then raises
+``KeyboardInterrupt`` (or ``SystemExit(143)``).
 The bundles are the two callables described by :class:`AlgorithmBundle` and :class:`RunnerBundle`.
 """
 
 from __future__ import annotations
 
 import abc
+import signal
 from typing import Protocol
 
 import anyio
 
 from ..store.base import LightningStore
-from ._sigint import cancel_on_sigint
+from ._signals import Terminated, cancel_on_signals
 from .events import ExecutionEvent
 
 __all__ = ["AlgorithmBundle", "ExecutionEvent", "ExecutionStrategy", "RunnerBundle"]
@@ -57,15 +59,21 @@ class ExecutionStrategy(abc.ABC):
     ) -> None:
         """Blocking form of :meth:`execute` for code without an event loop.
 
-        Ctrl-C (SIGINT, when called from the main thread) cancels ``execute`` — i.e. the same
-        cooperative shutdown as a cancellation by the caller — and, once it has finished,
-        raises ``KeyboardInterrupt``. Further Ctrl-Cs during that shutdown are logged and ignored:
-        the shutdown is bounded by the strategy's own timeouts.
+        Ctrl-C (SIGINT) and SIGTERM, when called from the main thread, cancel ``execute`` — the
+        same cooperative shutdown as a cancellation by the caller, every child process reaped —
+        and, once it has finished, raise ``KeyboardInterrupt`` (SIGINT) or ``SystemExit(143)``
+        (SIGTERM: the process exits with code 143, no traceback). Further signals during that
+        shutdown are logged and ignored: the shutdown is bounded by the strategy's own timeouts.
         """
         anyio.run(self._run_main, algorithm, runner, store, backend=backend)
 
     async def _run_main(
         self, algorithm: AlgorithmBundle, runner: RunnerBundle, store: LightningStore
     ) -> None:
-        if await cancel_on_sigint(self.execute, algorithm, runner, store):
+        received = await cancel_on_signals(
+            self.execute, algorithm, runner, store, signals=(signal.SIGINT, signal.SIGTERM)
+        )
+        if received == signal.SIGINT:
             raise KeyboardInterrupt
+        if received == signal.SIGTERM:
+            raise Terminated

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, Literal
 
@@ -65,6 +66,9 @@ __all__ = ["ClientServerExecutionStrategy"]
 logger = logging.getLogger("agl_async.execution.cs")
 
 Role = Literal["algorithm", "runner", "both"]
+
+#: Seconds a child's death by SIGINT waits for this process to see the same Ctrl-C.
+_SIGINT_SETTLE = 1.0
 
 
 # ---------------------------------------------------------------------------- child targets
@@ -209,8 +213,16 @@ class ClientServerExecutionStrategy(ExecutionStrategy):
     def _supervisor(self, event: ExecutionEvent) -> Supervisor:
         return Supervisor(event, self.graceful_timeout, "graceful_timeout")
 
-    def _on_child_exit(self, supervisor: Supervisor) -> Callable[[Child], None]:
-        def on_exit(child: Child) -> None:
+    def _on_child_exit(self, supervisor: Supervisor) -> Callable[[Child], Awaitable[None]]:
+        async def on_exit(child: Child) -> None:
+            if child.exitcode == -signal.SIGINT and child.exitcode not in self.allowed_exit_codes:
+                # A terminal's Ctrl-C reaches every process of the group: a child that died of it
+                # is part of an ordinary interrupt, which this process is about to see too.
+                with anyio.move_on_after(_SIGINT_SETTLE):
+                    await supervisor.cancelled_by_caller.wait()
+                if supervisor.caller_cancelled:
+                    logger.info("%r stopped by Ctrl-C (exit code %s)", child, child.exitcode)
+                    return
             if child.exitcode not in self.allowed_exit_codes:
                 supervisor.fail(
                     repr(child),

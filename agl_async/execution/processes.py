@@ -26,6 +26,7 @@ import pickle
 import signal
 import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from multiprocessing import resource_tracker
 from multiprocessing.reduction import ForkingPickler
@@ -35,7 +36,7 @@ import aiomultiprocess
 import anyio
 
 from ._aiomp import new_process
-from ._sigint import cancel_on_sigint
+from ._signals import blocked_stop_signals, cancel_on_signals
 
 __all__ = [
     "DEFINE_AT_MODULE_LEVEL",
@@ -48,6 +49,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger("agl_async.execution.cs")
+
+#: Seconds a child waits for non-daemon threads that are ending anyway before it exits without them.
+_THREAD_EXIT_GRACE = 0.5
 
 DEFINE_AT_MODULE_LEVEL = (
     "Child processes are started with the 'spawn' method: define bundles at module level (not inside "
@@ -154,25 +158,63 @@ def child_main(unit: Any) -> None:
     error is logged here, in the child). Once the coroutine has ended, further SIGINTs are
     ignored: a terminal's second Ctrl-C reaches the whole process group while the child winds
     down (event loop teardown, interpreter exit) and must not turn its clean stop into a
-    ``KeyboardInterrupt`` traceback or a death by SIGINT (exit code -2).
+    ``KeyboardInterrupt`` traceback or a death by SIGINT (exit code -2). A SIGINT that arrives
+    while the child is still starting waits for its handler (see ``_signals``).
+
+    Once the coroutine has ended the child exits, whatever threads its bundle left behind: sync
+    agents run in daemon threads, and a non-daemon thread still running then (one an agent
+    started itself, say) is named in a warning and not waited for (``os._exit`` with the same
+    code, after flushing the logs and standard streams), so a child never outlives its run —
+    nor its parent, whose death cancels the bundle.
     """
     name = multiprocessing.current_process().name
     kwargs = dict(unit.kwargs)
     _configure_child_logging(kwargs.pop("log_level", logging.WARNING))
     watch = kwargs.pop("lifeline", None)
+    code = 0
     try:
-        interrupted = anyio.run(
-            cancel_on_sigint, _run_tied_to_parent, unit.target, tuple(unit.args), watch, backend="asyncio"
+        received = anyio.run(
+            cancel_on_signals, _run_tied_to_parent, unit.target, tuple(unit.args), watch, backend="asyncio"
         )
+        interrupted = received is not None
     except KeyboardInterrupt:  # a further SIGINT after the watcher had stopped: already stopping
         interrupted = True
     except Exception:
         logger.exception("%s (pid %d) failed", name, os.getpid())
-        sys.exit(1)
+        interrupted, code = False, 1
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     if interrupted:
         logger.info("%s (pid %d): SIGINT cancelled it; exiting", name, os.getpid())
+    _exit_child(name, code)
+
+
+def _exit_child(name: str, code: int) -> None:
+    """Exit with ``code``; at once (``os._exit``) when non-daemon threads would hold the exit."""
+    me = threading.current_thread()
+    lingering = [t for t in threading.enumerate() if t is not me and not t.daemon and t.is_alive()]
+    deadline = time.monotonic() + _THREAD_EXIT_GRACE
+    for thread in lingering:  # idle worker threads (anyio's) are on their way out: let them go
+        thread.join(max(deadline - time.monotonic(), 0.0))
+    lingering = [t for t in lingering if t.is_alive()]
+    if lingering:
+        logger.warning(
+            "%s (pid %d): exiting without waiting for %d thread(s) still running: %s",
+            name,
+            os.getpid(),
+            len(lingering),
+            ", ".join(t.name for t in lingering),
+        )
+        for handler in logging.getLogger().handlers + logging.getLogger("agl_async").handlers:
+            handler.flush()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # pragma: no cover - a closed stream
+                pass
+        os._exit(code)
+    if code:
+        sys.exit(code)
 
 
 # ---------------------------------------------------------------------------- in the parent
@@ -189,8 +231,9 @@ class Child:
     def __repr__(self) -> str:
         return f"{self.name} (pid {self.pid})"
 
-    async def watch(self, on_exit: Callable[[Child], None]) -> None:
-        """Wait until the process ends (its sentinel becomes readable), reap it, call ``on_exit``."""
+    async def watch(self, on_exit: Callable[[Child], Awaitable[None] | None]) -> None:
+        """Wait until the process ends (its sentinel becomes readable), reap it, call ``on_exit``
+        (and await what it returns, if anything)."""
         try:
             await anyio.wait_readable(self.process.aio_process.sentinel)
             self.process.aio_process.join()  # reaps at once: the sentinel said it has ended
@@ -199,7 +242,9 @@ class Child:
             logger.info("%r exited with code %s", self, self.exitcode)
         finally:
             self.exited.set()
-        on_exit(self)
+        judged = on_exit(self)
+        if judged is not None:
+            await judged
 
     def interrupt(self) -> None:
         """SIGINT: the child cancels its bundle and exits 0 (see :func:`child_main`)."""
@@ -231,12 +276,16 @@ def spawn(
     itself once the lifeline is closed or this process is gone.
     """
     level = logging.getLogger("agl_async").getEffectiveLevel()
+    # Started first if need be: starting it unblocks SIGINT in this thread (multiprocessing's
+    # ensure_running), which would undo blocked_stop_signals for the children started after it.
+    resource_tracker.ensure_running()
     for name, target, args in specs:
         kwargs: dict[str, Any] = {"log_level": level}
         if lifeline is not None:
             kwargs["lifeline"] = lifeline
         process = new_process(target, args, kwargs, name=name, process_target=child_main)
-        process.start()
+        with blocked_stop_signals():  # a Ctrl-C during the child's start-up waits for its handler
+            process.start()
         child = Child(name, process)
         into.append(child)
         logger.info("spawned %r", child)

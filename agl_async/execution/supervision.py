@@ -54,6 +54,8 @@ class Supervisor:
         self.first_error: BaseException | None = None
         self.first_error_source = ""
         self.caller_cancelled = False
+        #: Set when the caller cancels the run (a Ctrl-C under ``run()`` is one).
+        self.cancelled_by_caller = anyio.Event()
         self.on_stop: Callable[[], Coroutine[Any, Any, None]] | None = None
         self.on_bundles_done: Callable[[], None] | None = None
         self.bundles_done = anyio.Event()
@@ -109,6 +111,7 @@ class Supervisor:
         except anyio.get_cancelled_exc_class():
             if not self._finished:
                 self.caller_cancelled = True
+                self.cancelled_by_caller.set()
                 logger.warning("run cancelled by the caller; shutting down")
                 self.event.set()
             raise

@@ -8,9 +8,13 @@ Entry points
     :func:`marking_agent` under the worker id ``"T-<worker_id>"`` (unique in the fleet: every
     separate runner process numbers its runners from 0). SIGINT stops it cleanly (exit 0); a store
     it cannot reach makes it exit 1 with one ``runner failed: ...`` line on stderr.
-    ``ctrlc``: a whole client-server ``run()`` (server + algorithm here, two runner processes)
-    that prints ``READY`` once both runners have finished rollouts; a Ctrl-C makes it exit 130
-    after ``interrupted`` on stderr.
+    ``ctrlc [--port P] [--agent marking|blocking]``: a whole client-server ``run()`` (server +
+    algorithm here, two runner processes) that prints ``STARTING`` just before the run,
+    ``RUNNING`` when its algorithm starts (the runner processes are starting then) and
+    ``READY <port>`` once both runners have finished rollouts; a Ctrl-C makes it exit 130 after
+    ``interrupted`` on stderr, a SIGTERM 143 after ``terminated``. ``--agent blocking``: a sync
+    agent that blocks for good on every fourth task (a stubborn agent whose thread nothing can
+    stop).
     ``mutate --port P --clients N --rounds R``: N concurrent clients each calling every mutating
     route that must not duplicate (enqueue_rollout, enqueue_many_rollouts, dequeue_rollout,
     add_span, add_many_spans, update_attempt) R times; prints one JSON line of what it got.
@@ -29,6 +33,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -52,6 +57,22 @@ HANG_GUARD = 60.0
 
 
 # ---------------------------------------------------------------------------- agents and bundles
+_finished_here = 0  # rollouts this process's blocking_agent has finished
+
+
+def blocking_agent(task_input: dict[str, Any], resources: dict[str, Any]) -> float:
+    """Like :func:`marking_agent`, but every fourth task blocks its (sync) thread for good — once
+    this process has finished a rollout (so that READY, which waits for both runners to have
+    finished one, comes)."""
+    global _finished_here
+    Path(task_input["dir"], f"{task_input['i']}.{os.getpid()}.{uuid.uuid4().hex[:6]}").touch()
+    if int(task_input["i"]) % 4 == 3 and _finished_here > 0:
+        threading.Event().wait()  # never set: only the end of the process ends this thread
+    time.sleep(float(task_input.get("seconds", 0.0)))
+    _finished_here += 1
+    return 1.0
+
+
 async def marking_agent(task_input: dict[str, Any], resources: dict[str, Any]) -> float:
     """Leave a marker ``<i>.<pid>`` in ``task_input["dir"]`` (so a test knows which process runs
     which task), then work for ``task_input["seconds"]``."""
@@ -63,13 +84,14 @@ async def marking_agent(task_input: dict[str, Any], resources: dict[str, Any]) -
 class FleetRunner:
     """Runner bundle: the trainer's runner loop under a fleet-unique worker id ``"<tag>-<n>"``."""
 
-    def __init__(self, tag: str, heartbeat_interval: float = 10.0) -> None:
+    def __init__(self, tag: str, heartbeat_interval: float = 10.0, agent: Any = marking_agent) -> None:
         self.tag = tag
         self.heartbeat_interval = heartbeat_interval
+        self.agent = agent
 
     async def __call__(self, store: LightningStore, worker_id: int, event: ExecutionEvent) -> None:
         await runner_loop(
-            store, f"{self.tag}-{worker_id}", event, marking_agent, heartbeat_interval=self.heartbeat_interval
+            store, f"{self.tag}-{worker_id}", event, self.agent, heartbeat_interval=self.heartbeat_interval
         )
 
 
@@ -92,7 +114,9 @@ async def mixed_runner(store: LightningStore, worker_id: int, event: ExecutionEv
 
 
 async def endless_algorithm(store: LightningStore, event: ExecutionEvent) -> None:
-    """Keep ~8 short rollouts queued; print READY once both runners have finished some."""
+    """Keep ~8 short rollouts queued; print RUNNING at once (the run's signal handling is in
+    place, the runner processes are starting) and READY once both runners have finished some."""
+    print("RUNNING", flush=True)
     ready = False
     while not event.is_set():
         stats = await store.statistics()
@@ -104,7 +128,7 @@ async def endless_algorithm(store: LightningStore, event: ExecutionEvent) -> Non
             workers = {w.worker_id for w in await store.query_workers() if w.last_idle_time}
             if len(workers) >= 2:  # both runners have finished at least one rollout
                 ready = True
-                print("READY", flush=True)
+                print(f"READY {getattr(store, 'port', 0)}", flush=True)
         with anyio.move_on_after(0.1):
             await event.wait()
 
@@ -129,20 +153,32 @@ def _runner_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ignore_stop_signals() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def _ctrlc_main(args: argparse.Namespace) -> int:
     strategy = ClientServerExecutionStrategy(
         role="both",
         server_host="127.0.0.1",
-        server_port=0,
+        server_port=args.port,
         n_runners=2,
         graceful_timeout=args.graceful,
         terminate_timeout=args.terminate,
     )
+    agent = blocking_agent if args.agent == "blocking" else marking_agent
+    print("STARTING", flush=True)
     try:
-        strategy.run(endless_algorithm, FleetRunner("r"), InMemoryLightningStore())
+        strategy.run(endless_algorithm, FleetRunner("r", agent=agent), InMemoryLightningStore())
     except KeyboardInterrupt:
+        _ignore_stop_signals()  # exiting: a further Ctrl-C or SIGTERM changes nothing now
         print("interrupted", file=sys.stderr, flush=True)
         return 130
+    except SystemExit as exc:  # SIGTERM: the run raises SystemExit(143) after its shutdown
+        _ignore_stop_signals()
+        print("terminated", file=sys.stderr, flush=True)
+        return int(exc.code or 0)
     return 0
 
 
@@ -287,6 +323,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ctrlc = commands.add_parser("ctrlc")
     ctrlc.add_argument("--graceful", type=float, default=5.0)
     ctrlc.add_argument("--terminate", type=float, default=5.0)
+    ctrlc.add_argument("--port", type=int, default=0)
+    ctrlc.add_argument("--agent", choices=["marking", "blocking"], default="marking")
     ctrlc.set_defaults(handler=_ctrlc_main)
     load = commands.add_parser("load")
     load.add_argument("--port", type=int, required=True)

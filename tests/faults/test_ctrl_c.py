@@ -32,8 +32,12 @@ GUARD = 60.0
 
 async def _wait_ready(proc: object, tmp_path: Path) -> None:
     assert proc.stdout is not None  # type: ignore[attr-defined]
-    line = await anyio.to_thread.run_sync(proc.stdout.readline)  # type: ignore[attr-defined]
-    assert line.strip() == "READY", line
+    line = await anyio.to_thread.run_sync(proc.stdout.readline, abandon_on_cancel=True)  # type: ignore[attr-defined]
+    assert line.startswith("STARTING"), line
+    line = await anyio.to_thread.run_sync(proc.stdout.readline, abandon_on_cancel=True)  # type: ignore[attr-defined]
+    assert line.startswith("RUNNING"), line
+    line = await anyio.to_thread.run_sync(proc.stdout.readline, abandon_on_cancel=True)  # type: ignore[attr-defined]
+    assert line.startswith("READY "), line
 
 
 @pytest.mark.parametrize("target", ["pid", "group"])
