@@ -224,7 +224,7 @@ async def test_algorithm_error_propagates_as_itself_over_exit_code_failures() ->
         )
 
 
-async def test_unmanaged_store_itself_goes_to_the_runner_processes() -> None:
+async def test_unmanaged_store_itself_goes_to_the_runner_processes(caplog: pytest.LogCaptureFixture) -> None:
     store = InMemoryLightningStore()
     await store.enqueue_rollout(input="before the run")
     given: list[LightningStore] = []
@@ -236,6 +236,24 @@ async def test_unmanaged_store_itself_goes_to_the_runner_processes() -> None:
     with anyio.fail_after(GUARD):
         await cs(managed_store=False).execute(algorithm, bundles.runner_checks_unmanaged_store, store)
     assert given == [store] and given[0] is store  # no server in between: the store itself
+    # ... and the run says why that is a trap with an in-memory store (each process has its own
+    # copy: the algorithm never sees what the runners record, and would wait forever).
+    warned = [r for r in caplog.records if r.levelname == "WARNING" and "managed_store=False" in r.message]
+    assert len(warned) == 1 and "own copy of this InMemoryLightningStore" in warned[0].message
+    assert "managed_store=True" in warned[0].message
+
+
+async def test_unmanaged_shared_store_is_handed_over_without_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from agl_async.testing import serve_store
+
+    async with serve_store(InMemoryLightningStore()) as client:  # a store processes share
+        with anyio.fail_after(GUARD):
+            await cs(managed_store=False).execute(
+                bundles.algorithm_ready(1), bundles.runner_until_event, client
+            )
+    assert "managed_store=False" not in caplog.text
 
 
 async def test_unpicklable_bundles_fail_before_anything_is_spawned() -> None:

@@ -123,6 +123,21 @@ async def _served(
         yield server
 
 
+def _warn_if_copied(store: LightningStore, where: str) -> None:
+    """managed_store=False with a store whose pickled copy is a store of its own (in memory): the
+    processes would each work on their own copy and never see each other's changes — a run
+    that waits forever, silently. Said once, with the way out."""
+    if store.copies_when_pickled:
+        logger.warning(
+            "managed_store=False hands %s its own copy of this %s (it lives in one process's memory): "
+            "what the runners record never reaches the algorithm, which will wait for it forever. "
+            "Use managed_store=True (the store is served over HTTP), or a store that processes "
+            "share (LightningStoreClient of a server, SqliteLightningStore, PostgresLightningStore).",
+            where,
+            type(store).__name__,
+        )
+
+
 async def _first_of(*events: ExecutionEvent) -> None:
     async with anyio.create_task_group() as tg:
 
@@ -320,6 +335,7 @@ class ClientServerExecutionStrategy(ExecutionStrategy):
                 "With managed_store=False the store itself is handed to the runner processes and must "
                 "pickle; managed_store=True serves it over HTTP instead.",
             )
+            _warn_if_copied(store, "each runner process")
 
     async def _run_both(
         self, algorithm: AlgorithmBundle, runner: RunnerBundle, store: LightningStore
@@ -367,6 +383,8 @@ class ClientServerExecutionStrategy(ExecutionStrategy):
             "With main_process='runner' the algorithm and the store server run in a child process, "
             "which receives the store: it must pickle.",
         )
+        if not self.managed_store:
+            _warn_if_copied(store, "the algorithm's process")
         port = self.server_port
         if self.managed_store:
             if port == 0:

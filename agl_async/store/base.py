@@ -61,6 +61,11 @@ class LightningStore(abc.ABC):
     #: being claimed for nobody (see the module docstring). ``False`` unless a store states it.
     long_poll_is_cancel_safe: bool = False
 
+    #: Whether a pickled copy of the store is a separate store: changes made through the copy (in
+    #: another process) are not seen here. True of ``InMemoryLightningStore``; false of stores that
+    #: several processes share (a database, an HTTP client of one server).
+    copies_when_pickled: bool = False
+
     # ------------------------------------------------------------------ rollouts and the queue
     @abc.abstractmethod
     async def enqueue_rollout(

@@ -62,6 +62,11 @@ class DelegatingStore(LightningStore):
         """The wrapped store's (the forwarding adds no await after the claim)."""
         return self.store.long_poll_is_cancel_safe
 
+    @property
+    def copies_when_pickled(self) -> bool:  # type: ignore[override]
+        """The wrapped store's."""
+        return self.store.copies_when_pickled
+
     enqueue_rollout = delegate(LightningStore.enqueue_rollout)
     enqueue_many_rollouts = delegate(LightningStore.enqueue_many_rollouts)
     dequeue_rollout = delegate(LightningStore.dequeue_rollout)

@@ -159,6 +159,7 @@ class InMemoryLightningStore(LightningStore):
     """A complete ``LightningStore`` kept in memory (the default store of a ``Trainer``)."""
 
     long_poll_is_cancel_safe = True  # the claim never awaits: an abandoned wait claimed nothing
+    copies_when_pickled = True  # the state is in this process's memory
 
     def __init__(self) -> None:
         self._rollouts: dict[str, Rollout] = {}
