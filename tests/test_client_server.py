@@ -525,3 +525,46 @@ async def test_children_exit_by_themselves_when_the_parent_is_killed() -> None:
         # another process's children: nothing to await but their state (polled, bounded)
         while not all(_gone(p) for p in descendants):  # noqa: ASYNC110
             await anyio.sleep(0.05)
+
+
+# ---------------------------------------------------------------------------- the __main__ guard
+UNGUARDED = """
+from agl_async import Trainer
+
+def agent(task, resources):
+    return 1.0
+
+def main():
+    Trainer(strategy={{"type": "cs", "server_host": "127.0.0.1", "server_port": 0}}).fit(agent, [1, 2])
+    print("done", flush=True)
+
+{call}
+"""
+
+
+@pytest.mark.parametrize(
+    ("call", "refused"),
+    [
+        ("main()", True),
+        ('if __name__ == "__main__":\n    main()', False),
+    ],
+    ids=["unguarded", "guarded"],
+)
+def test_a_script_without_the_main_guard_is_told_what_to_write(
+    tmp_path: Any, call: str, refused: bool, no_leftover_processes: None
+) -> None:
+    import subprocess
+
+    script = tmp_path / "train.py"
+    script.write_text(UNGUARDED.format(call=call))
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=GUARD * 2, check=False
+    )
+    if refused:
+        assert result.returncode == 1
+        assert 'Put the code that starts the run under `if __name__ == "__main__":`' in result.stderr
+        assert "line 9" in result.stderr and str(script) in result.stderr
+        assert "bootstrapping" not in result.stderr and "done" not in result.stdout  # nothing spawned
+    else:
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == "done"

@@ -28,7 +28,13 @@ import aiomultiprocess
 import aiomultiprocess.core
 from aiomultiprocess.types import Unit
 
-__all__ = ["new_process"]
+__all__ = ["new_process", "start_method"]
+
+
+def start_method() -> str:
+    """How aiomultiprocess starts processes here (``"spawn"`` unless configured otherwise)."""
+    method: str = aiomultiprocess.core.get_context().get_start_method()
+    return method
 
 
 def new_process(

@@ -47,7 +47,9 @@ from .._validate import check_count, check_seconds
 from ..http.client import LightningStoreClient
 from ..http.server import LightningStoreServer
 from ..store.base import LightningStore
+from ._aiomp import start_method
 from ._env import env_bool, env_choice, env_host, env_int
+from ._main_guard import check_main_guard
 from .base import AlgorithmBundle, ExecutionStrategy, RunnerBundle
 from .events import ExecutionEvent, ProcessExecutionEvent, ThreadingExecutionEvent
 from .processes import (
@@ -207,6 +209,9 @@ class ClientServerExecutionStrategy(ExecutionStrategy):
         serves_here = self.managed_store and (
             self.role == "algorithm" or (self.role == "both" and self.main_process == "algorithm")
         )
+        spawns_here = self.role == "both" or (self.role == "runner" and self.n_runners > 1)
+        if spawns_here:  # before anything starts: a script without the guard would run again
+            check_main_guard(start_method())
         if serves_here and current_async_library() != "asyncio":
             raise RuntimeError(
                 "ClientServerExecutionStrategy serves the store with uvicorn, which needs asyncio; "
