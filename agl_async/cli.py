@@ -93,6 +93,7 @@ async def _serve(host: str, port: int, token: str | None) -> None:
                 print(f"agl-async: {signal.Signals(signum).name} received, stopping the server", flush=True)
                 break
         finally:
+            server.end_run()  # attached runners hear that the run is over and exit 0
             await server.stop()
     print("agl-async: server stopped", flush=True)
 

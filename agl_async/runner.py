@@ -9,7 +9,9 @@ the attempt and claims the next rollout in one call (``finish_and_dequeue``: one
 HTTP). While the agent runs, a heartbeat task keeps the worker and the attempt alive in the store.
 
 Shutdown: a runner checks the stop event (an :class:`~agl_async.ExecutionEvent`) between
-rollouts and while it waits for work; the rollout it holds when the event is set is finished
+rollouts and while it waits for work — and whether its store says the run is over
+(``LightningStore.run_over``: the server of a run whose algorithm has finished), which sets the
+event; the rollout it holds when the event is set is finished
 first (the strategy's grace period). If the runner is cancelled while the agent runs (grace over,
 Ctrl-C), the attempt is marked ``failed`` with ``error = "cancelled"`` under a shielded, bounded
 scope before the cancellation propagates, so no attempt is left ``running`` by a runner that is
@@ -166,7 +168,7 @@ async def _next_rollout(
     """
     delay = _MIN_BACKOFF
     race = long_poll and store.long_poll_is_cancel_safe
-    while not event.is_set():
+    while not event.is_set() and not _run_is_over(store, worker_id, event):
         if race:
             rollout = await store.dequeue_rollout(worker_id=worker_id)
             if rollout is None:
@@ -182,6 +184,17 @@ async def _next_rollout(
                 await event.wait()
             delay = min(delay * 2, _MAX_BACKOFF)
     return None
+
+
+def _run_is_over(store: LightningStore, worker_id: WorkerId, event: ExecutionEvent) -> bool:
+    """Whether the store says the run is over (a server whose algorithm has finished); the first
+    runner to see it says so and sets the run's event, so its siblings stop without a word."""
+    if not store.run_over:
+        return False
+    if not event.is_set():
+        logger.warning("runner %s: the store server says the run is over; stopping", worker_id)
+        event.set()
+    return True
 
 
 async def _heartbeat(
@@ -391,7 +404,11 @@ async def runner_loop(
     while rollout is not None:
         succeeded, _ = await _run_attempt(store, worker_id, rollout, agent, heartbeat_interval)
         done += 1
-        more = (max_rollouts is None or done < max_rollouts) and not event.is_set()
+        more = (
+            (max_rollouts is None or done < max_rollouts)
+            and not event.is_set()
+            and not _run_is_over(store, worker_id, event)
+        )
         if succeeded and more:
             # One call (one round trip over HTTP) ends this attempt and claims the next rollout.
             # Without waiting when the store's wait can be raced against the event instead

@@ -210,6 +210,38 @@ def test_serve_and_runner_work_together_then_exit_cleanly(procs: list[Proc]) -> 
     assert alive(runner_children | server_children) == set()
 
 
+@needs_proc
+def test_stopping_serve_ends_the_run_for_attached_runners_which_exit_0(procs: list[Proc]) -> None:
+    """Used to be ~8 s of connection retries, exit code 1 and pages of tracebacks per runner."""
+    import time
+
+    port = free_port()
+    server = Proc("serve", "--host", "127.0.0.1", "--port", str(port), "--token", "")
+    procs.append(server)
+    server.wait_for_line("listening on")
+    runner = Proc(
+        "runner",
+        "--server",
+        f"http://127.0.0.1:{port}",
+        "--agent",
+        "agl_async.examples.evolution:agent",
+        "-n",
+        "2",
+    )
+    procs.append(runner)
+    anyio.run(_wait_for_workers, f"http://127.0.0.1:{port}", 2)  # both runner processes are polling
+    children = descendants(runner.popen.pid)
+    stopped = time.monotonic()
+    server.popen.send_signal(signal.SIGTERM)
+    assert server.wait() == 0, server.output
+    assert runner.wait() == 0, runner.output
+    assert time.monotonic() - stopped < 8.0  # well within one retry budget: no retries at all
+    assert "Traceback" not in runner.output and "runners finished" in runner.output
+    said = [line for line in runner.lines if "run is over" in line]
+    assert 1 <= len(said) <= 2, runner.output  # one line (two if both noticed at the same moment)
+    assert alive(children) == set()
+
+
 def test_serve_reports_a_port_in_use() -> None:
     import socket
 

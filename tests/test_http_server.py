@@ -252,3 +252,48 @@ async def test_a_store_bug_is_a_logged_json_500_and_the_server_keeps_serving(
         async with LightningStoreClient(server.endpoint, auth_token="") as client:
             with pytest.raises(RuntimeError, match="HTTP 500"):
                 await client.statistics()
+
+
+# ------------------------------------------------------------------------------ the end of a run
+async def test_end_run_tells_clients_the_run_is_over_and_hands_out_nothing_more() -> None:
+    from agl_async.execution.events import ThreadingExecutionEvent
+    from agl_async.runner import runner_loop
+
+    store = InMemoryLightningStore()
+    async with LightningStoreServer(store, host="127.0.0.1", port=0, auth_token="") as server:
+        async with LightningStoreClient(server.endpoint, auth_token="") as client:
+            held = await store.start_rollout("held by a runner", worker_id="w")
+            waiting: list[object] = []
+
+            async def long_poll() -> None:
+                waiting.append(await client.dequeue_rollout(worker_id="w", timeout=3600))
+
+            with anyio.fail_after(10):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(long_poll)
+                    await anyio.sleep(0.2)  # the poll is waiting at the server
+                    assert not client.run_over
+                    server.end_run()
+            assert waiting == [None] and client.run_over  # answered at once, with the news
+            # Nothing is claimed any more, but what a runner finishes is still recorded.
+            await store.enqueue_rollout("left over")
+            assert (
+                await client.finish_and_dequeue(held.rollout_id, held.attempt.attempt_id, timeout=5) is None
+            )
+            assert (await store.get_rollout_by_id(held.rollout_id)).status == "succeeded"  # type: ignore[union-attr]
+            assert [r.status for r in await store.query_rollouts(status_in=["queuing"])] == ["queuing"]
+            # A runner on this client stops at once and says so once, setting the run's event.
+            event = ThreadingExecutionEvent()
+            with anyio.fail_after(10):
+                assert await runner_loop(client, "w", event, lambda task, resources: 1.0) == 0
+            assert event.is_set()
+
+
+async def test_stop_alone_does_not_end_the_run_for_clients() -> None:
+    """A server restarted on the same store keeps its runners (they retry): only end_run says over."""
+    server = LightningStoreServer(InMemoryLightningStore(), host="127.0.0.1", port=0, auth_token="")
+    await server.start()
+    async with LightningStoreClient(server.endpoint, auth_token="") as client:
+        await client.statistics()
+        await server.stop()
+        assert not client.run_over

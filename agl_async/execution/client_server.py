@@ -125,6 +125,24 @@ async def _served(
         yield server
 
 
+async def _let_runners_finish(store: LightningStore, timeout: float) -> None:
+    """The algorithm is done and the server says so (``end_run``): keep serving, up to
+    ``timeout`` seconds, while attempts are still live, so that runners on other machines can
+    record the rollout they hold and hear that the run is over, rather than find the server gone."""
+    said = False
+    with anyio.move_on_after(timeout) as scope:
+        while live := await store.query_rollouts(status_in=["preparing", "running"]):
+            if not said:
+                logger.info("the run is over: waiting for %d rollout(s) in progress on runners", len(live))
+                said = True
+            # Woken when they finish; short, so that one requeued meanwhile (not live) ends it too.
+            await store.wait_for_rollouts(rollout_ids=[r.rollout_id for r in live], timeout=0.5)
+    if scope.cancelled_caught:
+        logger.warning(
+            "rollouts still in progress after %.3g s (graceful_timeout); stopping the server", timeout
+        )
+
+
 def _warn_if_copied(store: LightningStore, where: str) -> None:
     """managed_store=False with a store whose pickled copy is a store of its own (in memory): the
     processes would each work on their own copy and never see each other's changes — a run
@@ -300,7 +318,14 @@ class ClientServerExecutionStrategy(ExecutionStrategy):
             event = ThreadingExecutionEvent()
             supervisor = self._supervisor(event)
             supervisor.add_bundle("algorithm", algorithm, served, event, on_return=event.set)
-            await supervisor.run()
+            server = served if isinstance(served, LightningStoreServer) else None
+            try:
+                await supervisor.run()
+            finally:
+                if server is not None:  # runners elsewhere: tell them, and let the busy ones finish
+                    server.end_run()
+            if server is not None:
+                await _let_runners_finish(server, self.graceful_timeout)
 
     def _runner_store(self, store: LightningStore, endpoint: str) -> LightningStore:
         return LightningStoreClient(endpoint) if self.managed_store else store
@@ -372,8 +397,8 @@ class ClientServerExecutionStrategy(ExecutionStrategy):
         def algorithm_returned() -> None:
             logger.info("algorithm returned: stopping the runners")
             event.set()
-            if server is not None:  # idle runners see the event now, not when their long poll ends
-                server.end_long_polls()
+            if server is not None:  # idle runners see the end now, not when their long poll ends
+                server.end_run()
 
         supervisor.add_bundle("algorithm", algorithm, served, event, on_return=algorithm_returned)
         await self._spawn_and_supervise(supervisor, specs)

@@ -119,6 +119,7 @@ class StoreApp:
         self._idempotency = idempotency
         self._openapi = openapi
         self._closing: anyio.Event | None = None
+        self._run_over_headers: dict[str, str] | None = None  # set by end_run()
         self._endpoints: dict[str, Endpoint] = {
             spec.path: self._store_endpoint(spec) for spec in p.ROUTES.values()
         }
@@ -181,6 +182,17 @@ class StoreApp:
     def open(self) -> None:
         """The server starts serving: long polls may wait (until :meth:`end_long_polls`)."""
         self._closing = anyio.Event()
+
+    def end_run(self) -> None:
+        """The run this server serves is over: long polls end now, no rollout is claimed any more,
+        and every store route's answer carries :data:`~agl_async.http.protocol.RUN_OVER_HEADER`,
+        so that connected runners stop (exit 0) instead of finding the server gone later."""
+        self._run_over_headers = {p.RUN_OVER_HEADER: "1"}
+        self.end_long_polls()
+
+    @property
+    def run_over(self) -> bool:
+        return self._run_over_headers is not None
 
     def end_long_polls(self) -> None:
         """Answer long polls at once from now on: the ones waiting end with a last non-blocking
@@ -257,7 +269,7 @@ class StoreApp:
             key = request.headers.get(p.IDEMPOTENCY_HEADER) if spec.mutating else None
             if not key:
                 status, content = await run(request)
-                return Response(content, status, media_type=JSON)
+                return Response(content, status, media_type=JSON, headers=self._run_over_headers)
             if len(key) > _MAX_KEY_LENGTH:
                 detail = f"{p.IDEMPOTENCY_HEADER} longer than {_MAX_KEY_LENGTH} characters"
                 raise HTTPError(400, "bad_request", detail)
@@ -265,6 +277,8 @@ class StoreApp:
                 f"{spec.name}:{key}", lambda: run(request), keep=lambda status: status != 413
             )
             headers = {"idempotent-replayed": "true"} if replayed else None
+            if self._run_over_headers is not None:
+                headers = {**(headers or {}), **self._run_over_headers}
             return Response(content, status, media_type=JSON, headers=headers)
 
         endpoint.__name__ = spec.name
@@ -316,6 +330,8 @@ class StoreApp:
     async def _dequeue(self, request: Request, worker_id: WorkerId | None, timeout: float | None) -> Any:
         s = self.store
         check_seconds(timeout)
+        if self.run_over:  # nothing is handed out once the run is over (the answer says so)
+            return None
         claimed = await s.dequeue_rollout(worker_id, timeout=0 if timeout else timeout)
         if claimed is not None or not timeout:
             return claimed

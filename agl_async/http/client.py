@@ -25,6 +25,12 @@ Idempotency
     server replays its first answer to a repeated key, so a retry after a lost response never
     enqueues, claims or stores anything twice.
 
+The end of a run
+    Once its server says the run is over (an ``agl-run-over`` header on any answer:
+    ``LightningStoreServer.end_run``), :attr:`~agl_async.LightningStore.run_over` is true: the
+    runner loop stops on it, so runners attached to a server whose algorithm has finished exit 0
+    at once instead of retrying a server that has gone away.
+
 Cancellation
     Cancelling a call abandons its request (the connection is closed). The server notices the
     disconnect during long polls and claims nothing for it; a short mutating request already
@@ -35,6 +41,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import math
 import os
 from collections.abc import Callable, Coroutine, Sequence
@@ -52,6 +59,8 @@ from ..types import AttemptedRollout, AttemptStatus, Rollout, Span, Unset, Worke
 from . import protocol as p
 
 __all__ = ["DEFAULT_RETRY_DELAYS", "LightningStoreClient", "StoreAuthError", "StoreConnectionError"]
+
+logger = logging.getLogger("agl_async.http.client")
 
 #: Seconds to wait before each retry of a request that could not reach the server (7.85 s in all).
 DEFAULT_RETRY_DELAYS: tuple[float, ...] = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 4.0)
@@ -192,6 +201,7 @@ class LightningStoreClient(LightningStore):
         self.max_connections = int(max_connections)
         self._http: httpx.AsyncClient | None = None
         self._http_owner: tuple[int, object] | None = None
+        self.run_over = False  # learnt from the server's answers (LightningStore.run_over)
         self._headers = {"content-type": "application/json"}
         if self.auth_token:
             self._headers["authorization"] = f"Bearer {self.auth_token}"
@@ -316,6 +326,9 @@ class LightningStoreClient(LightningStore):
                     f"{type(exc).__name__}"
                 ) from exc
         status = response.status_code
+        if p.RUN_OVER_HEADER in response.headers and not self.run_over:
+            self.run_over = True
+            logger.info("the LightningStoreServer at %s says the run is over", self.endpoint)
         if status == 200:
             result: R = _decoders[name].decode(response.content)
             return result

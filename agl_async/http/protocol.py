@@ -45,6 +45,7 @@ __all__ = [
     "ERROR_MEDIA_TYPE",
     "IDEMPOTENCY_HEADER",
     "ROUTES",
+    "RUN_OVER_HEADER",
     "ErrorBody",
     "Route",
     "openapi_document",
@@ -54,6 +55,9 @@ API_PREFIX = "/v1"
 #: Header carrying the idempotency key of a mutating request; retries reuse the same key.
 IDEMPOTENCY_HEADER = "idempotency-key"
 ERROR_MEDIA_TYPE = "application/json"
+#: Response header of every store route once the server's run is over (``LightningStoreServer.end_run``):
+#: clients learn from it that no more work will come, and runners stop.
+RUN_OVER_HEADER = "agl-run-over"
 
 R = TypeVar("R")
 

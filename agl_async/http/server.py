@@ -211,6 +211,14 @@ class LightningStoreServer(DelegatingStore):
         self._bound_port = sock.getsockname()[1]
         return sock
 
+    def end_run(self) -> None:
+        """Tell the clients that the run is over, while still serving: long polls end at once,
+        dequeues claim nothing, and every answer carries the ``agl-run-over`` header, on which
+        runners stop and exit 0 (instead of retrying a server that is gone and exiting 1). The
+        client-server strategy calls it when the algorithm is done; ``agl-async serve`` when it is
+        stopped. Not called by :meth:`stop`: a server restarted on the same store keeps its runners."""
+        self.app.end_run()
+
     def end_long_polls(self) -> None:
         """Answer long polls at once from now on, while still serving: the ones waiting end with a
         last non-blocking look, later ones do not wait. For the end of a run (the client-server

@@ -66,6 +66,11 @@ class LightningStore(abc.ABC):
     #: several processes share (a database, an HTTP client of one server).
     copies_when_pickled: bool = False
 
+    #: Whether the store has said that the run it serves is over: no more work will come. A
+    #: ``LightningStoreClient`` learns it from its server (``LightningStoreServer.end_run``); the
+    #: runner loop stops on it. Never true of an in-process store.
+    run_over: bool = False
+
     # ------------------------------------------------------------------ rollouts and the queue
     @abc.abstractmethod
     async def enqueue_rollout(

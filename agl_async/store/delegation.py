@@ -63,6 +63,11 @@ class DelegatingStore(LightningStore):
         return self.store.long_poll_is_cancel_safe
 
     @property
+    def run_over(self) -> bool:  # type: ignore[override]
+        """The wrapped store's."""
+        return self.store.run_over
+
+    @property
     def copies_when_pickled(self) -> bool:  # type: ignore[override]
         """The wrapped store's."""
         return self.store.copies_when_pickled
