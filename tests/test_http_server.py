@@ -297,3 +297,34 @@ async def test_stop_alone_does_not_end_the_run_for_clients() -> None:
         await client.statistics()
         await server.stop()
         assert not client.run_over
+
+
+# -------------------------------------------------------------------- cancelling start() early
+async def test_cancelling_start_at_any_moment_leaves_the_port_free() -> None:
+    def bindable(port: int) -> bool:
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("127.0.0.1", port))
+                sock.listen()
+            except OSError:
+                return False
+            return True
+
+    from agl_async.testing import free_port
+
+    for steps in range(12):  # event-loop iterations before the cancellation: every stage of start()
+        port = free_port()
+        server = LightningStoreServer(InMemoryLightningStore(), host="127.0.0.1", port=port, auth_token="")
+        task = asyncio.ensure_future(server.start())
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            assert not server.started
+            assert bindable(port), f"cancelled after {steps} steps, port {port} still bound"
+        else:
+            await server.stop()  # it had started: stop() frees it
+        assert bindable(port)
