@@ -328,3 +328,21 @@ async def test_cancelling_start_at_any_moment_leaves_the_port_free() -> None:
         else:
             await server.stop()  # it had started: stop() frees it
         assert bindable(port)
+
+
+async def test_cancelling_async_with_server_on_entry_stops_it_and_frees_the_port() -> None:
+    """Entering ``async with server`` under a cancel scope that fires before (or while) the server
+    starts used to hang for good: the shielded serve task kept serving, the entry waited for it."""
+    from agl_async.testing import free_port
+
+    for delay in (0.0, 0.0005, 0.001, 0.002, 0.005, 0.01):
+        port = free_port()
+        server = LightningStoreServer(InMemoryLightningStore(), host="127.0.0.1", port=port, auth_token="")
+        with anyio.fail_after(10):  # the hang guard
+            with anyio.move_on_after(delay):
+                async with server:
+                    await anyio.sleep_forever()
+        assert not server.started
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", port))  # free again

@@ -21,7 +21,8 @@ Lifecycle
     finish for up to ``graceful_timeout`` seconds, then cancel the rest; when ``stop()`` returns
     no task of the server is left. Cancelling ``serve`` (or ``stop()``, or ``start()``) is a hard
     stop: listeners and connections closed, requests in flight cancelled, socket released.
-    (``async with`` is never stopped hard: see above.)
+    (``async with`` is stopped hard only when its entry is cancelled while the server starts:
+    the entry then fails at once and the socket is released; once started, see above.)
 
 Signals
     uvicorn normally installs SIGINT/SIGTERM handlers while it serves. The embedded server does
@@ -232,10 +233,17 @@ class LightningStoreServer(DelegatingStore):
             self._server.request_stop()
 
     async def _serve_until_stopped(self, *, task_status: TaskStatus[None]) -> None:
-        # Shielded: the block of `async with` may still use the server while it is being
-        # cancelled (a shutdown that talks to runners); __aexit__ always stops it, gracefully.
-        with anyio.CancelScope(shield=True):
-            await self.serve(task_status=task_status)
+        # Shielded once started: the block of `async with` may still use the server while it is
+        # being cancelled (a shutdown that talks to runners); __aexit__ always stops it,
+        # gracefully. Not before: a cancellation while it starts (the caller's, or tg.start's
+        # own) stops it hard, so the entry fails at once and leaves no socket behind.
+        with anyio.CancelScope() as scope:
+
+            def started() -> None:
+                scope.shield = True
+                task_status.started()
+
+            await self.serve(task_status=_Started(started))
 
     async def __aenter__(self) -> LightningStoreServer:
         tg = anyio.create_task_group()
@@ -243,7 +251,7 @@ class LightningStoreServer(DelegatingStore):
         try:
             await tg.start(self._serve_until_stopped)
         except BaseException:
-            await tg.__aexit__(None, None, None)  # serve never started: the error is start()'s own
+            await tg.__aexit__(None, None, None)  # serve has ended: its error, or cancelled starting
             raise
         stack = contextlib.AsyncExitStack()
         stack.push_async_exit(tg.__aexit__)
