@@ -4,8 +4,11 @@
 it with ``BOTH_BACKENDS`` to run on trio as well.
 
 ``store`` is parametrised over every store implementation, so one suite specifies them all:
-``memory`` (InMemoryLightningStore), ``locked`` (LightningStoreLocked around it) and ``http``
-(LightningStoreClient talking to a LightningStoreServer on 127.0.0.1, asyncio only).
+``memory`` (InMemoryLightningStore), ``locked`` (LightningStoreLocked around it), ``http``
+(LightningStoreClient talking to a LightningStoreServer on 127.0.0.1, asyncio only),
+``postgres`` (PostgresLightningStore on a fresh database of a throwaway cluster, asyncio only:
+skipped on trio with that reason, and skipped when PostgreSQL is not installed) and
+``http-postgres`` (the HTTP client in front of a server on a PostgresLightningStore).
 """
 
 from __future__ import annotations
@@ -61,7 +64,8 @@ def make_span(rollout_id: str, attempt_id: str, sequence_id: int = 1, **fields: 
 
 AGL_VARS = ("AGL_CURRENT_ROLE", "AGL_SERVER_HOST", "AGL_SERVER_PORT", "AGL_MANAGED_STORE", "AGL_SERVER_TOKEN")
 BOTH_BACKENDS = [pytest.param("asyncio", id="asyncio"), pytest.param("trio", id="trio")]
-STORE_KINDS = ["memory", "locked", "http"]
+STORE_KINDS = ["memory", "locked", "http", "postgres", "http-postgres"]
+HTTP_KINDS = ("http", "http-postgres")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -70,9 +74,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     keep, drop = [], []
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
-        (drop if params.get("store") == "http" and params.get("anyio_backend") == "trio" else keep).append(
-            item
-        )
+        trio_http = params.get("store") in HTTP_KINDS and params.get("anyio_backend") == "trio"
+        (drop if trio_http else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
@@ -90,13 +93,46 @@ async def store(request: pytest.FixtureRequest, anyio_backend: str) -> AsyncIter
         yield InMemoryLightningStore()
     elif kind == "locked":
         yield LightningStoreLocked(InMemoryLightningStore())
-    else:
+    elif kind == "http":
         if anyio_backend != "asyncio":
             pytest.skip("the HTTP store runs on asyncio (uvicorn)")
         from agl_async.testing import serve_store  # the HTTP layer's test helper
 
         async with serve_store(InMemoryLightningStore()) as client:
             yield client
+    else:  # postgres, http-postgres
+        if anyio_backend != "asyncio":
+            pytest.skip("PostgresLightningStore runs on asyncio only (its driver, asyncpg, is asyncio-only)")
+        cluster = request.getfixturevalue("pg_cluster")
+        from agl_async.store.postgres import PostgresLightningStore
+
+        async with PostgresLightningStore(cluster.create_database()) as pg:
+            if kind == "postgres":
+                yield pg
+            else:
+                from agl_async.testing import serve_store
+
+                async with serve_store(pg) as client:
+                    yield client
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Any]:
+    """A throwaway PostgreSQL cluster for the whole session (tests/postgres.py); skips the test
+    with the reason when PostgreSQL is not installed here."""
+    from postgres import PostgresCluster, skip_reason
+
+    reason = skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    with PostgresCluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def pg_dsn(pg_cluster: Any) -> str:
+    """The DSN of a fresh, empty database on the session's cluster."""
+    return str(pg_cluster.create_database())
 
 
 def _alive(process: object) -> bool:

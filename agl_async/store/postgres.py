@@ -1,0 +1,1340 @@
+"""``PostgresLightningStore``: the store in a PostgreSQL database, shared by any number of processes.
+
+Every call is one PostgreSQL transaction: when it returns, its change is committed (durable as
+far as the server's settings make commits durable) and visible to every process on the database;
+when the calling process dies, nothing of a call that had not returned is left half-applied.
+
+asyncio only
+    The driver, asyncpg, runs on asyncio: use the store from an asyncio event loop (anyio's
+    default backend). On trio every call raises ``RuntimeError`` saying so.
+
+Sharing one database
+    * a dequeue claims with ``SELECT … FOR UPDATE SKIP LOCKED`` in the statement that creates
+      the attempt, so each queued rollout is claimed by exactly one dequeue across all processes;
+    * every other change of a rollout or its attempts first locks the rollout's row, so the
+      status rules (retries, the latest attempt driving the rollout) see one history;
+    * span sequence ids come from an ``UPDATE … RETURNING`` of the attempt's counter (never
+      issued twice);
+    * wake-ups cross processes by ``LISTEN/NOTIFY`` and the watchdog runs in one process per
+      database (see :mod:`agl_async.store._postgres_events`).
+
+Data integrity (binding for every store)
+    A rollout in a terminal status is never changed by its attempts again: a late result of an
+    attempt the watchdog ended (``unresponsive`` / ``timeout``), or of an attempt that is not the
+    latest, is ignored and logged; a terminal rollout's ``metadata["reward"]`` is kept when a
+    late ``update_rollout`` tries to change it. Only an explicit ``update_rollout(status=…)`` or
+    ``start_attempt`` (an operator's decision) reopens a terminal rollout. An unresponsive attempt
+    comes back to ``running`` on a heartbeat only while it is the latest and its rollout is not
+    terminal. Inputs, metadata, resources, heartbeat stats and spans that cannot be stored as
+    JSON (a lone surrogate, NaN) raise ``ValueError`` before anything is written.
+
+Connections
+    A pool of ``pool_size`` connections serves the calls, plus one connection listening for
+    wake-ups and one contending for the watchdog. A connection lost mid-call is replaced and the
+    call retried (a transaction that failed before its commit is simply run again; one lost
+    *during* its commit is first checked for whether it landed) for up to ``reconnect_timeout``
+    seconds, after which the call raises ``ConnectionError``.
+
+Cancellation
+    Cancelling a call never leaves it half-applied: the transaction runs shielded from
+    cancellation (bounded by ``command_timeout``) and a claim that committed is returned, never
+    lost. Cancelling the waiting part of ``wait_for_rollouts`` or a long-polling
+    ``dequeue_rollout`` changes nothing.
+
+Lifecycle and pickling
+    The store connects on first use, in the event loop that uses it; ``await close()`` (or
+    ``async with``) closes its connections and stops its background tasks. It pickles as its
+    settings and reconnects lazily in the new process, so it can be handed to child processes
+    (every process then works on the same database).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import anyio
+import msgspec
+
+from ..types import (
+    ATTEMPT_STATUSES,
+    QUEUE_STATUSES,
+    ROLLOUT_STATUSES,
+    TERMINAL_ATTEMPT_STATUSES,
+    TERMINAL_ROLLOUT_STATUSES,
+    Attempt,
+    AttemptedRollout,
+    AttemptStatus,
+    ResourcesUpdate,
+    Rollout,
+    RolloutConfig,
+    RolloutMode,
+    RolloutStatus,
+    Span,
+    Worker,
+    WorkerId,
+    WorkerStatus,
+)
+from . import _json
+from . import _postgres_sql as sql
+from ._postgres_rows import (
+    AttemptRow,
+    RolloutRow,
+    attempt_model,
+    attempted_model,
+    new_id,
+    resources_model,
+    rollout_model,
+    rollout_status_for,
+    wkey,
+    worker_model,
+)
+from ._postgres_schema import NOTIFY_CHANNEL
+from .base import UNSET, EnqueueRolloutRequest, LightningStore, Unset, _as_enqueue_requests
+from .memory import _MODES, _as_config, _check_worker_id
+
+if TYPE_CHECKING:
+    from ._postgres_events import Listener, Wakeups, Watchdog
+
+__all__ = ["PostgresLightningStore"]
+
+logger = logging.getLogger("agl_async")
+
+T = TypeVar("T")
+
+_LIVE = frozenset({"preparing", "running"})
+#: The rollout metadata key holding the reward (what the runner loop writes).
+REWARD_KEY = "reward"
+#: How many due attempts the watchdog ends per round.
+_SETTLE_BATCH = 256
+
+
+class _Tx:
+    """One transaction's connection, its clock reading, and the notifications and worker changes
+    it has collected (written by :meth:`flush` just before the commit)."""
+
+    __slots__ = ("conn", "deadline", "now", "queue", "terminal", "worker_ops")
+
+    def __init__(self, conn: Any, now: float) -> None:
+        self.conn = conn
+        self.now = now
+        self.terminal: list[str] = []
+        self.queue = False
+        self.deadline: float | None = None
+        self.worker_ops: list[tuple[str, tuple[Any, ...]]] = []
+
+    def announce_deadline(self, due: float | None) -> None:
+        if due is not None and (self.deadline is None or due < self.deadline):
+            self.deadline = due
+
+    async def flush(self) -> None:
+        from ._postgres_events import notify_payloads
+
+        for statement, args in self.worker_ops:
+            await self.conn.execute(statement, *args)
+        self.worker_ops.clear()
+        payloads = notify_payloads(self.terminal)
+        if self.queue:
+            payloads.append("q")
+        if self.deadline is not None:
+            payloads.append(f"d {self.deadline!r}")
+        if payloads:
+            await self.conn.execute(sql.NOTIFY, NOTIFY_CHANNEL, payloads)
+
+
+class _Runtime:
+    """What an open store holds in one event loop: the pool and its background tasks."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.pool: Any = None
+        self.wakeups: Wakeups | None = None
+        self.listener: Listener | None = None
+        self.watchdog: Watchdog | None = None
+        self.tasks: list[asyncio.Task[None]] = []
+        self.clock_offset = 0.0
+        #: A lost, refused or failing connection (retried).
+        self.errors: tuple[type[BaseException], ...] = ()
+        #: A deadlock or serialisation failure (nothing was applied: run again at once).
+        self.conflicts: tuple[type[BaseException], ...] = ()
+
+
+@dataclass(frozen=True)
+class _Settings:
+    dsn: str
+    pool_size: int
+    connect_timeout: float
+    command_timeout: float
+    reconnect_timeout: float
+    watchdog: bool
+
+
+class PostgresLightningStore(LightningStore):
+    """A complete ``LightningStore`` in a PostgreSQL database (asyncio only: asyncpg).
+
+    ``dsn``: ``postgresql://user:password@host:port/dbname`` (libpq parameters such as
+    ``?sslmode=require`` or ``options=-csearch_path=agl`` work). ``pool_size``: connections
+    serving calls (plus two: wake-ups and the watchdog). ``connect_timeout``: seconds for one
+    connection attempt; ``command_timeout``: seconds one statement may take; ``reconnect_timeout``:
+    how long a call keeps retrying a lost database before it raises ``ConnectionError``.
+    ``watchdog=False``: this store never runs the database's watchdog (others still do).
+
+    Nothing connects until the first call; the schema is created then, or checked (a database
+    made by a newer release is refused). See the module docstring for the guarantees.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        pool_size: int = 10,
+        connect_timeout: float = 10.0,
+        command_timeout: float = 60.0,
+        reconnect_timeout: float = 30.0,
+        watchdog: bool = True,
+    ) -> None:
+        if not isinstance(dsn, str) or urlsplit(dsn).scheme not in ("postgresql", "postgres"):
+            raise ValueError(f"dsn must be a postgresql:// URL, got {_redact(dsn)!r}")
+        if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 1:
+            raise ValueError(f"pool_size must be a positive integer, got {pool_size!r}")
+        for name, value in (
+            ("connect_timeout", connect_timeout),
+            ("command_timeout", command_timeout),
+            ("reconnect_timeout", reconnect_timeout),
+        ):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        self._settings = _Settings(
+            dsn, pool_size, float(connect_timeout), float(command_timeout), float(reconnect_timeout), watchdog
+        )
+        self._runtime: _Runtime | None = None
+        self._starting: asyncio.Lock | None = None
+
+    @property
+    def dsn(self) -> str:
+        return self._settings.dsn
+
+    @property
+    def pool_size(self) -> int:
+        return self._settings.pool_size
+
+    def __repr__(self) -> str:
+        s = self._settings
+        return f"PostgresLightningStore({_redact(s.dsn)!r}, pool_size={s.pool_size})"
+
+    # ------------------------------------------------------------------ pickling
+    def __getstate__(self) -> dict[str, Any]:
+        return {"settings": self._settings}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._settings = state["settings"]
+        self._runtime = None
+        self._starting = None
+
+    # ------------------------------------------------------------------ lifecycle
+    async def __aenter__(self) -> PostgresLightningStore:
+        await self._rt()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop the wake-up listener and the watchdog candidate, close every connection (waits
+        for calls in progress to give theirs back, up to 5 s). Calls made afterwards reconnect,
+        as on first use."""
+        rt, self._runtime = self._runtime, None
+        self._starting = None
+        if rt is None:
+            return
+        with anyio.CancelScope(shield=True):
+            for task in rt.tasks:
+                task.cancel()
+            for task in rt.tasks:
+                try:
+                    await task
+                except BaseException:
+                    pass  # cancelled on purpose
+            if rt.pool is not None:
+                try:
+                    with anyio.fail_after(5.0):
+                        await rt.pool.close()
+                except BaseException:
+                    rt.pool.terminate()
+
+    def _now(self) -> float:
+        rt = self._runtime
+        return time.time() + (rt.clock_offset if rt is not None else 0.0)
+
+    async def _rt(self) -> _Runtime:
+        rt = self._runtime
+        try:
+            loop = asyncio.get_running_loop()  # raises on trio
+        except RuntimeError:
+            loop = None
+        if loop is None or asyncio.current_task() is None:
+            raise RuntimeError(
+                "PostgresLightningStore runs on asyncio (its driver, asyncpg, is asyncio-only): "
+                "use it from an asyncio event loop (anyio's default backend)"
+            )
+        if rt is not None:
+            if rt.loop is loop:
+                return rt
+            if not rt.loop.is_closed():
+                raise RuntimeError(
+                    "this PostgresLightningStore is open in another event loop; give each loop its own "
+                    "store (a pickled copy reconnects by itself)"
+                )
+            self._runtime = None  # that loop is gone, and its connections with it
+            self._starting = None
+        if self._starting is None:
+            self._starting = asyncio.Lock()
+        async with self._starting:
+            if self._runtime is None or self._runtime.loop is not loop:
+                await self._start(loop)
+            assert self._runtime is not None
+            return self._runtime
+
+    async def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            import asyncpg
+        except ImportError:
+            raise ImportError(
+                "PostgresLightningStore needs asyncpg: pip install 'agl-async[postgres]'"
+            ) from None
+        from . import _postgres_events as events
+        from ._postgres_schema import ensure_schema
+
+        rt = _Runtime(loop)
+        rt.errors = events.PG_ERRORS
+        rt.conflicts = (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.SerializationError)
+        s = self._settings
+
+        async def connect_pool() -> Any:
+            return await asyncpg.create_pool(
+                s.dsn,
+                min_size=1,
+                max_size=s.pool_size,
+                timeout=s.connect_timeout,
+                command_timeout=s.command_timeout,
+                statement_cache_size=256,
+                max_inactive_connection_lifetime=60.0,
+            )
+
+        async def connect_one() -> Any:
+            return await asyncpg.connect(s.dsn, timeout=s.connect_timeout)
+
+        rt.pool = await self._retry_connect(connect_pool, rt.errors)
+        try:
+            async with rt.pool.acquire() as conn:
+                await ensure_schema(conn)
+                t0 = time.time()
+                db_now = await conn.fetchval("SELECT extract(epoch FROM clock_timestamp())::float8")
+                t1 = time.time()
+            offset = float(db_now) - (t0 + t1) / 2
+            # Processes on other hosts agree on the database's clock; on its own host, keep time.time().
+            rt.clock_offset = offset if abs(offset) > 0.005 else 0.0
+            self._runtime = rt  # the background tasks below use the store (and its clock) at once
+            rt.wakeups = events.Wakeups()
+            rt.listener = events.Listener(connect_one, rt.wakeups)
+            rt.tasks.append(loop.create_task(rt.listener.run(), name="agl_async postgres listener"))
+            if s.watchdog:
+                rt.watchdog = events.Watchdog(connect_one, rt.wakeups, self._settle_due, self._now)
+                rt.tasks.append(loop.create_task(rt.watchdog.run(), name="agl_async postgres watchdog"))
+            with anyio.move_on_after(s.connect_timeout):
+                await rt.listener.connected.wait()
+        except BaseException:
+            self._runtime = None
+            for task in rt.tasks:
+                task.cancel()
+            rt.pool.terminate()
+            raise
+
+    async def _retry_connect(
+        self, connect: Callable[[], Awaitable[T]], errors: tuple[type[BaseException], ...]
+    ) -> T:
+        deadline = time.monotonic() + self._settings.reconnect_timeout
+        failures = 0
+        while True:
+            try:
+                return await connect()
+            except errors as exc:
+                if time.monotonic() >= deadline:
+                    raise ConnectionError(
+                        f"cannot connect to PostgreSQL at {_redact(self._settings.dsn)}: {exc}"
+                    ) from exc
+                if failures == 0:
+                    logger.warning("PostgresLightningStore: cannot connect (%s); retrying", exc)
+            await anyio.sleep(min(0.05 * 2**failures, 2.0))
+            failures += 1
+
+    # ------------------------------------------------------------------ running statements
+    async def _after_failure(self, exc: BaseException, failures: int, deadline: float) -> int:
+        if time.monotonic() >= deadline:
+            raise ConnectionError(
+                f"lost the connection to PostgreSQL at {_redact(self._settings.dsn)} and could not get it "
+                f"back within {self._settings.reconnect_timeout:g}s: {exc}"
+            ) from exc
+        if failures == 0:
+            logger.warning("PostgresLightningStore: database connection lost (%s); retrying", exc)
+        await anyio.sleep(min(0.02 * 2**failures, 1.0))
+        return failures + 1
+
+    async def _read(self, method: str, statement: str, *args: Any) -> Any:
+        """One read-only statement (``method``: ``fetch`` / ``fetchrow`` / ``fetchval``), run again
+        on a lost connection. Cancellable."""
+        rt = await self._rt()
+        deadline = time.monotonic() + self._settings.reconnect_timeout
+        failures = 0
+        while True:
+            try:
+                async with rt.pool.acquire() as conn:
+                    return await getattr(conn, method)(statement, *args)
+            except rt.errors as exc:
+                failures = await self._after_failure(exc, failures, deadline)
+
+    async def _autocommit(self, method: str, statement: str, *args: Any) -> Any:
+        """One statement that changes things, in its own transaction: shielded from cancellation
+        and run again on a lost connection (only for statements where running twice is harmless)."""
+        rt = await self._rt()
+        deadline = time.monotonic() + self._settings.reconnect_timeout
+        failures = 0
+        while True:
+            conn = None
+            try:
+                conn = await rt.pool.acquire()
+                with anyio.CancelScope(shield=True):
+                    return await getattr(conn, method)(statement, *args)
+            except rt.errors as exc:
+                failures = await self._after_failure(exc, failures, deadline)
+            finally:
+                if conn is not None:
+                    with anyio.CancelScope(shield=True):
+                        await rt.pool.release(conn)
+
+    async def _write(
+        self,
+        fn: Callable[[_Tx], Awaitable[T]],
+        *,
+        landed: Callable[[Any], Awaitable[T | None]] | None = None,
+    ) -> T:
+        """Run ``fn(tx)`` in a transaction (its notifications and worker changes flushed before the
+        commit), shielded from cancellation so that it is never half-done nor done-and-lost.
+
+        A deadlock or a connection lost before the commit: run again. A connection lost during
+        the commit: ``landed(conn)`` says whether it was applied (its result is returned) or not
+        (run again); without ``landed`` it is run again (for calls where that is harmless).
+        """
+        rt = await self._rt()
+        deadline = time.monotonic() + self._settings.reconnect_timeout
+        failures = conflicts = 0
+        uncertain = False
+        while True:
+            conn = None
+            committing = False
+            try:
+                conn = await rt.pool.acquire()
+                with anyio.CancelScope(shield=True):
+                    if uncertain and landed is not None:
+                        uncertain = False
+                        found = await landed(conn)
+                        if found is not None:
+                            return found
+                    tx = _Tx(conn, self._now())
+                    transaction = conn.transaction()
+                    await transaction.start()
+                    try:
+                        result = await fn(tx)
+                        await tx.flush()
+                    except BaseException:
+                        if not conn.is_closed():
+                            try:
+                                await transaction.rollback()
+                            except rt.errors:
+                                pass  # the connection is gone, and the transaction with it
+                        raise
+                    committing = True
+                    await transaction.commit()
+                    return result
+            except rt.conflicts:
+                conflicts += 1  # nothing was applied
+                if conflicts > 50:
+                    raise
+                await anyio.sleep(0.001 * conflicts)
+            except rt.errors as exc:
+                uncertain = committing
+                failures = await self._after_failure(exc, failures, deadline)
+            finally:
+                if conn is not None:
+                    with anyio.CancelScope(shield=True):
+                        await rt.pool.release(conn)
+
+    # ------------------------------------------------------------------ locked reads
+    @staticmethod
+    async def _lock_rollout(tx: _Tx, rollout_id: Any, *, skip_locked: bool = False) -> RolloutRow:
+        """Lock a rollout's row for this transaction (``ValueError`` for an unknown id; with
+        ``skip_locked``, also when another transaction holds it)."""
+        rec = None
+        if isinstance(rollout_id, str):
+            statement = sql.LOCK_ROLLOUT_SKIP_LOCKED if skip_locked else sql.LOCK_ROLLOUT
+            rec = await tx.conn.fetchrow(statement, rollout_id)
+        if rec is None:
+            raise ValueError(f"rollout {rollout_id!r} not found")
+        return RolloutRow.of(rec)
+
+    @staticmethod
+    async def _attempt_of(tx: _Tx, r: RolloutRow, attempt_id: Any) -> AttemptRow:
+        if attempt_id == "latest":
+            if r.latest_attempt_id is None:
+                raise ValueError(f"rollout {r.rollout_id!r} has no attempts")
+            attempt_id = r.latest_attempt_id
+        rec = None
+        if isinstance(attempt_id, str):
+            rec = await tx.conn.fetchrow(sql.GET_ATTEMPT, attempt_id, r.rollout_id)
+        if rec is None:
+            raise ValueError(f"attempt {attempt_id!r} not found in rollout {r.rollout_id!r}")
+        return AttemptRow.of(rec)
+
+    # ------------------------------------------------------------------ state transitions
+    @staticmethod
+    def _set_rollout_status(tx: _Tx, r: RolloutRow, status: str, now: float) -> None:
+        if r.status == status:
+            return
+        r.status = status
+        r.dirty = True
+        if status in TERMINAL_ROLLOUT_STATUSES:
+            r.end_time = now
+            tx.terminal.append(r.rollout_id)
+        else:
+            r.end_time = None
+            if status in QUEUE_STATUSES:
+                if not r.queued:
+                    r.queue_move, r.queued = "tail", True
+                    tx.queue = True
+                return
+        if r.queued:
+            r.queue_move, r.queued = "out", False
+
+    def _set_attempt_status(self, tx: _Tx, r: RolloutRow, a: AttemptRow, status: str, now: float) -> None:
+        """Set an attempt's status; the latest attempt drives its rollout unless that is finished."""
+        previous = a.status
+        a.status = status
+        if status in TERMINAL_ATTEMPT_STATUSES:
+            a.end_time = a.end_time if previous == status else now
+        else:
+            a.end_time = None
+        self._sync_worker(tx, a, now)
+        ended = status in TERMINAL_ATTEMPT_STATUSES and previous != status
+        if r.latest_attempt_id != a.attempt_id:
+            if ended:
+                logger.info(
+                    "attempt %s of rollout %s ended %s but is not its latest attempt: rollout unchanged",
+                    a.attempt_id,
+                    r.rollout_id,
+                    status,
+                )
+            return
+        if r.status in TERMINAL_ROLLOUT_STATUSES:
+            if ended:
+                logger.warning(
+                    "attempt %s of rollout %s ended %s after the rollout was %s: rollout unchanged",
+                    a.attempt_id,
+                    r.rollout_id,
+                    status,
+                    r.status,
+                )
+            return
+        self._set_rollout_status(tx, r, rollout_status_for(status, a.sequence_id, r.config), now)
+
+    @staticmethod
+    def _sync_worker(tx: _Tx, a: AttemptRow, now: float, dequeued: bool = False) -> None:
+        """The worker of an attempt follows it: busy while it is live, released when it ends."""
+        if a.worker_id is None:
+            return
+        key = wkey(a.worker_id)
+        if a.status in ("succeeded", "failed"):
+            tx.worker_ops.append((sql.WORKER_RELEASE, (key, "idle", now, a.attempt_id)))
+        elif a.status in ("unresponsive", "timeout"):
+            tx.worker_ops.append((sql.WORKER_RELEASE, (key, "unknown", now, a.attempt_id)))
+        else:
+            last_dequeue = now if dequeued else None
+            tx.worker_ops.append((sql.WORKER_BUSY, (key, now, a.rollout_id, a.attempt_id, last_dequeue)))
+
+    @staticmethod
+    def _refresh_deadline(tx: _Tx, a: AttemptRow) -> None:
+        """Recompute an attempt's deadline; announce it when it comes sooner than it did."""
+        before = a.deadline
+        a.deadline = a.verdict()[1] if a.status in _LIVE else None
+        if a.deadline is not None and (before is None or a.deadline < before):
+            tx.announce_deadline(a.deadline)
+
+    async def _save_attempt(self, tx: _Tx, a: AttemptRow) -> None:
+        self._refresh_deadline(tx, a)
+        await tx.conn.execute(
+            sql.SAVE_ATTEMPT,
+            a.attempt_id,
+            a.status,
+            a.end_time,
+            None if a.worker_id is None else wkey(a.worker_id),
+            a.last_heartbeat_time,
+            a.metadata,
+            a.timeout_s,
+            a.unresponsive_s,
+            a.deadline,
+        )
+
+    @staticmethod
+    async def _save_rollout_status(tx: _Tx, r: RolloutRow) -> None:
+        if not r.dirty:
+            return
+        await tx.conn.execute(sql.SAVE_ROLLOUT_STATUS, r.rollout_id, r.status, r.end_time, r.queue_move)
+        r.dirty = False
+        r.queue_move = "keep"
+
+    async def _new_attempt(self, tx: _Tx, r: RolloutRow, worker_id: WorkerId | None) -> Attempt:
+        """A new attempt of a locked rollout, which leaves the queue and becomes ``preparing``."""
+        now = tx.now
+        a = AttemptRow(
+            rollout_id=r.rollout_id,
+            attempt_id=new_id("at"),
+            sequence_id=r.n_attempts + 1,
+            start_time=now,
+            end_time=None,
+            status="preparing",
+            worker_id=worker_id,
+            last_heartbeat_time=None,
+            metadata="{}",
+            timeout_s=r.config.timeout_seconds,
+            unresponsive_s=r.config.unresponsive_seconds,
+            deadline=None,
+        )
+        self._refresh_deadline(tx, a)
+        key = None if worker_id is None else wkey(worker_id)
+        await tx.conn.execute(
+            sql.INSERT_ATTEMPT,
+            a.attempt_id,
+            a.rollout_id,
+            a.sequence_id,
+            now,
+            key,
+            a.timeout_s,
+            a.unresponsive_s,
+            a.deadline,
+        )
+        await tx.conn.execute(sql.TOUCH_ROLLOUT_FOR_ATTEMPT, r.rollout_id, a.sequence_id, a.attempt_id)
+        r.status, r.end_time, r.queued = "preparing", None, False
+        r.n_attempts, r.latest_attempt_id = a.sequence_id, a.attempt_id
+        if worker_id is not None:
+            self._sync_worker(tx, a, now, dequeued=True)
+        return a.model()
+
+    # ------------------------------------------------------------------ validation
+    @staticmethod
+    async def _check_resources_exist(conn: Any, ids: set[str]) -> None:
+        if not ids:
+            return
+        found = {rec[0] for rec in await conn.fetch(sql.EXISTING_RESOURCES, sorted(ids))}
+        for rid in sorted(ids):
+            if rid not in found:
+                raise ValueError(f"resources {rid!r} not found")
+
+    @staticmethod
+    def _rollout_values(
+        input: Any, mode: Any, resources_id: Any, config: Any, metadata: Any
+    ) -> tuple[str, RolloutConfig, str, str]:
+        """Check and encode ``enqueue_rollout``'s arguments: ``(input, config, config_json, metadata)``."""
+        if mode is not None and mode not in _MODES:
+            raise ValueError(f"unknown rollout mode {mode!r}; expected one of {sorted(_MODES)}")
+        if resources_id is not None and not isinstance(resources_id, str):
+            raise ValueError(f"resources {resources_id!r} not found")
+        if metadata is not None and not isinstance(metadata, dict):
+            raise ValueError(f"metadata must be a dict or None, got {type(metadata).__name__}")
+        cfg = _as_config(config)
+        return (
+            _json.encode(input, "rollout input"),
+            cfg,
+            _json.encode(cfg, "rollout config"),
+            _json.encode(dict(metadata) if metadata else {}, "rollout metadata"),
+        )
+
+    # ------------------------------------------------------------------ rollouts and the queue
+    async def enqueue_rollout(
+        self,
+        input: Any,
+        mode: RolloutMode | None = None,
+        resources_id: str | None = None,
+        config: RolloutConfig | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Rollout:
+        request = EnqueueRolloutRequest(
+            input=input, mode=mode, resources_id=resources_id, config=config, metadata=metadata
+        )
+        return (await self.enqueue_many_rollouts([request]))[0]
+
+    async def enqueue_many_rollouts(
+        self, rollouts: Sequence[EnqueueRolloutRequest | Mapping[str, Any]]
+    ) -> list[Rollout]:
+        requests = _as_enqueue_requests(rollouts)
+        encoded = [
+            self._rollout_values(r.input, r.mode, r.resources_id, r.config, r.metadata) for r in requests
+        ]
+        if not requests:
+            return []
+        ids = [new_id("ro") for _ in requests]
+
+        async def run(tx: _Tx) -> list[Rollout]:
+            await self._check_resources_exist(
+                tx.conn, {r.resources_id for r in requests if r.resources_id is not None}
+            )
+            recs = await tx.conn.fetch(
+                sql.ENQUEUE,
+                ids,
+                [e[0] for e in encoded],
+                [r.mode for r in requests],
+                [r.resources_id for r in requests],
+                [e[2] for e in encoded],
+                [e[3] for e in encoded],
+                tx.now,
+                [e[1].timeout_seconds for e in encoded],
+                [e[1].unresponsive_seconds for e in encoded],
+            )
+            bound = {rec["rollout_id"]: rec["resources_id"] for rec in recs}
+            tx.queue = True
+            return [
+                Rollout(
+                    rollout_id=rid,
+                    input=_json.decode(e[0]),
+                    start_time=tx.now,
+                    mode=r.mode,
+                    resources_id=bound[rid],
+                    status="queuing",
+                    config=msgspec.json.decode(e[2], type=RolloutConfig),
+                    metadata=_json.decode(e[3]),
+                )
+                for rid, r, e in zip(ids, requests, encoded, strict=True)
+            ]
+
+        async def landed(conn: Any) -> list[Rollout] | None:
+            if await conn.fetchval(sql.COUNT_ROLLOUT, ids[0]) == 0:
+                return None
+            by_id = {
+                rec["rollout_id"]: rollout_model(rec) for rec in await conn.fetch(sql.ROLLOUTS_BY_ID, ids)
+            }
+            return [by_id[rid] for rid in ids]
+
+        return await self._write(run, landed=landed)
+
+    @staticmethod
+    def _claimed_model(rec: Any, now: float, worker_id: WorkerId | None) -> AttemptedRollout:
+        attempt = Attempt(
+            rollout_id=rec["rollout_id"],
+            attempt_id=rec["latest_attempt_id"],
+            sequence_id=rec["n_attempts"],
+            start_time=now,
+            worker_id=worker_id,
+        )
+        rollout = rollout_model({**dict(rec.items()), "status": "preparing", "end_time": None})
+        return attempted_model(rollout, attempt)
+
+    async def _claim(
+        self, limit: int, worker_id: WorkerId | None, *, idle_if_empty: bool
+    ) -> list[AttemptedRollout]:
+        key = None if worker_id is None else wkey(worker_id)
+        attempt_ids = [new_id("at") for _ in range(limit)]
+
+        async def run(tx: _Tx) -> list[AttemptedRollout]:
+            recs = await tx.conn.fetch(sql.CLAIM, limit, attempt_ids, tx.now, key, NOTIFY_CHANNEL)
+            if not recs and key is not None and idle_if_empty:
+                await tx.conn.execute(sql.WORKER_IDLE_DEQUEUE, key, tx.now)
+            return [self._claimed_model(rec, tx.now, worker_id) for rec in recs]
+
+        async def landed(conn: Any) -> list[AttemptedRollout] | None:
+            recs = await conn.fetch(sql.CLAIMED_BY_ATTEMPT_IDS, attempt_ids)
+            if not recs:
+                return None
+            order = {aid: i for i, aid in enumerate(attempt_ids)}
+            recs = sorted(recs, key=lambda rec: order[rec["latest_attempt_id"]])
+            return [self._claimed_model(rec, rec["attempt_start"], worker_id) for rec in recs]
+
+        return await self._write(run, landed=landed)
+
+    async def dequeue_rollout(
+        self, worker_id: WorkerId | None = None, *, timeout: float | None = None
+    ) -> AttemptedRollout | None:
+        if timeout is not None and (isinstance(timeout, bool) or not timeout >= 0):
+            raise ValueError(f"timeout must be >= 0 or None, got {timeout!r}")
+        _check_worker_id(worker_id)
+        rt = await self._rt()
+        assert rt.wakeups is not None
+        deadline = time.monotonic() + timeout if timeout else None
+        while True:
+            # Take the wake-up event before looking, so that an enqueue in between is not missed.
+            event = rt.wakeups.queue_event()
+            claimed = await self._claim(1, worker_id, idle_if_empty=True)
+            if claimed:
+                return claimed[0]
+            remaining = 0.0 if deadline is None else deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            if not rt.wakeups.listening:
+                remaining = min(remaining, rt.wakeups.degraded_interval)
+            # Cancelling this wait claims nothing: the claim above is one committed statement.
+            with anyio.move_on_after(remaining):
+                await event.wait()
+
+    async def dequeue_many_rollouts(
+        self, *, limit: int = 1, worker_id: WorkerId | None = None
+    ) -> list[AttemptedRollout]:
+        _check_worker_id(worker_id)
+        if isinstance(limit, bool) or not isinstance(limit, int):
+            raise ValueError(f"limit must be an integer, got {limit!r}")
+        if limit <= 0:
+            return []
+        return await self._claim(limit, worker_id, idle_if_empty=False)
+
+    async def unclaim_rollout(self, rollout_id: str, attempt_id: str) -> bool:
+        async def run(tx: _Tx) -> bool:
+            r = await self._lock_rollout(tx, rollout_id)
+            a = await self._attempt_of(tx, r, attempt_id)
+            if a.status != "preparing" or r.status != "preparing" or r.latest_attempt_id != a.attempt_id:
+                return False
+            await tx.conn.execute(sql.DELETE_ATTEMPT_SPANS, a.attempt_id)
+            await tx.conn.execute(sql.DELETE_ATTEMPT, a.attempt_id)
+            previous = await tx.conn.fetchval(sql.PREVIOUS_ATTEMPT_ID, r.rollout_id, a.sequence_id - 1)
+            status = "queuing" if a.sequence_id == 1 else "requeuing"
+            await tx.conn.execute(sql.UNCLAIM_ROLLOUT, r.rollout_id, status, previous)
+            if a.worker_id is not None:
+                tx.worker_ops.append((sql.WORKER_RELEASE, (wkey(a.worker_id), "idle", tx.now, a.attempt_id)))
+            tx.queue = True
+            return True
+
+        return await self._write(run)
+
+    async def start_rollout(
+        self,
+        input: Any,
+        mode: RolloutMode | None = None,
+        resources_id: str | None = None,
+        config: RolloutConfig | None = None,
+        metadata: dict[str, Any] | None = None,
+        worker_id: WorkerId | None = None,
+    ) -> AttemptedRollout:
+        _check_worker_id(worker_id)
+        input_json, cfg, config_json, metadata_json = self._rollout_values(
+            input, mode, resources_id, config, metadata
+        )
+        rollout_id = new_id("ro")
+
+        async def run(tx: _Tx) -> AttemptedRollout:
+            if resources_id is not None:
+                await self._check_resources_exist(tx.conn, {resources_id})
+            rec = await tx.conn.fetchrow(
+                sql.START_ROLLOUT,
+                rollout_id,
+                input_json,
+                tx.now,
+                mode,
+                resources_id,
+                config_json,
+                metadata_json,
+                cfg.timeout_seconds,
+                cfg.unresponsive_seconds,
+            )
+            attempt = await self._new_attempt(tx, RolloutRow.of(rec), worker_id)
+            return attempted_model(rollout_model(rec), attempt)
+
+        async def landed(conn: Any) -> AttemptedRollout | None:
+            rec = await conn.fetchrow(sql.GET_ROLLOUT, rollout_id)
+            if rec is None:
+                return None
+            arec = await conn.fetchrow(sql.GET_ATTEMPT, rec["latest_attempt_id"], rollout_id)
+            return attempted_model(rollout_model(rec), attempt_model(arec))
+
+        return await self._write(run, landed=landed)
+
+    async def start_attempt(self, rollout_id: str, worker_id: WorkerId | None = None) -> AttemptedRollout:
+        _check_worker_id(worker_id)
+
+        async def run(tx: _Tx) -> AttemptedRollout:
+            r = await self._lock_rollout(tx, rollout_id)
+            attempt = await self._new_attempt(tx, r, worker_id)
+            return attempted_model(rollout_model(r.record, status="preparing", end_time=None), attempt)
+
+        return await self._write(run)
+
+    async def update_rollout(
+        self,
+        rollout_id: str,
+        input: Any | Unset = UNSET,
+        mode: RolloutMode | Unset | None = UNSET,
+        resources_id: str | Unset | None = UNSET,
+        status: RolloutStatus | Unset = UNSET,
+        config: RolloutConfig | Unset = UNSET,
+        metadata: dict[str, Any] | Unset | None = UNSET,
+    ) -> Rollout:
+        # Everything is checked before the transaction: a failing call changes nothing.
+        if status is not UNSET and status not in ROLLOUT_STATUSES:
+            raise ValueError(f"unknown rollout status {status!r}; expected one of {sorted(ROLLOUT_STATUSES)}")
+        if not isinstance(mode, Unset) and mode is not None and mode not in _MODES:
+            raise ValueError(f"unknown rollout mode {mode!r}; expected one of {sorted(_MODES)}")
+        if not isinstance(metadata, Unset) and metadata is not None and not isinstance(metadata, dict):
+            raise ValueError(f"metadata must be a dict or None, got {type(metadata).__name__}")
+        new_resources = None if isinstance(resources_id, Unset) else resources_id
+        if new_resources is not None and not isinstance(new_resources, str):
+            raise ValueError(f"resources {new_resources!r} not found")
+        new_config = None if isinstance(config, Unset) else _as_config(config)
+        input_json = None if isinstance(input, Unset) else _json.encode(input, "rollout input")
+        new_metadata = None if isinstance(metadata, Unset) else (dict(metadata) if metadata else {})
+
+        async def run(tx: _Tx) -> Rollout:
+            r = await self._lock_rollout(tx, rollout_id)
+            if new_resources is not None:
+                await self._check_resources_exist(tx.conn, {new_resources})
+            rec = dict(r.record.items())
+            if input_json is not None:
+                rec["input"] = input_json
+            if not isinstance(mode, Unset):
+                rec["mode"] = mode
+            if not isinstance(resources_id, Unset):
+                rec["resources_id"] = resources_id
+            if new_config is not None:
+                rec["config"] = _json.encode(new_config, "rollout config")
+                r.config = new_config
+            if new_metadata is not None:
+                rec["metadata"] = self._keep_reward(r, new_metadata)
+            await tx.conn.execute(
+                sql.SAVE_ROLLOUT_FIELDS,
+                r.rollout_id,
+                rec["input"],
+                rec["mode"],
+                rec["resources_id"],
+                rec["config"],
+                rec["metadata"],
+                r.config.timeout_seconds,
+                r.config.unresponsive_seconds,
+            )
+            if new_config is not None:
+                # The new limits apply to the attempts already running.
+                for arec in await tx.conn.fetch(sql.LIVE_ATTEMPTS, r.rollout_id):
+                    a = AttemptRow.of(arec)
+                    a.timeout_s = new_config.timeout_seconds
+                    a.unresponsive_s = new_config.unresponsive_seconds
+                    await self._save_attempt(tx, a)
+            if not isinstance(status, Unset):
+                self._set_rollout_status(tx, r, status, tx.now)
+                await self._save_rollout_status(tx, r)
+            rec["status"], rec["end_time"] = r.status, r.end_time
+            return rollout_model(rec)
+
+        return await self._write(run)
+
+    @staticmethod
+    def _keep_reward(r: RolloutRow, new: dict[str, Any]) -> str:
+        """The metadata to store: ``new``, except that a finished rollout keeps its reward."""
+        if r.status in TERMINAL_ROLLOUT_STATUSES:
+            old = _json.decode(r.metadata)
+            missing = object()
+            if old.get(REWARD_KEY, missing) != new.get(REWARD_KEY, missing):
+                logger.warning(
+                    "rollout %s is %s: its reward stays %r (a late update tried to make it %r)",
+                    r.rollout_id,
+                    r.status,
+                    old.get(REWARD_KEY),
+                    new.get(REWARD_KEY),
+                )
+                new = dict(new)
+                if REWARD_KEY in old:
+                    new[REWARD_KEY] = old[REWARD_KEY]
+                else:
+                    new.pop(REWARD_KEY, None)
+        return _json.encode(new, "rollout metadata")
+
+    async def update_attempt(
+        self,
+        rollout_id: str,
+        attempt_id: str | Literal["latest"],
+        status: AttemptStatus | Unset = UNSET,
+        worker_id: WorkerId | Unset | None = UNSET,
+        last_heartbeat_time: float | Unset = UNSET,
+        metadata: dict[str, Any] | Unset | None = UNSET,
+    ) -> Attempt:
+        if status is not UNSET and status not in ATTEMPT_STATUSES:
+            raise ValueError(f"unknown attempt status {status!r}; expected one of {sorted(ATTEMPT_STATUSES)}")
+        if not isinstance(metadata, (Unset, dict)) and metadata is not None:
+            raise ValueError(f"metadata must be a dict or None, got {type(metadata).__name__}")
+        if not isinstance(last_heartbeat_time, (Unset, int, float)) or isinstance(last_heartbeat_time, bool):
+            raise ValueError(f"last_heartbeat_time must be a number, got {last_heartbeat_time!r}")
+        if not isinstance(worker_id, Unset):
+            _check_worker_id(worker_id)
+        metadata_json = None
+        if not isinstance(metadata, Unset):
+            metadata_json = _json.encode(dict(metadata) if metadata else {}, "attempt metadata")
+
+        async def run(tx: _Tx) -> Attempt:
+            r = await self._lock_rollout(tx, rollout_id)
+            a = await self._attempt_of(tx, r, attempt_id)
+            now = tx.now
+            if metadata_json is not None:
+                a.metadata = metadata_json
+            if not isinstance(worker_id, Unset) and worker_id != a.worker_id:
+                a.worker_id = worker_id
+                if a.status in _LIVE:
+                    self._sync_worker(tx, a, now)
+            beat = now if isinstance(last_heartbeat_time, Unset) else float(last_heartbeat_time)
+            if a.status in _LIVE or status in _LIVE:
+                a.last_heartbeat_time = beat
+            elif not isinstance(last_heartbeat_time, Unset):
+                a.last_heartbeat_time = beat
+            if not isinstance(status, Unset) and self._accepts(r, a, status):
+                self._set_attempt_status(tx, r, a, status, now)
+            await self._save_attempt(tx, a)
+            await self._save_rollout_status(tx, r)
+            return a.model()
+
+        return await self._write(run)
+
+    @staticmethod
+    def _accepts(r: RolloutRow, a: AttemptRow, status: str) -> bool:
+        """Whether a new status applies to an attempt: one the watchdog ended takes none, except
+        ``running`` for an unresponsive latest attempt whose rollout is not finished (it is back)."""
+        if a.status not in ("unresponsive", "timeout") or status == a.status:
+            return True
+        if status == "running" and a.status == "unresponsive" and _may_revive(r, a):
+            return True
+        logger.warning(
+            "ignoring status %r for attempt %s of rollout %s: the watchdog already ended it as %r",
+            status,
+            a.attempt_id,
+            r.rollout_id,
+            a.status,
+        )
+        return False
+
+    async def wait_for_rollouts(
+        self, *, rollout_ids: list[str], timeout: float | None = None
+    ) -> list[Rollout]:
+        if timeout is not None and timeout < 0:
+            raise ValueError(f"timeout must be >= 0 or None, got {timeout}")
+        ids = [rid for rid in dict.fromkeys(rollout_ids) if isinstance(rid, str)]
+        rt = await self._rt()
+        assert rt.wakeups is not None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        waiter = rt.wakeups.register(set(ids))  # before the first look: no change can slip by
+        try:
+            while True:
+                waiter.event = anyio.Event()
+                recs = await self._read("fetch", sql.ROLLOUT_STATUSES_BY_ID, ids)
+                # Unknown ids are not waited for: they can never finish.
+                pending = [rec[0] for rec in recs if rec[1] not in TERMINAL_ROLLOUT_STATUSES]
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if not pending or (remaining is not None and remaining <= 0):
+                    break
+                if not rt.wakeups.listening:
+                    interval = rt.wakeups.degraded_interval
+                    remaining = interval if remaining is None else min(remaining, interval)
+                with anyio.move_on_after(remaining):
+                    await waiter.event.wait()
+        finally:
+            rt.wakeups.forget(waiter)
+        finished = await self._read("fetch", sql.TERMINAL_ROLLOUTS_BY_ID, ids)
+        by_id = {rec["rollout_id"]: rollout_model(rec) for rec in finished}
+        return [by_id[rid] for rid in rollout_ids if rid in by_id]
+
+    async def get_rollout_by_id(self, rollout_id: str) -> Rollout | None:
+        if _not_str(rollout_id):
+            return None
+        rec = await self._read("fetchrow", sql.GET_ROLLOUT, rollout_id)
+        return None if rec is None else rollout_model(rec)
+
+    async def query_rollouts(
+        self,
+        *,
+        status_in: Sequence[RolloutStatus] | None = None,
+        rollout_id_in: Sequence[str] | None = None,
+    ) -> list[Rollout]:
+        statuses = None if status_in is None else [str(s) for s in status_in]
+        if rollout_id_in is None:
+            return [rollout_model(rec) for rec in await self._read("fetch", sql.QUERY_ROLLOUTS, statuses)]
+        wanted = [rid for rid in dict.fromkeys(rollout_id_in) if isinstance(rid, str)]
+        recs = await self._read("fetch", sql.QUERY_ROLLOUTS_BY_ID, wanted, statuses)
+        by_id = {rec["rollout_id"]: rec for rec in recs}
+        return [rollout_model(by_id[rid]) for rid in wanted if rid in by_id]  # in the order asked
+
+    async def query_attempts(self, rollout_id: str) -> list[Attempt]:
+        if _not_str(rollout_id):
+            return []
+        return [attempt_model(rec) for rec in await self._read("fetch", sql.QUERY_ATTEMPTS, rollout_id)]
+
+    async def get_latest_attempt(self, rollout_id: str) -> Attempt | None:
+        if _not_str(rollout_id):
+            return None
+        rec = await self._read("fetchrow", sql.LATEST_ATTEMPT, rollout_id)
+        return None if rec is None else attempt_model(rec)
+
+    # ------------------------------------------------------------------ spans
+    @staticmethod
+    def _encode_span(span: Any) -> str:
+        if not isinstance(span, Span):
+            raise ValueError(f"expected a Span, got {type(span).__name__}")
+        if isinstance(span.sequence_id, bool) or not isinstance(span.sequence_id, int):
+            raise ValueError(f"span sequence_id must be an integer, got {span.sequence_id!r}")
+        if type(span.attributes) is not dict or type(span.events) is not list:
+            raise ValueError("span attributes must be a dict and events a list")
+        if not isinstance(span.rollout_id, str):
+            raise ValueError(f"rollout {span.rollout_id!r} not found")
+        if not isinstance(span.attempt_id, str):
+            raise ValueError(f"attempt {span.attempt_id!r} not found in rollout {span.rollout_id!r}")
+        return _json.encode(span, "span", allow_non_finite=True)
+
+    async def add_span(self, span: Span) -> Span | None:
+        data = self._encode_span(span)
+        if span.attempt_id != "latest":
+            # The common case, a span of a running attempt, is one statement; the rest is locked.
+            await self._rt()
+            now = self._now()
+            args = (span.rollout_id, span.attempt_id, data, span.sequence_id, now)
+            if await self._autocommit("fetchval", sql.ADD_SPAN_FAST, *args) is not None:
+                return span
+        await self._add_spans([span], [data])
+        return span
+
+    async def add_many_spans(self, spans: Sequence[Span]) -> list[Span]:
+        spans = list(spans)
+        data = [self._encode_span(span) for span in spans]  # all checked before anything is stored
+        if spans:
+            await self._add_spans(spans, data)
+        return spans
+
+    async def _add_spans(self, spans: list[Span], data: list[str]) -> None:
+        async def run(tx: _Tx) -> None:
+            rollouts: dict[str, RolloutRow] = {}
+            for rid in sorted({s.rollout_id for s in spans}):  # one lock order everywhere: no deadlock
+                rollouts[rid] = await self._lock_rollout(tx, rid)
+            attempts: dict[tuple[str, str], AttemptRow] = {}
+            for s in spans:
+                if (s.rollout_id, s.attempt_id) not in attempts:
+                    row = await self._attempt_of(tx, rollouts[s.rollout_id], s.attempt_id)
+                    attempts[s.rollout_id, s.attempt_id] = row
+            of = [attempts[s.rollout_id, s.attempt_id] for s in spans]
+            await tx.conn.execute(
+                sql.INSERT_SPANS,
+                [s.rollout_id for s in spans],
+                [a.attempt_id for a in of],
+                [a.sequence_id for a in of],
+                [s.sequence_id for s in spans],
+                data,
+            )
+            top: dict[str, int] = {}
+            for s, a in zip(spans, of, strict=True):
+                top[a.attempt_id] = max(top.get(a.attempt_id, s.sequence_id), s.sequence_id)
+            done: set[str] = set()
+            for a in of:
+                if a.attempt_id in done:
+                    continue
+                done.add(a.attempt_id)
+                r = rollouts[a.rollout_id]
+                # A span is a heartbeat: it makes a preparing attempt running, and brings back an
+                # unresponsive one while it may (see the module docstring).
+                a.last_heartbeat_time = tx.now
+                if a.status == "preparing" or (a.status == "unresponsive" and _may_revive(r, a)):
+                    self._set_attempt_status(tx, r, a, "running", tx.now)
+                await self._save_attempt(tx, a)
+                await tx.conn.execute(sql.RAISE_SPAN_SEQ, a.attempt_id, top[a.attempt_id])
+                await self._save_rollout_status(tx, r)
+
+        await self._write(run)
+
+    async def query_spans(self, rollout_id: str, attempt_id: str | None = None) -> list[Span]:
+        if _not_str(rollout_id):
+            return []
+        if attempt_id is None:
+            recs = await self._read("fetch", sql.SPANS_OF_ROLLOUT, rollout_id)
+        elif attempt_id == "latest":
+            recs = await self._read("fetch", sql.SPANS_OF_LATEST_ATTEMPT, rollout_id)
+        elif _not_str(attempt_id):
+            return []
+        else:
+            recs = await self._read("fetch", sql.SPANS_OF_ATTEMPT, rollout_id, attempt_id)
+        return [msgspec.json.decode(rec[0], type=Span) for rec in recs]
+
+    async def get_next_span_sequence_id(self, rollout_id: str, attempt_id: str) -> int:
+        async def run(tx: _Tx) -> int:
+            seq = None
+            if isinstance(rollout_id, str) and isinstance(attempt_id, str):
+                seq = await tx.conn.fetchval(sql.NEXT_SPAN_SEQ, rollout_id, attempt_id)
+            if seq is None:  # say which id is unknown
+                await self._attempt_of(tx, await self._lock_rollout(tx, rollout_id), attempt_id)
+                raise AssertionError(f"no sequence id for {rollout_id!r} / {attempt_id!r}")
+            return int(seq)
+
+        return await self._write(run)
+
+    # ------------------------------------------------------------------ resources
+    async def add_resources(self, resources: Mapping[str, Any]) -> ResourcesUpdate:
+        text = _json.encode(_as_resources(resources), "resources")
+        resources_id = new_id("rs")
+
+        async def run(tx: _Tx) -> ResourcesUpdate:
+            return resources_model(await tx.conn.fetchrow(sql.INSERT_RESOURCES, resources_id, text, tx.now))
+
+        async def landed(conn: Any) -> ResourcesUpdate | None:
+            rec = await conn.fetchrow(sql.GET_RESOURCES, resources_id)
+            return None if rec is None else resources_model(rec)
+
+        return await self._write(run, landed=landed)
+
+    async def update_resources(self, resources_id: str, resources: Mapping[str, Any]) -> ResourcesUpdate:
+        text = _json.encode(_as_resources(resources), "resources")
+
+        async def run(tx: _Tx) -> ResourcesUpdate:
+            rec = None
+            if isinstance(resources_id, str):
+                rec = await tx.conn.fetchrow(sql.UPDATE_RESOURCES, resources_id, text, tx.now)
+            if rec is None:
+                raise ValueError(f"resources {resources_id!r} not found")
+            return resources_model(rec)
+
+        return await self._write(run)
+
+    async def get_latest_resources(self) -> ResourcesUpdate | None:
+        rec = await self._read("fetchrow", sql.LATEST_RESOURCES)
+        return None if rec is None else resources_model(rec)
+
+    async def get_resources_by_id(self, resources_id: str) -> ResourcesUpdate | None:
+        if _not_str(resources_id):
+            return None
+        rec = await self._read("fetchrow", sql.GET_RESOURCES, resources_id)
+        return None if rec is None else resources_model(rec)
+
+    async def query_resources(self) -> list[ResourcesUpdate]:
+        return [resources_model(rec) for rec in await self._read("fetch", sql.QUERY_RESOURCES)]
+
+    # ------------------------------------------------------------------ workers
+    async def query_workers(self, *, status_in: Sequence[WorkerStatus] | None = None) -> list[Worker]:
+        statuses = None if status_in is None else [str(s) for s in status_in]
+        return [worker_model(rec) for rec in await self._read("fetch", sql.QUERY_WORKERS, statuses)]
+
+    async def get_worker_by_id(self, worker_id: WorkerId) -> Worker | None:
+        if isinstance(worker_id, bool) or not isinstance(worker_id, (str, int)):
+            return None
+        rec = await self._read("fetchrow", sql.GET_WORKER, wkey(worker_id))
+        return None if rec is None else worker_model(rec)
+
+    async def update_worker(
+        self, worker_id: WorkerId, heartbeat_stats: dict[str, Any] | Unset = UNSET
+    ) -> Worker:
+        if isinstance(worker_id, bool) or not isinstance(worker_id, (str, int)):
+            raise ValueError(f"worker_id must be a string or an integer, got {worker_id!r}")
+        if not isinstance(heartbeat_stats, (Unset, dict)):
+            raise ValueError(f"heartbeat_stats must be a dict, got {type(heartbeat_stats).__name__}")
+        stats = None
+        if not isinstance(heartbeat_stats, Unset):
+            stats = _json.encode(dict(heartbeat_stats), "heartbeat_stats")
+        await self._rt()
+        rec = await self._autocommit(
+            "fetchrow", sql.UPSERT_WORKER_HEARTBEAT, wkey(worker_id), self._now(), stats
+        )
+        worker = worker_model(rec)
+        if worker.current_attempt_id is not None:
+            # A heartbeat of the attempt it holds: its own statement, which locks only that row.
+            await self._autocommit("fetchval", sql.HEARTBEAT_ATTEMPT, worker.current_attempt_id, self._now())
+        return worker
+
+    # ------------------------------------------------------------------ misc
+    async def statistics(self) -> dict[str, Any]:
+        recs = await self._read("fetch", sql.STATISTICS)
+        counts: dict[str, dict[str, int]] = {
+            "rollouts": dict.fromkeys(sorted(ROLLOUT_STATUSES), 0),
+            "attempts": dict.fromkeys(sorted(ATTEMPT_STATUSES), 0),
+            "workers": {"busy": 0, "idle": 0, "unknown": 0},
+        }
+        totals = {"spans": 0, "resources": 0, "queue": 0}
+        for rec in recs:
+            kind, status, n = rec["kind"], rec["status"], int(rec["n"])
+            if kind in counts:
+                counts[kind][status] = n
+            else:
+                totals[kind] = n
+        return {
+            "name": type(self).__name__,
+            "total_rollouts": sum(counts["rollouts"].values()),
+            "total_attempts": sum(counts["attempts"].values()),
+            "total_spans": totals["spans"],
+            "total_resources": totals["resources"],
+            "queue_length": totals["queue"],
+            "rollouts": counts["rollouts"],
+            "attempts": counts["attempts"],
+            "workers": counts["workers"],
+        }
+
+    # ------------------------------------------------------------------ the watchdog
+    async def _settle_due(self) -> float | None:
+        """End every live attempt past its deadline; return the next deadline (``None``: none).
+
+        Run by the process that holds the database's watchdog lock (see ``_postgres_events``).
+        Each rollout is settled in its own transaction, under its row lock, after re-reading its
+        attempts: a heartbeat that came meanwhile wins, and nothing is ended twice.
+        """
+        now = self._now()
+        due = await self._read("fetch", sql.DUE_ROLLOUTS, now, _SETTLE_BATCH)
+        busy = False
+        for rec in due:
+
+            async def settle(tx: _Tx, rollout_id: str = rec[0]) -> bool:
+                try:
+                    r = await self._lock_rollout(tx, rollout_id, skip_locked=True)
+                except ValueError:
+                    return False  # another transaction holds it: look again in a moment
+                for arec in await tx.conn.fetch(sql.DUE_ATTEMPTS, rollout_id, now):
+                    a = AttemptRow.of(arec)
+                    verdict, when = a.verdict()
+                    if a.status in _LIVE and when is not None and when <= now:
+                        self._set_attempt_status(tx, r, a, verdict, when)  # ended at its deadline
+                    await self._save_attempt(tx, a)
+                await self._save_rollout_status(tx, r)
+                return True
+
+            busy |= not await self._write(settle)
+        if busy or len(due) >= _SETTLE_BATCH:
+            return now + 0.01
+        nxt = await self._read("fetchval", sql.NEXT_DEADLINE)
+        return None if nxt is None else float(nxt)
+
+
+def _not_str(value: object) -> bool:
+    """A wrongly typed id (from untyped callers) is an unknown id, not a driver error."""
+    return not isinstance(value, str)
+
+
+def _may_revive(r: RolloutRow, a: AttemptRow) -> bool:
+    """An unresponsive attempt may come back only while it is the latest and its rollout is not
+    finished (afterwards its results are late)."""
+    return r.latest_attempt_id == a.attempt_id and r.status not in TERMINAL_ROLLOUT_STATUSES
+
+
+def _as_resources(resources: Any) -> dict[str, Any]:
+    if not isinstance(resources, Mapping):
+        raise ValueError(f"resources must be a mapping of names to values, got {type(resources).__name__}")
+    return dict(resources)
+
+
+def _redact(dsn: Any) -> Any:
+    """``dsn`` without its password (for messages and ``repr``)."""
+    if not isinstance(dsn, str):
+        return dsn
+    try:
+        parts = urlsplit(dsn)
+        if parts.password is None:
+            return dsn
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+        return urlunsplit(parts._replace(netloc=netloc))
+    except ValueError:
+        return "<unparsable dsn>"
