@@ -53,36 +53,63 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------ serve
 def _cmd_serve(args: argparse.Namespace) -> int:
+    import functools
+
     import anyio
 
-    anyio.run(_serve, args.host, args.port, args.token)
+    from . import serve  # [issue 12] --store URL, --workers N (agl_async/serve.py)
+
+    try:
+        serve.store_from_url(args.store)
+    except ValueError as exc:
+        raise CLIError(f"--store: {exc}", 2) from None
+    if args.workers > 1 and not serve.is_shared_store_url(args.store):
+        raise CLIError(
+            f"--workers {args.workers} needs a store that several processes can share "
+            f"(postgresql://user:password@host:port/dbname); {args.store.split('://')[0]}:// lives "
+            "inside one process: serve it with one worker",
+            2,
+        )
+    if args.worker_of:  # one of the processes of `serve --workers N` (internal)
+        parent, _, fd = args.worker_of.partition(":")
+        serve.die_with_parent(int(parent))
+        anyio.run(_serve_or_fail, args, int(fd))
+        return 0
+    if args.workers > 1:
+        try:
+            return anyio.run(
+                functools.partial(serve.serve_many, log_level=args.log_level),
+                args.store,
+                args.host,
+                args.port,
+                args.token,
+                args.workers,
+            )
+        except ConnectionError as exc:
+            raise CLIError(f"cannot open the store: {exc}") from None
+        except OSError as exc:
+            raise CLIError(f"cannot serve on {args.host}:{args.port}: {exc}") from None
+    anyio.run(_serve_or_fail, args, None)
     return 0
 
 
-async def _serve(host: str, port: int, token: str | None) -> None:
-    """Serve a fresh in-memory store until SIGINT/SIGTERM, then stop the server and return."""
-    import signal
+async def _serve_or_fail(args: argparse.Namespace, ready_fd: int | None) -> None:
+    from .serve import serve_one
 
-    import anyio
-
-    from .http.server import LightningStoreServer
-    from .store.memory import InMemoryLightningStore
-
-    server = LightningStoreServer(InMemoryLightningStore(), host, port, auth_token=token or "")
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        try:
-            await server.start()
-        except OSError as exc:
-            raise CLIError(f"cannot serve on {host}:{port}: {exc}") from None
-        try:
-            auth = " (bearer token required)" if token else ""
-            print(f"agl-async: store server listening on {server.endpoint}{auth}; Ctrl-C to stop", flush=True)
-            async for signum in signals:
-                print(f"agl-async: {signal.Signals(signum).name} received, stopping the server", flush=True)
-                break
-        finally:
-            await server.stop()
-    print("agl-async: server stopped", flush=True)
+    try:
+        await serve_one(
+            args.store,
+            args.host,
+            args.port,
+            args.token,
+            reuse_port=ready_fd is not None,
+            ready_fd=ready_fd,
+            quiet=ready_fd is not None,
+        )
+    except ConnectionError as exc:
+        raise CLIError(f"cannot open the store: {exc}") from None
+    except OSError as exc:
+        raise CLIError(f"cannot serve on {args.host}:{args.port}: {exc}") from None
 
 
 # ----------------------------------------------------------------------------------------- runner
@@ -246,8 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="run a standalone store server for runners on other machines",
         description=(
-            "Serve a fresh in-memory LightningStore over HTTP until Ctrl-C (SIGINT) or SIGTERM, which "
-            "stop it cleanly (exit code 0). Point algorithms and 'agl-async runner' at it."
+            "Serve a LightningStore over HTTP until Ctrl-C (SIGINT) or SIGTERM, which stop it cleanly "
+            "(exit code 0). Point algorithms and 'agl-async runner' at it. --store picks the store "
+            "(default: a fresh in-memory one); with a PostgreSQL store, --workers N runs N server "
+            "processes on one address that share the database."
         ),
     )
     serve.add_argument(
@@ -259,6 +288,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("AGL_SERVER_TOKEN"),
         help="require 'Authorization: Bearer TOKEN' on every request (default: env AGL_SERVER_TOKEN)",
     )
+    serve.add_argument(  # [issue 12]
+        "--store",
+        default=os.environ.get("AGL_STORE_URL") or "memory://",
+        metavar="URL",
+        help="memory:// or postgresql://user:password@host:port/dbname (default: env AGL_STORE_URL, "
+        "else memory://)",
+    )
+    serve.add_argument(  # [issue 12]
+        "--workers",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="server processes on the address, sharing the store (PostgreSQL only; default 1)",
+    )
+    serve.add_argument("--worker-of", default=None, help=argparse.SUPPRESS)  # internal: PARENT_PID:READY_FD
     serve.set_defaults(handler=_cmd_serve)
 
     runner = commands.add_parser(

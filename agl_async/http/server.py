@@ -197,6 +197,8 @@ class LightningStoreServer(LightningStore):
     ``auth_token`` (default: env ``AGL_SERVER_TOKEN``; ``""`` disables) makes every route but
     health require ``Authorization: Bearer <token>``. Binding a non-loopback address without a
     token logs a warning on the ``agl_async`` logger. Bodies over ``max_body_bytes`` get a 413.
+    ``reuse_port``: bind with ``SO_REUSEPORT``, so that several processes serving one shared store
+    (``agl-async serve --workers N``) listen on one address and the kernel spreads connections.
     """
 
     def __init__(
@@ -211,6 +213,7 @@ class LightningStoreServer(LightningStore):
         idempotency_cache_size: int = 8192,
         idempotency_cache_bytes: int = 64 * 1024 * 1024,
         log_level: str = "warning",
+        reuse_port: bool = False,  # [issue 12: agl-async serve --workers] several processes, one port
     ) -> None:
         if not isinstance(store, LightningStore):
             raise TypeError(f"LightningStoreServer serves a LightningStore, got {type(store).__name__}")
@@ -229,6 +232,7 @@ class LightningStoreServer(LightningStore):
         self.max_body_bytes = max_body_bytes
         self.graceful_timeout = graceful_timeout
         self.log_level = log_level
+        self.reuse_port = reuse_port  # [issue 12] SO_REUSEPORT: the kernel spreads connections
         self._idempotency = _IdempotencyCache(idempotency_cache_size, idempotency_cache_bytes)
         self._server: _EmbeddedUvicorn | None = None
         self._task: asyncio.Task[None] | None = None
@@ -286,6 +290,8 @@ class LightningStoreServer(LightningStore):
         sock = socket.socket(family, type_, proto)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.reuse_port:  # [issue 12]
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind(address)
             sock.listen(2048)
             sock.setblocking(False)

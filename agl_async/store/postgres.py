@@ -238,6 +238,12 @@ class PostgresLightningStore(LightningStore):
         self._starting = None
 
     # ------------------------------------------------------------------ lifecycle
+    async def open(self) -> None:
+        """Connect now (create or check the schema, start listening and the watchdog candidate)
+        instead of at the first call; ``ConnectionError`` when the database cannot be reached
+        within ``reconnect_timeout``. ``async with store`` does it too."""
+        await self._rt()
+
     async def __aenter__(self) -> PostgresLightningStore:
         await self._rt()
         return self
