@@ -200,7 +200,7 @@ class PostgresCluster:
 
     def restart(self) -> None:
         """Stop (fast: clients are disconnected) and start again on the same port."""
-        self._run(self._bin("pg_ctl"), "-D", self.datadir, "-m", "fast", "-w", "restart")
+        self._run(self._bin("pg_ctl"), "-D", self.datadir, "-l", self.logfile, "-m", "fast", "-w", "restart")
 
     def stop(self) -> None:
         if self.tmpdir is None:

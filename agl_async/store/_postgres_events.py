@@ -39,7 +39,7 @@ import asyncpg
 
 from ._postgres_schema import NOTIFY_CHANNEL, WATCHDOG_LOCK_KEY
 
-__all__ = ["PG_ERRORS", "Listener", "Wakeups", "Watchdog", "notify_payloads"]
+__all__ = ["CONNECTION_ERRORS", "PG_ERRORS", "Listener", "Wakeups", "Watchdog", "notify_payloads"]
 
 logger = logging.getLogger("agl_async")
 
@@ -165,13 +165,19 @@ class Wakeups:
 
 Connect = Callable[[], Awaitable[Any]]
 
-#: What a lost, refused or failing connection raises.
-PG_ERRORS: tuple[type[BaseException], ...] = (
+#: What a lost, refused or broken connection raises (and nothing else: a server error about
+#: a statement is a bug to report, not a connection to retry).
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     asyncio.TimeoutError,
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,  # class 08
+    asyncpg.exceptions.OperatorInterventionError,  # class 57: shutdown, terminated backend
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.InterfaceError,  # "connection is closed"
+    asyncpg.exceptions.InternalClientError,  # a connection the server ended mid-operation
 )
+#: What the background connections (listener, watchdog candidate) recover from by reconnecting.
+PG_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, asyncpg.PostgresError)
 
 
 async def _sleep_backoff(attempt: int) -> None:

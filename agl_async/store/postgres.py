@@ -320,7 +320,7 @@ class PostgresLightningStore(LightningStore):
         from ._postgres_schema import ensure_schema
 
         rt = _Runtime(loop)
-        rt.errors = events.PG_ERRORS
+        rt.errors = events.CONNECTION_ERRORS
         rt.conflicts = (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.SerializationError)
         s = self._settings
 
