@@ -21,6 +21,7 @@ if TYPE_CHECKING:
         LightningStore,
         LightningStoreLocked,
     )
+    from .store.postgres import PostgresLightningStore
     from .trainer import Trainer
     from .types import (
         Attempt,
@@ -47,6 +48,7 @@ _LAZY = {
     "InMemoryLightningStore": ".store",
     "LightningStore": ".store",
     "LightningStoreLocked": ".store",
+    "PostgresLightningStore": ".store.postgres",  # imports no driver until it connects
     "Trainer": ".trainer",
     "Attempt": ".types",
     "AttemptedRollout": ".types",
@@ -77,6 +79,7 @@ __all__ = [
     "LightningStoreClient",
     "LightningStoreLocked",
     "LightningStoreServer",
+    "PostgresLightningStore",
     "ResourcesUpdate",
     "Rollout",
     "RolloutConfig",

@@ -17,7 +17,8 @@ from conftest import make_span
 
 from agl_async import LightningStore, RolloutConfig
 
-pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("store", ["postgres", "http-postgres"], indirect=True)]
+STORES = ["postgres", "http-postgres"]  # issue 16 adds "memory", "locked", "http"
+pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("store", STORES, indirect=True)]
 
 HANG_GUARD = 10.0
 
