@@ -118,9 +118,9 @@ async def store(request: pytest.FixtureRequest, anyio_backend: str) -> AsyncIter
 
 @pytest.fixture(scope="session")
 def pg_cluster() -> Iterator[Any]:
-    """A throwaway PostgreSQL cluster for the whole session (tests/postgres.py); skips the test
+    """A throwaway PostgreSQL cluster for the whole session (tests/throwaway_postgres.py); skips the test
     with the reason when PostgreSQL is not installed here."""
-    from postgres import PostgresCluster, skip_reason
+    from throwaway_postgres import PostgresCluster, skip_reason
 
     reason = skip_reason()
     if reason is not None:

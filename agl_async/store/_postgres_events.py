@@ -66,11 +66,24 @@ def notify_payloads(terminal: list[str]) -> list[str]:
 
 
 class _Waiter:
-    __slots__ = ("event", "remaining")
+    """One ``wait_for_rollouts`` call: the ids it waits for, those announced finished since it
+    last looked (``hits``), and whether it must look at all of them again (``everything``: a
+    notification may have been lost)."""
+
+    __slots__ = ("event", "everything", "hits", "remaining")
 
     def __init__(self, remaining: set[str]) -> None:
         self.remaining = remaining
+        self.hits: set[str] = set()
+        self.everything = False
         self.event = anyio.Event()
+
+    def take(self) -> tuple[set[str], bool]:
+        """What to look at now (and start collecting anew)."""
+        hits, everything = self.hits, self.everything
+        self.hits, self.everything = set(), False
+        self.event = anyio.Event()
+        return hits, everything
 
 
 class Wakeups:
@@ -118,6 +131,7 @@ class Wakeups:
     def finished(self, rollout_ids: list[str]) -> None:
         for rid in rollout_ids:
             for waiter in self._waiters.get(rid, ()):
+                waiter.hits.add(rid)
                 waiter.event.set()
 
     # ------------------------------------------------------------------ deadlines (watchdog)
@@ -145,6 +159,7 @@ class Wakeups:
         self.queue_changed()
         for waiters in self._waiters.values():
             for waiter in waiters:
+                waiter.everything = True
                 waiter.event.set()
         self.poke_watchdog()
 
@@ -204,7 +219,7 @@ class Listener:
         while True:
             conn = None
             try:
-                conn = await self._connect()
+                conn = await _connect_shielded(self._connect)
                 lost = anyio.Event()
                 conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
                 await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
@@ -254,7 +269,7 @@ class Watchdog:
         while True:
             conn = None
             try:
-                conn = await self._connect()
+                conn = await _connect_shielded(self._connect)
                 lost = anyio.Event()
 
                 def on_lost(_conn: Any, lost: anyio.Event = lost) -> None:
@@ -305,6 +320,20 @@ class Watchdog:
                 sleep = min(sleep, self._wakeups.degraded_interval)
             with anyio.move_on_after(sleep + 0.001):
                 await event.wait()
+
+
+async def _connect_shielded(connect: Connect) -> Any:
+    """Connect, not cancellable midway (bounded by the connect timeout): asyncpg leaves a future
+    with an unretrieved exception behind when cancelled during its SSL negotiation."""
+    with anyio.CancelScope(shield=True):
+        conn = await connect()
+    try:
+        await anyio.lowlevel.checkpoint()  # a cancellation that came meanwhile: hand it back closed
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await _close_quietly(conn)
+        raise
+    return conn
 
 
 async def _close_quietly(conn: Any) -> None:

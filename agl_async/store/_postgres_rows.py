@@ -121,20 +121,21 @@ class AttemptRow:
     deadline: float | None
 
     @classmethod
-    def of(cls, rec: Any) -> AttemptRow:
+    def of(cls, rec: Any, prefix: str = "") -> AttemptRow:
+        """From a record of ``ATTEMPT_COLS`` (named ``prefix + column``)."""
         return cls(
-            rollout_id=rec["rollout_id"],
-            attempt_id=rec["attempt_id"],
-            sequence_id=rec["sequence_id"],
-            start_time=rec["start_time"],
-            end_time=rec["end_time"],
-            status=rec["status"],
-            worker_id=wid(rec["worker_id"]),
-            last_heartbeat_time=rec["last_heartbeat_time"],
-            metadata=rec["metadata"],
-            timeout_s=rec["timeout_s"],
-            unresponsive_s=rec["unresponsive_s"],
-            deadline=rec["deadline"],
+            rollout_id=rec[prefix + "rollout_id"],
+            attempt_id=rec[prefix + "attempt_id"],
+            sequence_id=rec[prefix + "sequence_id"],
+            start_time=rec[prefix + "start_time"],
+            end_time=rec[prefix + "end_time"],
+            status=rec[prefix + "status"],
+            worker_id=wid(rec[prefix + "worker_id"]),
+            last_heartbeat_time=rec[prefix + "last_heartbeat_time"],
+            metadata=rec[prefix + "metadata"],
+            timeout_s=rec[prefix + "timeout_s"],
+            unresponsive_s=rec[prefix + "unresponsive_s"],
+            deadline=rec[prefix + "deadline"],
         )
 
     def verdict(self) -> tuple[AttemptStatus, float | None]:

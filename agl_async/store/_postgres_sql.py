@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "ADD_SPAN_FAST",
+    "ATTEMPTS_BY_ID",
     "ATTEMPT_COLS",
     "CLAIM",
     "CLAIMED_BY_ATTEMPT_IDS",
@@ -18,6 +19,7 @@ __all__ = [
     "DUE_ROLLOUTS",
     "ENQUEUE",
     "EXISTING_RESOURCES",
+    "FLUSH",
     "GET_ATTEMPT",
     "GET_RESOURCES",
     "GET_ROLLOUT",
@@ -30,7 +32,9 @@ __all__ = [
     "LATEST_RESOURCES",
     "LIVE_ATTEMPTS",
     "LOCK_ROLLOUT",
+    "LOCK_ROLLOUTS",
     "LOCK_ROLLOUT_SKIP_LOCKED",
+    "LOCK_ROLLOUT_WITH_ATTEMPT",
     "NEXT_DEADLINE",
     "NEXT_SPAN_SEQ",
     "NOTIFY",
@@ -48,6 +52,7 @@ __all__ = [
     "SAVE_ATTEMPT",
     "SAVE_ROLLOUT_FIELDS",
     "SAVE_ROLLOUT_STATUS",
+    "SPANS_HEARTBEAT",
     "SPANS_OF_ATTEMPT",
     "SPANS_OF_LATEST_ATTEMPT",
     "SPANS_OF_ROLLOUT",
@@ -57,6 +62,7 @@ __all__ = [
     "TOUCH_ROLLOUT_FOR_ATTEMPT",
     "UNCLAIM_ROLLOUT",
     "UPDATE_RESOURCES",
+    "UPDATE_ROLLOUT_FIELDS_FAST",
     "UPSERT_WORKER_HEARTBEAT",
     "WORKER_BUSY",
     "WORKER_COLS",
@@ -80,11 +86,79 @@ RESOURCES_COLS = "resources_id, resources, create_time, update_time, version"
 
 NOTIFY = "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p"
 
+# Everything a transaction changed in attempts, rollouts and workers, plus its notifications, in
+# one statement (one round trip). Each part takes parallel arrays (empty: nothing to do).
+#   attempts  $1..$9: id, status, end_time, worker_id, last_heartbeat_time, metadata, timeout_s,
+#                     unresponsive_s, deadline
+#   rollouts  $10..$13: id, status, end_time, queue move ('tail' / 'out' / 'keep')
+#   busy      $14..$18: worker key, now, rollout id, attempt id, last_dequeue_time (NULL: keep)
+#   release   $19..$22: worker key, status, now, attempt id (only if it still holds that attempt)
+#   notify    $23 channel, $24 payloads
+# A worker appears at most once across busy and release (callers run repeats one by one).
+FLUSH = """
+WITH a AS (
+    UPDATE agl_attempts t SET status = u.status, end_time = u.end_time, worker_id = u.worker_id,
+        last_heartbeat_time = u.hb, metadata = u.metadata, timeout_s = u.timeout_s,
+        unresponsive_s = u.unresponsive_s, deadline = u.deadline
+    FROM unnest($1::text[], $2::text[], $3::float8[], $4::text[], $5::float8[], $6::text[], $7::float8[],
+                $8::float8[], $9::float8[])
+        AS u(id, status, end_time, worker_id, hb, metadata, timeout_s, unresponsive_s, deadline)
+    WHERE t.attempt_id = u.id
+    RETURNING 1
+), r AS (
+    UPDATE agl_rollouts t SET status = u.status, end_time = u.end_time,
+        queue_pos = CASE u.move WHEN 'tail' THEN nextval('agl_queue_seq') WHEN 'out' THEN NULL
+                    ELSE t.queue_pos END
+    FROM unnest($10::text[], $11::text[], $12::float8[], $13::text[]) AS u(id, status, end_time, move)
+    WHERE t.rollout_id = u.id
+    RETURNING 1
+), busy AS (
+    INSERT INTO agl_workers AS w (worker_key, status, last_busy_time, current_rollout_id, current_attempt_id,
+                                  last_dequeue_time)
+    SELECT k, 'busy', at, rid, aid, deq
+    FROM unnest($14::text[], $15::float8[], $16::text[], $17::text[], $18::float8[])
+        AS u(k, at, rid, aid, deq)
+    ON CONFLICT (worker_key) DO UPDATE SET
+        status = 'busy', last_busy_time = EXCLUDED.last_busy_time,
+        current_rollout_id = EXCLUDED.current_rollout_id, current_attempt_id = EXCLUDED.current_attempt_id,
+        last_dequeue_time = COALESCE(EXCLUDED.last_dequeue_time, w.last_dequeue_time)
+    RETURNING 1
+), released AS (
+    UPDATE agl_workers w SET status = u.st, last_idle_time = u.at, current_rollout_id = NULL,
+        current_attempt_id = NULL
+    FROM unnest($19::text[], $20::text[], $21::float8[], $22::text[]) AS u(k, st, at, aid)
+    WHERE w.worker_key = u.k AND (w.current_attempt_id IS NULL OR w.current_attempt_id = u.aid)
+    RETURNING 1
+), registered AS (
+    INSERT INTO agl_workers (worker_key, status, last_idle_time)
+    SELECT k, st, at FROM unnest($19::text[], $20::text[], $21::float8[]) AS u(k, st, at)
+    ON CONFLICT (worker_key) DO NOTHING
+    RETURNING 1
+), n AS (
+    SELECT pg_notify($23, p) FROM unnest($24::text[]) AS p
+)
+SELECT (SELECT count(*) FROM a) + (SELECT count(*) FROM r) + (SELECT count(*) FROM busy)
+     + (SELECT count(*) FROM released) + (SELECT count(*) FROM registered) + (SELECT count(*) FROM n)
+"""
+
 # ------------------------------------------------------------------------------------ rollouts
 GET_ROLLOUT = f"SELECT {ROLLOUT_COLS} FROM agl_rollouts WHERE rollout_id = $1"
 LOCK_ROLLOUT = GET_ROLLOUT + " FOR UPDATE"
 LOCK_ROLLOUT_SKIP_LOCKED = LOCK_ROLLOUT + " SKIP LOCKED"
 COUNT_ROLLOUT = "SELECT count(*) FROM agl_rollouts WHERE rollout_id = $1"
+# A rollout ($1), locked, with one of its attempts ($2; 'latest': its latest; NULL: none) in
+# columns prefixed ``a_`` (NULL when there is no such attempt).
+LOCK_ROLLOUT_WITH_ATTEMPT = (
+    f"SELECT {', '.join('r.' + c.strip() for c in ROLLOUT_COLS.split(','))}, "
+    f"{', '.join('a.' + c.strip() + ' AS a_' + c.strip() for c in ATTEMPT_COLS.split(','))} "
+    "FROM agl_rollouts r LEFT JOIN agl_attempts a ON a.rollout_id = r.rollout_id "
+    "AND a.attempt_id = CASE WHEN $2::text = 'latest' THEN r.latest_attempt_id ELSE $2::text END "
+    "WHERE r.rollout_id = $1 FOR UPDATE OF r"
+)
+LOCK_ROLLOUTS = (
+    f"SELECT {ROLLOUT_COLS} FROM agl_rollouts WHERE rollout_id = ANY($1::text[]) "
+    "ORDER BY rollout_id FOR UPDATE"
+)
 ROLLOUTS_BY_ID = f"SELECT {ROLLOUT_COLS} FROM agl_rollouts WHERE rollout_id = ANY($1::text[])"
 ROLLOUT_STATUSES_BY_ID = "SELECT rollout_id, status FROM agl_rollouts WHERE rollout_id = ANY($1::text[])"
 TERMINAL_ROLLOUTS_BY_ID = ROLLOUTS_BY_ID + " AND status IN ('succeeded', 'failed', 'cancelled')"
@@ -118,6 +192,20 @@ INSERT INTO agl_rollouts (rollout_id, input, start_time, mode, resources_id, sta
 SELECT $1, $2, $3, $4,
        COALESCE($5, (SELECT resources_id FROM agl_resources ORDER BY touched DESC LIMIT 1)),
        'preparing', $6, $7, $8, $9
+RETURNING {ROLLOUT_COLS}
+"""
+# Replace fields of a rollout that is not finished (or whose metadata is left alone): $2/$4/$6/$8
+# say whether input ($3), mode ($5), resources id ($7, which must exist) and metadata ($9) are
+# given. No row: unknown, missing resources or finished with new metadata (the locked path).
+UPDATE_ROLLOUT_FIELDS_FAST = f"""
+UPDATE agl_rollouts SET
+    input = CASE WHEN $2 THEN $3 ELSE input END,
+    mode = CASE WHEN $4 THEN $5 ELSE mode END,
+    resources_id = CASE WHEN $6 THEN $7 ELSE resources_id END,
+    metadata = CASE WHEN $8 THEN $9 ELSE metadata END
+WHERE rollout_id = $1
+  AND (NOT $8 OR status NOT IN ('succeeded', 'failed', 'cancelled'))
+  AND (NOT $6 OR $7::text IS NULL OR EXISTS (SELECT 1 FROM agl_resources WHERE resources_id = $7))
 RETURNING {ROLLOUT_COLS}
 """
 SAVE_ROLLOUT_FIELDS = """
@@ -197,6 +285,15 @@ LATEST_ATTEMPT = QUERY_ATTEMPTS + " DESC LIMIT 1"
 LIVE_ATTEMPTS = (
     f"SELECT {ATTEMPT_COLS} FROM agl_attempts WHERE rollout_id = $1 AND status IN ('preparing', 'running')"
 )
+ATTEMPTS_BY_ID = f"SELECT {ATTEMPT_COLS} FROM agl_attempts WHERE attempt_id = ANY($1::text[])"
+# Spans $2 (attempt ids) up to sequence ids $3 arrived at $1: heartbeats, and the next sequence ids.
+SPANS_HEARTBEAT = """
+UPDATE agl_attempts t SET last_heartbeat_time = $1, next_span_seq = GREATEST(t.next_span_seq, u.top + 1),
+    deadline = CASE WHEN t.status IN ('preparing', 'running')
+                    THEN LEAST(t.start_time + t.timeout_s, $1 + t.unresponsive_s) END
+FROM unnest($2::text[], $3::bigint[]) AS u(id, top)
+WHERE t.attempt_id = u.id
+"""
 PREVIOUS_ATTEMPT_ID = "SELECT attempt_id FROM agl_attempts WHERE rollout_id = $1 AND sequence_id = $2"
 INSERT_ATTEMPT = """
 INSERT INTO agl_attempts (attempt_id, rollout_id, sequence_id, start_time, status, worker_id,

@@ -116,10 +116,11 @@ _SETTLE_BATCH = 256
 
 
 class _Tx:
-    """One transaction's connection, its clock reading, and the notifications and worker changes
-    it has collected (written by :meth:`flush` just before the commit)."""
+    """One transaction's connection and clock reading, and what it has changed so far: attempts
+    and rollouts to save, worker changes, notifications. :meth:`flush` writes it all in one
+    statement just before the commit (one round trip instead of one per row)."""
 
-    __slots__ = ("conn", "deadline", "now", "queue", "terminal", "worker_ops")
+    __slots__ = ("attempts", "conn", "deadline", "now", "queue", "rollouts", "terminal", "worker_ops")
 
     def __init__(self, conn: Any, now: float) -> None:
         self.conn = conn
@@ -127,25 +128,92 @@ class _Tx:
         self.terminal: list[str] = []
         self.queue = False
         self.deadline: float | None = None
-        self.worker_ops: list[tuple[str, tuple[Any, ...]]] = []
+        self.attempts: dict[str, AttemptRow] = {}
+        self.rollouts: dict[str, RolloutRow] = {}
+        #: ("busy", key, now, rollout_id, attempt_id, last_dequeue)
+        #: or ("release", key, status, now, attempt_id)
+        self.worker_ops: list[tuple[Any, ...]] = []
 
-    def announce_deadline(self, due: float | None) -> None:
-        if due is not None and (self.deadline is None or due < self.deadline):
-            self.deadline = due
+    def save_attempt(self, a: AttemptRow) -> None:
+        """Stage an attempt's row; its deadline is recomputed (and announced when sooner)."""
+        before = a.deadline
+        a.deadline = a.verdict()[1] if a.status in _LIVE else None
+        if a.deadline is not None and (before is None or a.deadline < before):
+            if self.deadline is None or a.deadline < self.deadline:
+                self.deadline = a.deadline
+        self.attempts[a.attempt_id] = a
 
-    async def flush(self) -> None:
+    def save_rollout(self, r: RolloutRow) -> None:
+        """Stage a rollout's status (and queue move) when it changed."""
+        if r.dirty:
+            self.rollouts[r.rollout_id] = r
+
+    def payloads(self) -> list[str]:
         from ._postgres_events import notify_payloads
 
-        for statement, args in self.worker_ops:
-            await self.conn.execute(statement, *args)
-        self.worker_ops.clear()
         payloads = notify_payloads(self.terminal)
         if self.queue:
             payloads.append("q")
         if self.deadline is not None:
             payloads.append(f"d {self.deadline!r}")
-        if payloads:
-            await self.conn.execute(sql.NOTIFY, NOTIFY_CHANNEL, payloads)
+        return payloads
+
+    async def flush(self) -> None:
+        ops = self.worker_ops
+        keys = [op[1] for op in ops]
+        if len(set(keys)) < len(keys):  # one worker changed twice: in order, one at a time
+            for op in ops:
+                await self.conn.execute(sql.FLUSH, *_flush_args([], [], [op], NOTIFY_CHANNEL, []))
+            ops = []
+        payloads = self.payloads()
+        if self.attempts or self.rollouts or ops or payloads:
+            args = _flush_args(
+                list(self.attempts.values()), list(self.rollouts.values()), ops, NOTIFY_CHANNEL, payloads
+            )
+            await self.conn.execute(sql.FLUSH, *args)
+        for r in self.rollouts.values():
+            r.dirty, r.queue_move = False, "keep"
+        self.attempts.clear()
+        self.rollouts.clear()
+        self.worker_ops = []
+        self.terminal, self.queue, self.deadline = [], False, None
+
+
+def _flush_args(
+    attempts: list[AttemptRow],
+    rollouts: list[RolloutRow],
+    ops: list[tuple[Any, ...]],
+    channel: str,
+    payloads: list[str],
+) -> list[Any]:
+    busy = [op for op in ops if op[0] == "busy"]
+    release = [op for op in ops if op[0] == "release"]
+    return [
+        [a.attempt_id for a in attempts],
+        [a.status for a in attempts],
+        [a.end_time for a in attempts],
+        [None if a.worker_id is None else wkey(a.worker_id) for a in attempts],
+        [a.last_heartbeat_time for a in attempts],
+        [a.metadata for a in attempts],
+        [a.timeout_s for a in attempts],
+        [a.unresponsive_s for a in attempts],
+        [a.deadline for a in attempts],
+        [r.rollout_id for r in rollouts],
+        [r.status for r in rollouts],
+        [r.end_time for r in rollouts],
+        [r.queue_move for r in rollouts],
+        [op[1] for op in busy],
+        [op[2] for op in busy],
+        [op[3] for op in busy],
+        [op[4] for op in busy],
+        [op[5] for op in busy],
+        [op[1] for op in release],
+        [op[2] for op in release],
+        [op[3] for op in release],
+        [op[4] for op in release],
+        channel,
+        payloads,
+    ]
 
 
 class _Runtime:
@@ -431,9 +499,11 @@ class PostgresLightningStore(LightningStore):
         fn: Callable[[_Tx], Awaitable[T]],
         *,
         landed: Callable[[Any], Awaitable[T | None]] | None = None,
+        transaction: bool = True,
     ) -> T:
-        """Run ``fn(tx)`` in a transaction (its notifications and worker changes flushed before the
-        commit), shielded from cancellation so that it is never half-done nor done-and-lost.
+        """Run ``fn(tx)`` in a transaction (what it staged flushed before the commit), shielded
+        from cancellation so that it is never half-done nor done-and-lost. ``transaction=False``:
+        for an ``fn`` whose change is one statement (atomic by itself), saving BEGIN and COMMIT.
 
         A deadlock or a connection lost before the commit: run again. A connection lost during
         the commit: ``landed(conn)`` says whether it was applied (its result is returned) or not
@@ -455,20 +525,25 @@ class PostgresLightningStore(LightningStore):
                         if found is not None:
                             return found
                     tx = _Tx(conn, self._now())
-                    transaction = conn.transaction()
-                    await transaction.start()
+                    if not transaction:
+                        committing = True  # every statement commits by itself
+                        result = await fn(tx)
+                        await tx.flush()
+                        return result
+                    txn = conn.transaction()
+                    await txn.start()
                     try:
                         result = await fn(tx)
                         await tx.flush()
                     except BaseException:
                         if not conn.is_closed():
                             try:
-                                await transaction.rollback()
+                                await txn.rollback()
                             except rt.errors:
                                 pass  # the connection is gone, and the transaction with it
                         raise
                     committing = True
-                    await transaction.commit()
+                    await txn.commit()
                     return result
             except rt.conflicts:
                 conflicts += 1  # nothing was applied
@@ -485,29 +560,29 @@ class PostgresLightningStore(LightningStore):
 
     # ------------------------------------------------------------------ locked reads
     @staticmethod
-    async def _lock_rollout(tx: _Tx, rollout_id: Any, *, skip_locked: bool = False) -> RolloutRow:
-        """Lock a rollout's row for this transaction (``ValueError`` for an unknown id; with
-        ``skip_locked``, also when another transaction holds it)."""
+    async def _lock(
+        tx: _Tx, rollout_id: Any, attempt_id: Any = None, *, skip_locked: bool = False
+    ) -> tuple[RolloutRow, AttemptRow | None]:
+        """Lock a rollout's row for this transaction and read one of its attempts (``"latest"``:
+        its latest; ``None``: none), in one statement. ``ValueError`` naming an unknown id; with
+        ``skip_locked``, a rollout another transaction holds counts as unknown."""
         rec = None
         if isinstance(rollout_id, str):
-            statement = sql.LOCK_ROLLOUT_SKIP_LOCKED if skip_locked else sql.LOCK_ROLLOUT
-            rec = await tx.conn.fetchrow(statement, rollout_id)
+            if skip_locked:
+                rec = await tx.conn.fetchrow(sql.LOCK_ROLLOUT_SKIP_LOCKED, rollout_id)
+            else:
+                wanted = attempt_id if isinstance(attempt_id, str) else None
+                rec = await tx.conn.fetchrow(sql.LOCK_ROLLOUT_WITH_ATTEMPT, rollout_id, wanted)
         if rec is None:
             raise ValueError(f"rollout {rollout_id!r} not found")
-        return RolloutRow.of(rec)
-
-    @staticmethod
-    async def _attempt_of(tx: _Tx, r: RolloutRow, attempt_id: Any) -> AttemptRow:
-        if attempt_id == "latest":
-            if r.latest_attempt_id is None:
-                raise ValueError(f"rollout {r.rollout_id!r} has no attempts")
-            attempt_id = r.latest_attempt_id
-        rec = None
-        if isinstance(attempt_id, str):
-            rec = await tx.conn.fetchrow(sql.GET_ATTEMPT, attempt_id, r.rollout_id)
-        if rec is None:
+        r = RolloutRow.of(rec)
+        if attempt_id is None:
+            return r, None
+        if attempt_id == "latest" and r.latest_attempt_id is None:
+            raise ValueError(f"rollout {r.rollout_id!r} has no attempts")
+        if skip_locked or rec["a_attempt_id"] is None:
             raise ValueError(f"attempt {attempt_id!r} not found in rollout {r.rollout_id!r}")
-        return AttemptRow.of(rec)
+        return r, AttemptRow.of(rec, "a_")
 
     # ------------------------------------------------------------------ state transitions
     @staticmethod
@@ -567,43 +642,11 @@ class PostgresLightningStore(LightningStore):
             return
         key = wkey(a.worker_id)
         if a.status in ("succeeded", "failed"):
-            tx.worker_ops.append((sql.WORKER_RELEASE, (key, "idle", now, a.attempt_id)))
+            tx.worker_ops.append(("release", key, "idle", now, a.attempt_id))
         elif a.status in ("unresponsive", "timeout"):
-            tx.worker_ops.append((sql.WORKER_RELEASE, (key, "unknown", now, a.attempt_id)))
+            tx.worker_ops.append(("release", key, "unknown", now, a.attempt_id))
         else:
-            last_dequeue = now if dequeued else None
-            tx.worker_ops.append((sql.WORKER_BUSY, (key, now, a.rollout_id, a.attempt_id, last_dequeue)))
-
-    @staticmethod
-    def _refresh_deadline(tx: _Tx, a: AttemptRow) -> None:
-        """Recompute an attempt's deadline; announce it when it comes sooner than it did."""
-        before = a.deadline
-        a.deadline = a.verdict()[1] if a.status in _LIVE else None
-        if a.deadline is not None and (before is None or a.deadline < before):
-            tx.announce_deadline(a.deadline)
-
-    async def _save_attempt(self, tx: _Tx, a: AttemptRow) -> None:
-        self._refresh_deadline(tx, a)
-        await tx.conn.execute(
-            sql.SAVE_ATTEMPT,
-            a.attempt_id,
-            a.status,
-            a.end_time,
-            None if a.worker_id is None else wkey(a.worker_id),
-            a.last_heartbeat_time,
-            a.metadata,
-            a.timeout_s,
-            a.unresponsive_s,
-            a.deadline,
-        )
-
-    @staticmethod
-    async def _save_rollout_status(tx: _Tx, r: RolloutRow) -> None:
-        if not r.dirty:
-            return
-        await tx.conn.execute(sql.SAVE_ROLLOUT_STATUS, r.rollout_id, r.status, r.end_time, r.queue_move)
-        r.dirty = False
-        r.queue_move = "keep"
+            tx.worker_ops.append(("busy", key, now, a.rollout_id, a.attempt_id, now if dequeued else None))
 
     async def _new_attempt(self, tx: _Tx, r: RolloutRow, worker_id: WorkerId | None) -> Attempt:
         """A new attempt of a locked rollout, which leaves the queue and becomes ``preparing``."""
@@ -622,7 +665,9 @@ class PostgresLightningStore(LightningStore):
             unresponsive_s=r.config.unresponsive_seconds,
             deadline=None,
         )
-        self._refresh_deadline(tx, a)
+        a.deadline = a.verdict()[1]
+        if a.deadline is not None and (tx.deadline is None or a.deadline < tx.deadline):
+            tx.deadline = a.deadline
         key = None if worker_id is None else wkey(worker_id)
         await tx.conn.execute(
             sql.INSERT_ATTEMPT,
@@ -770,7 +815,7 @@ class PostgresLightningStore(LightningStore):
             recs = sorted(recs, key=lambda rec: order[rec["latest_attempt_id"]])
             return [self._claimed_model(rec, rec["attempt_start"], worker_id) for rec in recs]
 
-        return await self._write(run, landed=landed)
+        return await self._write(run, landed=landed, transaction=False)
 
     async def dequeue_rollout(
         self, worker_id: WorkerId | None = None, *, timeout: float | None = None
@@ -808,8 +853,8 @@ class PostgresLightningStore(LightningStore):
 
     async def unclaim_rollout(self, rollout_id: str, attempt_id: str) -> bool:
         async def run(tx: _Tx) -> bool:
-            r = await self._lock_rollout(tx, rollout_id)
-            a = await self._attempt_of(tx, r, attempt_id)
+            r, a = await self._lock(tx, rollout_id, attempt_id)
+            assert a is not None
             if a.status != "preparing" or r.status != "preparing" or r.latest_attempt_id != a.attempt_id:
                 return False
             await tx.conn.execute(sql.DELETE_ATTEMPT_SPANS, a.attempt_id)
@@ -818,7 +863,7 @@ class PostgresLightningStore(LightningStore):
             status = "queuing" if a.sequence_id == 1 else "requeuing"
             await tx.conn.execute(sql.UNCLAIM_ROLLOUT, r.rollout_id, status, previous)
             if a.worker_id is not None:
-                tx.worker_ops.append((sql.WORKER_RELEASE, (wkey(a.worker_id), "idle", tx.now, a.attempt_id)))
+                tx.worker_ops.append(("release", wkey(a.worker_id), "idle", tx.now, a.attempt_id))
             tx.queue = True
             return True
 
@@ -870,7 +915,7 @@ class PostgresLightningStore(LightningStore):
         _check_worker_id(worker_id)
 
         async def run(tx: _Tx) -> AttemptedRollout:
-            r = await self._lock_rollout(tx, rollout_id)
+            r, _ = await self._lock(tx, rollout_id)
             attempt = await self._new_attempt(tx, r, worker_id)
             return attempted_model(rollout_model(r.record, status="preparing", end_time=None), attempt)
 
@@ -899,9 +944,28 @@ class PostgresLightningStore(LightningStore):
         new_config = None if isinstance(config, Unset) else _as_config(config)
         input_json = None if isinstance(input, Unset) else _json.encode(input, "rollout input")
         new_metadata = None if isinstance(metadata, Unset) else (dict(metadata) if metadata else {})
+        metadata_json = None if new_metadata is None else _json.encode(new_metadata, "rollout metadata")
+        if isinstance(status, Unset) and new_config is None and isinstance(rollout_id, str):
+            # The common case (a runner writing the reward): one statement; anything it cannot
+            # decide (an unknown id, a finished rollout's metadata) takes the locked path below.
+            rec = await self._autocommit(
+                "fetchrow",
+                sql.UPDATE_ROLLOUT_FIELDS_FAST,
+                rollout_id,
+                input_json is not None,
+                input_json,
+                not isinstance(mode, Unset),
+                None if isinstance(mode, Unset) else mode,
+                not isinstance(resources_id, Unset),
+                new_resources,
+                metadata_json is not None,
+                metadata_json,
+            )
+            if rec is not None:
+                return rollout_model(rec)
 
         async def run(tx: _Tx) -> Rollout:
-            r = await self._lock_rollout(tx, rollout_id)
+            r, _ = await self._lock(tx, rollout_id)
             if new_resources is not None:
                 await self._check_resources_exist(tx.conn, {new_resources})
             rec = dict(r.record.items())
@@ -914,8 +978,8 @@ class PostgresLightningStore(LightningStore):
             if new_config is not None:
                 rec["config"] = _json.encode(new_config, "rollout config")
                 r.config = new_config
-            if new_metadata is not None:
-                rec["metadata"] = self._keep_reward(r, new_metadata)
+            if new_metadata is not None and metadata_json is not None:
+                rec["metadata"] = self._keep_reward(r, new_metadata, metadata_json)
             await tx.conn.execute(
                 sql.SAVE_ROLLOUT_FIELDS,
                 r.rollout_id,
@@ -933,17 +997,17 @@ class PostgresLightningStore(LightningStore):
                     a = AttemptRow.of(arec)
                     a.timeout_s = new_config.timeout_seconds
                     a.unresponsive_s = new_config.unresponsive_seconds
-                    await self._save_attempt(tx, a)
+                    tx.save_attempt(a)
             if not isinstance(status, Unset):
                 self._set_rollout_status(tx, r, status, tx.now)
-                await self._save_rollout_status(tx, r)
+                tx.save_rollout(r)
             rec["status"], rec["end_time"] = r.status, r.end_time
             return rollout_model(rec)
 
         return await self._write(run)
 
     @staticmethod
-    def _keep_reward(r: RolloutRow, new: dict[str, Any]) -> str:
+    def _keep_reward(r: RolloutRow, new: dict[str, Any], new_json: str) -> str:
         """The metadata to store: ``new``, except that a finished rollout keeps its reward."""
         if r.status in TERMINAL_ROLLOUT_STATUSES:
             old = _json.decode(r.metadata)
@@ -956,12 +1020,13 @@ class PostgresLightningStore(LightningStore):
                     old.get(REWARD_KEY),
                     new.get(REWARD_KEY),
                 )
-                new = dict(new)
+                kept = dict(new)
                 if REWARD_KEY in old:
-                    new[REWARD_KEY] = old[REWARD_KEY]
+                    kept[REWARD_KEY] = old[REWARD_KEY]
                 else:
-                    new.pop(REWARD_KEY, None)
-        return _json.encode(new, "rollout metadata")
+                    kept.pop(REWARD_KEY, None)
+                return _json.encode(kept, "rollout metadata")
+        return new_json
 
     async def update_attempt(
         self,
@@ -985,8 +1050,8 @@ class PostgresLightningStore(LightningStore):
             metadata_json = _json.encode(dict(metadata) if metadata else {}, "attempt metadata")
 
         async def run(tx: _Tx) -> Attempt:
-            r = await self._lock_rollout(tx, rollout_id)
-            a = await self._attempt_of(tx, r, attempt_id)
+            r, a = await self._lock(tx, rollout_id, attempt_id)
+            assert a is not None
             now = tx.now
             if metadata_json is not None:
                 a.metadata = metadata_json
@@ -1001,8 +1066,8 @@ class PostgresLightningStore(LightningStore):
                 a.last_heartbeat_time = beat
             if not isinstance(status, Unset) and self._accepts(r, a, status):
                 self._set_attempt_status(tx, r, a, status, now)
-            await self._save_attempt(tx, a)
-            await self._save_rollout_status(tx, r)
+            tx.save_attempt(a)
+            tx.save_rollout(r)
             return a.model()
 
         return await self._write(run)
@@ -1035,19 +1100,31 @@ class PostgresLightningStore(LightningStore):
         deadline = None if timeout is None else time.monotonic() + timeout
         waiter = rt.wakeups.register(set(ids))  # before the first look: no change can slip by
         try:
+            look, everything = set(ids), True
+            pending: set[str] = set()
             while True:
-                waiter.event = anyio.Event()
-                recs = await self._read("fetch", sql.ROLLOUT_STATUSES_BY_ID, ids)
-                # Unknown ids are not waited for: they can never finish.
-                pending = [rec[0] for rec in recs if rec[1] not in TERMINAL_ROLLOUT_STATUSES]
+                if everything or look & pending:
+                    # Only what changed is looked at again (O(changes), not O(ids) per wake-up).
+                    ask = ids if everything else sorted(look & pending)
+                    recs = await self._read("fetch", sql.ROLLOUT_STATUSES_BY_ID, ask)
+                    if everything:
+                        pending = set()  # unknown ids are not waited for: they can never finish
+                    for rid, status in recs:
+                        if status in TERMINAL_ROLLOUT_STATUSES:
+                            pending.discard(rid)
+                        else:
+                            pending.add(rid)
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if not pending or (remaining is not None and remaining <= 0):
                     break
                 if not rt.wakeups.listening:
                     interval = rt.wakeups.degraded_interval
                     remaining = interval if remaining is None else min(remaining, interval)
+                    waiter.everything = True  # nothing tells us what changed meanwhile
+                event = waiter.event
                 with anyio.move_on_after(remaining):
-                    await waiter.event.wait()
+                    await event.wait()
+                look, everything = waiter.take()
         finally:
             rt.wakeups.forget(waiter)
         finished = await self._read("fetch", sql.TERMINAL_ROLLOUTS_BY_ID, ids)
@@ -1120,16 +1197,37 @@ class PostgresLightningStore(LightningStore):
         return spans
 
     async def _add_spans(self, spans: list[Span], data: list[str]) -> None:
+        """Store spans in one transaction of a fixed number of statements, whatever their number:
+        lock their rollouts, read their attempts, insert, count them as heartbeats."""
+
         async def run(tx: _Tx) -> None:
-            rollouts: dict[str, RolloutRow] = {}
-            for rid in sorted({s.rollout_id for s in spans}):  # one lock order everywhere: no deadlock
-                rollouts[rid] = await self._lock_rollout(tx, rid)
-            attempts: dict[tuple[str, str], AttemptRow] = {}
+            rollout_ids = sorted({s.rollout_id for s in spans})  # one lock order everywhere: no deadlock
+            rollouts = {
+                rec["rollout_id"]: RolloutRow.of(rec)
+                for rec in await tx.conn.fetch(sql.LOCK_ROLLOUTS, rollout_ids)
+            }
+            for rid in rollout_ids:
+                if rid not in rollouts:
+                    raise ValueError(f"rollout {rid!r} not found")
+            wanted: dict[tuple[str, str], str] = {}
             for s in spans:
-                if (s.rollout_id, s.attempt_id) not in attempts:
-                    row = await self._attempt_of(tx, rollouts[s.rollout_id], s.attempt_id)
-                    attempts[s.rollout_id, s.attempt_id] = row
-            of = [attempts[s.rollout_id, s.attempt_id] for s in spans]
+                aid = s.attempt_id
+                if aid == "latest":
+                    latest = rollouts[s.rollout_id].latest_attempt_id
+                    if latest is None:
+                        raise ValueError(f"rollout {s.rollout_id!r} has no attempts")
+                    aid = latest
+                wanted[s.rollout_id, s.attempt_id] = aid
+            found = {
+                rec["attempt_id"]: AttemptRow.of(rec)
+                for rec in await tx.conn.fetch(sql.ATTEMPTS_BY_ID, sorted(set(wanted.values())))
+            }
+            of: list[AttemptRow] = []
+            for s in spans:
+                a = found.get(wanted[s.rollout_id, s.attempt_id])
+                if a is None or a.rollout_id != s.rollout_id:
+                    raise ValueError(f"attempt {s.attempt_id!r} not found in rollout {s.rollout_id!r}")
+                of.append(a)
             await tx.conn.execute(
                 sql.INSERT_SPANS,
                 [s.rollout_id for s in spans],
@@ -1141,20 +1239,16 @@ class PostgresLightningStore(LightningStore):
             top: dict[str, int] = {}
             for s, a in zip(spans, of, strict=True):
                 top[a.attempt_id] = max(top.get(a.attempt_id, s.sequence_id), s.sequence_id)
-            done: set[str] = set()
-            for a in of:
-                if a.attempt_id in done:
-                    continue
-                done.add(a.attempt_id)
+            await tx.conn.execute(sql.SPANS_HEARTBEAT, tx.now, list(top), list(top.values()))
+            # A span makes a preparing attempt running, and brings back an unresponsive one while
+            # it may (see the module docstring): the rare case, one attempt at a time.
+            for a in {a.attempt_id: a for a in of}.values():
                 r = rollouts[a.rollout_id]
-                # A span is a heartbeat: it makes a preparing attempt running, and brings back an
-                # unresponsive one while it may (see the module docstring).
-                a.last_heartbeat_time = tx.now
                 if a.status == "preparing" or (a.status == "unresponsive" and _may_revive(r, a)):
+                    a.last_heartbeat_time = tx.now
                     self._set_attempt_status(tx, r, a, "running", tx.now)
-                await self._save_attempt(tx, a)
-                await tx.conn.execute(sql.RAISE_SPAN_SEQ, a.attempt_id, top[a.attempt_id])
-                await self._save_rollout_status(tx, r)
+                    tx.save_attempt(a)
+                    tx.save_rollout(r)
 
         await self._write(run)
 
@@ -1177,11 +1271,11 @@ class PostgresLightningStore(LightningStore):
             if isinstance(rollout_id, str) and isinstance(attempt_id, str):
                 seq = await tx.conn.fetchval(sql.NEXT_SPAN_SEQ, rollout_id, attempt_id)
             if seq is None:  # say which id is unknown
-                await self._attempt_of(tx, await self._lock_rollout(tx, rollout_id), attempt_id)
+                await self._lock(tx, rollout_id, attempt_id)
                 raise AssertionError(f"no sequence id for {rollout_id!r} / {attempt_id!r}")
             return int(seq)
 
-        return await self._write(run)
+        return await self._write(run, transaction=False)
 
     # ------------------------------------------------------------------ resources
     async def add_resources(self, resources: Mapping[str, Any]) -> ResourcesUpdate:
@@ -1195,7 +1289,7 @@ class PostgresLightningStore(LightningStore):
             rec = await conn.fetchrow(sql.GET_RESOURCES, resources_id)
             return None if rec is None else resources_model(rec)
 
-        return await self._write(run, landed=landed)
+        return await self._write(run, landed=landed, transaction=False)
 
     async def update_resources(self, resources_id: str, resources: Mapping[str, Any]) -> ResourcesUpdate:
         text = _json.encode(_as_resources(resources), "resources")
@@ -1208,7 +1302,7 @@ class PostgresLightningStore(LightningStore):
                 raise ValueError(f"resources {resources_id!r} not found")
             return resources_model(rec)
 
-        return await self._write(run)
+        return await self._write(run, transaction=False)
 
     async def get_latest_resources(self) -> ResourcesUpdate | None:
         rec = await self._read("fetchrow", sql.LATEST_RESOURCES)
@@ -1296,7 +1390,7 @@ class PostgresLightningStore(LightningStore):
 
             async def settle(tx: _Tx, rollout_id: str = rec[0]) -> bool:
                 try:
-                    r = await self._lock_rollout(tx, rollout_id, skip_locked=True)
+                    r, _ = await self._lock(tx, rollout_id, skip_locked=True)
                 except ValueError:
                     return False  # another transaction holds it: look again in a moment
                 for arec in await tx.conn.fetch(sql.DUE_ATTEMPTS, rollout_id, now):
@@ -1304,8 +1398,8 @@ class PostgresLightningStore(LightningStore):
                     verdict, when = a.verdict()
                     if a.status in _LIVE and when is not None and when <= now:
                         self._set_attempt_status(tx, r, a, verdict, when)  # ended at its deadline
-                    await self._save_attempt(tx, a)
-                await self._save_rollout_status(tx, r)
+                    tx.save_attempt(a)
+                tx.save_rollout(r)
                 return True
 
             busy |= not await self._write(settle)
