@@ -49,6 +49,10 @@ _MAX_PAYLOAD = 7900
 #: deadlines wake it through ``d`` notifications).
 _WATCHDOG_MAX_SLEEP = 30.0
 _BACKOFF_MAX = 5.0
+#: A background connection quiet this long is checked with a ``SELECT 1``…
+PING_INTERVAL = 15.0
+#: …which must answer within this many seconds, else it counts as lost.
+PING_TIMEOUT = 5.0
 
 
 def notify_payloads(terminal: list[str]) -> list[str]:
@@ -193,6 +197,7 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 #: What the background connections (listener, watchdog candidate) recover from by reconnecting.
 PG_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, asyncpg.PostgresError)
+_PING_ERRORS: tuple[type[BaseException], ...] = (TimeoutError, *PG_ERRORS)
 
 
 async def _sleep_backoff(attempt: int) -> None:
@@ -229,7 +234,7 @@ class Listener:
                 self._wakeups.listening = True
                 self._wakeups.wake_all()  # notifications sent while we were away are lost
                 self.connected.set()
-                await lost.wait()
+                await _until_lost(conn, lost)
                 logger.warning("PostgresLightningStore: the wake-up connection was lost; reconnecting")
             except PG_ERRORS as exc:
                 if failures == 0:
@@ -272,7 +277,7 @@ class Watchdog:
                 conn = await _connect_shielded(self._connect)
                 lost = anyio.Event()
 
-                def on_lost(_conn: Any, lost: anyio.Event = lost) -> None:
+                def on_lost(_conn: Any = None, lost: anyio.Event = lost) -> None:
                     lost.set()
                     self._wakeups.poke_watchdog()
 
@@ -282,10 +287,13 @@ class Watchdog:
                 failures = 0
                 self.leading = True
                 logger.debug("PostgresLightningStore: this process runs the watchdog of the database")
-                await self._lead(lost)
-            except PG_ERRORS as exc:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(_until_lost, conn, lost, on_lost)  # ends by setting `lost` (or cancelled)
+                    await self._lead(lost)
+                    tg.cancel_scope.cancel()
+            except Exception as exc:
                 if failures == 0:
-                    logger.warning("PostgresLightningStore: watchdog connection failed (%s); retrying", exc)
+                    logger.warning("PostgresLightningStore: watchdog connection failed (%r); retrying", exc)
             finally:
                 self.leading = False
                 if conn is not None:
@@ -320,6 +328,24 @@ class Watchdog:
                 sleep = min(sleep, self._wakeups.degraded_interval)
             with anyio.move_on_after(sleep + 0.001):
                 await event.wait()
+
+
+async def _until_lost(conn: Any, lost: anyio.Event, on_lost: Callable[[], None] | None = None) -> None:
+    """Return when ``conn`` is lost, noticing a silently dead one too: every
+    :data:`PING_INTERVAL` seconds of quiet it must answer a ``SELECT 1`` within
+    :data:`PING_TIMEOUT` (notifications still arrive meanwhile)."""
+    while not lost.is_set():
+        with anyio.move_on_after(PING_INTERVAL):
+            await lost.wait()
+        if lost.is_set():
+            return
+        try:
+            with anyio.fail_after(PING_TIMEOUT):
+                await conn.fetchval("SELECT 1")
+        except _PING_ERRORS:
+            lost.set()
+            if on_lost is not None:
+                on_lost()
 
 
 async def _connect_shielded(connect: Connect) -> Any:
