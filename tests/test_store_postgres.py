@@ -210,3 +210,42 @@ def test_import_agl_async_does_not_import_asyncpg() -> None:
     code = "import sys, agl_async, agl_async.store.postgres\nprint('asyncpg' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "False"
+
+
+async def test_a_silently_dead_listener_is_noticed_and_replaced(
+    pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+    import signal
+
+    from agl_async.store import _postgres_events
+
+    monkeypatch.setattr(_postgres_events, "PING_INTERVAL", 0.2)
+    monkeypatch.setattr(_postgres_events, "PING_TIMEOUT", 0.3)
+    listening = (
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+        "AND application_name = 'agl_async listener'"
+    )
+    async with PostgresLightningStore(pg_dsn) as store:
+        rt = await store._rt()
+        frozen = await rt.pool.fetchval(listening)
+        assert frozen is not None
+        os.kill(frozen, signal.SIGSTOP)  # the backend stops answering; its socket stays open
+        try:
+            with anyio.fail_after(HANG_GUARD):
+                while (await rt.pool.fetchval(listening + " AND pid <> $1", frozen)) is None:
+                    await anyio.sleep(0.05)  # noqa: ASYNC110 - a test-side look for the replacement
+                started = await store.start_rollout("task")
+                async with anyio.create_task_group() as tg:
+                    done: list[Any] = []
+
+                    async def waiter() -> None:
+                        done.extend(await store.wait_for_rollouts(rollout_ids=[started.rollout_id]))
+
+                    tg.start_soon(waiter)
+                    await anyio.wait_all_tasks_blocked()
+                    assert rt.wakeups is not None and rt.wakeups.listening
+                    await store.update_attempt(started.rollout_id, "latest", status="succeeded")
+            assert [r.status for r in done] == ["succeeded"]
+        finally:
+            os.kill(frozen, signal.SIGCONT)

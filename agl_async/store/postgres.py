@@ -405,11 +405,15 @@ class PostgresLightningStore(LightningStore):
                 # skip asyncpg's reset query on every release (a round trip per call).
                 reset=_keep_session,
                 # Every statement is a keyed lookup: plan it once per connection, not per call.
-                server_settings={"plan_cache_mode": "force_generic_plan"},
+                server_settings={"plan_cache_mode": "force_generic_plan", "application_name": "agl_async"},
             )
 
-        async def connect_one() -> Any:
-            return await asyncpg.connect(s.dsn, timeout=s.connect_timeout)
+        def connect_as(role: str) -> Callable[[], Awaitable[Any]]:
+            async def connect() -> Any:
+                settings = {"application_name": f"agl_async {role}"}  # what pg_stat_activity shows
+                return await asyncpg.connect(s.dsn, timeout=s.connect_timeout, server_settings=settings)
+
+            return connect
 
         rt.pool = await self._retry_connect(connect_pool, rt.errors)
         try:
@@ -423,10 +427,10 @@ class PostgresLightningStore(LightningStore):
             rt.clock_offset = offset if abs(offset) > 0.005 else 0.0
             self._runtime = rt  # the background tasks below use the store (and its clock) at once
             rt.wakeups = events.Wakeups()
-            rt.listener = events.Listener(connect_one, rt.wakeups)
+            rt.listener = events.Listener(connect_as("listener"), rt.wakeups)
             rt.tasks.append(loop.create_task(rt.listener.run(), name="agl_async postgres listener"))
             if s.watchdog:
-                rt.watchdog = events.Watchdog(connect_one, rt.wakeups, self._settle_due, self._now)
+                rt.watchdog = events.Watchdog(connect_as("watchdog"), rt.wakeups, self._settle_due, self._now)
                 rt.tasks.append(loop.create_task(rt.watchdog.run(), name="agl_async postgres watchdog"))
             with anyio.move_on_after(s.connect_timeout):
                 await rt.listener.connected.wait()
