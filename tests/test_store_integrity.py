@@ -48,7 +48,7 @@ async def test_a_late_result_does_not_change_a_failed_rollout(
     assert (after.status, after.end_time, after.metadata.get("reward")) == ("failed", before.end_time, None)
     assert [a.status for a in await store.query_attempts(rid)] == ["timeout"]
     assert len(await store.query_spans(rid)) == 1  # the span itself is kept
-    assert "watchdog already ended it" in caplog.text
+    assert "was ended by the watchdog (timeout): a late 'succeeded' is ignored" in caplog.text
     assert "its reward stays" in caplog.text
 
 

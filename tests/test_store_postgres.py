@@ -233,8 +233,8 @@ async def test_a_silently_dead_listener_is_noticed_and_replaced(
         os.kill(frozen, signal.SIGSTOP)  # the backend stops answering; its socket stays open
         try:
             with anyio.fail_after(HANG_GUARD):
-                while (await rt.pool.fetchval(listening + " AND pid <> $1", frozen)) is None:
-                    await anyio.sleep(0.05)  # noqa: ASYNC110 - a test-side look for the replacement
+                while (await rt.pool.fetchval(listening + " AND pid <> $1", frozen)) is None:  # noqa: ASYNC110
+                    await anyio.sleep(0.05)  # a test-side look for the replacement
                 started = await store.start_rollout("task")
                 async with anyio.create_task_group() as tg:
                     done: list[Any] = []

@@ -18,15 +18,16 @@ Sharing one database
     * wake-ups cross processes by ``LISTEN/NOTIFY`` and the watchdog runs in one process per
       database (see :mod:`agl_async.store._postgres_events`).
 
-Data integrity (binding for every store)
-    A rollout in a terminal status is never changed by its attempts again: a late result of an
-    attempt the watchdog ended (``unresponsive`` / ``timeout``), or of an attempt that is not the
-    latest, is ignored and logged; a terminal rollout's ``metadata["reward"]`` is kept when a
-    late ``update_rollout`` tries to change it. Only an explicit ``update_rollout(status=…)`` or
-    ``start_attempt`` (an operator's decision) reopens a terminal rollout. An unresponsive attempt
-    comes back to ``running`` on a heartbeat only while it is the latest and its rollout is not
-    terminal. Inputs, metadata, resources, heartbeat stats and spans that cannot be stored as
-    JSON (a lone surrogate, NaN) raise ``ValueError`` before anything is written.
+Data integrity (binding for every store; the same rules as the SQLite store)
+    A rollout in a terminal status is never changed by its attempts again; only an explicit
+    ``update_rollout(status=…)`` or ``start_attempt`` (an operator's decision) reopens it, and a
+    terminal rollout keeps its ``metadata["reward"]`` when a late ``update_rollout`` tries to
+    change it. An attempt the watchdog ended for good — ``timeout``, or ``unresponsive`` once its
+    rollout moved on (a newer attempt, a terminal status) — keeps its verdict: a late result is
+    ignored and logged. An ``unresponsive`` attempt that is still the latest of an unfinished
+    rollout comes back with its next span, heartbeat-with-status or result. Inputs, metadata,
+    resources, heartbeat stats and spans that cannot be stored as JSON (a lone surrogate, NaN in
+    what is not a span) raise ``ValueError`` before anything is written.
 
 Connections
     A pool of ``pool_size`` connections serves the calls, plus one connection listening for
@@ -988,7 +989,10 @@ class PostgresLightningStore(LightningStore):
                 rec["config"] = _json.encode(new_config, "rollout config")
                 r.config = new_config
             if new_metadata is not None and metadata_json is not None:
-                rec["metadata"] = self._keep_reward(r, new_metadata, metadata_json)
+                stays_terminal = isinstance(status, Unset) or status in TERMINAL_ROLLOUT_STATUSES
+                rec["metadata"] = (
+                    self._keep_reward(r, new_metadata, metadata_json) if stays_terminal else metadata_json
+                )
             await tx.conn.execute(
                 sql.SAVE_ROLLOUT_FIELDS,
                 r.rollout_id,
@@ -1083,18 +1087,19 @@ class PostgresLightningStore(LightningStore):
 
     @staticmethod
     def _accepts(r: RolloutRow, a: AttemptRow, status: str) -> bool:
-        """Whether a new status applies to an attempt: one the watchdog ended takes none, except
-        ``running`` for an unresponsive latest attempt whose rollout is not finished (it is back)."""
-        if a.status not in ("unresponsive", "timeout") or status == a.status:
-            return True
-        if status == "running" and a.status == "unresponsive" and _may_revive(r, a):
+        """Whether a new status applies to an attempt. One the watchdog ended for good — ``timeout``,
+        or ``unresponsive`` once its rollout moved on (a newer attempt, a terminal status) — keeps
+        its verdict; an unresponsive attempt that is still the latest of an unfinished rollout is
+        back (the same rule as the SQLite store)."""
+        dead = a.status == "timeout" or (a.status == "unresponsive" and not _may_revive(r, a))
+        if not dead or status == a.status:
             return True
         logger.warning(
-            "ignoring status %r for attempt %s of rollout %s: the watchdog already ended it as %r",
-            status,
+            "attempt %s of rollout %s was ended by the watchdog (%s): a late %r is ignored",
             a.attempt_id,
             r.rollout_id,
             a.status,
+            status,
         )
         return False
 
