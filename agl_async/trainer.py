@@ -40,6 +40,7 @@ from .execution.base import ExecutionStrategy, resolve_strategy
 from .store.base import LightningStore
 from .store.locked import LightningStoreLocked
 from .store.memory import InMemoryLightningStore
+from .store.urls import open_store
 from .types import AttemptedRollout, Span, WorkerId
 
 __all__ = [
@@ -438,7 +439,7 @@ class Trainer:
         self,
         strategy: ExecutionStrategy | str | Mapping[str, Any] | None = None,
         n_runners: int | None = None,
-        store: LightningStore | None = None,
+        store: LightningStore | str | None = None,
         algorithm: Algorithm | None = None,
         agent: Agent | None = None,
         train_dataset: Sequence[Any] | None = None,
@@ -458,8 +459,10 @@ class Trainer:
             raise ValueError(f"max_rollouts must be a non-negative integer or None, got {max_rollouts!r}")
         if initial_resources is not None and not isinstance(initial_resources, Mapping):
             raise ValueError(f"initial_resources must be a mapping, got {type(initial_resources).__name__}")
+        if isinstance(store, str):
+            store = open_store(store)  # a store URL (issue 12): memory://, sqlite:///..., postgresql://...
         if store is not None and not isinstance(store, LightningStore):
-            raise ValueError(f"store must be a LightningStore, got {type(store).__name__}")
+            raise ValueError(f"store must be a LightningStore or a store URL, got {type(store).__name__}")
         if algorithm is not None and not isinstance(algorithm, Algorithm):
             raise ValueError(f"algorithm must be an Algorithm, got {type(algorithm).__name__}")
         self.strategy = _make_strategy(strategy, n_runners)
