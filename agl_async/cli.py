@@ -49,16 +49,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             open_store(args.store)  # checks the URL only; the run opens the store itself
         except ValueError as exc:
             raise CLIError(f"--store: {exc}", 2) from None
-    history = run_demo(
-        mode=args.mode,
-        runners=args.runners,
-        epochs=args.epochs,
-        seed=args.seed,
-        latency=args.latency,
-        port=args.port,
-        progress=sys.stdout,
-        store=args.store,
-    )
+    try:
+        history = run_demo(
+            mode=args.mode,
+            runners=args.runners,
+            epochs=args.epochs,
+            seed=args.seed,
+            latency=args.latency,
+            port=args.port,
+            progress=sys.stdout,
+            store=args.store,
+        )
+    except ValueError as exc:  # e.g. --store holds a run with other options
+        raise CLIError(str(exc)) from None
     print_summary(history, sys.stdout)
     return 0
 
@@ -85,7 +88,9 @@ async def _open(store: LightningStore, url: str) -> None:
         raise CLIError(f"cannot open the store {url}: {exc}") from None
 
 
-async def _serve(host: str, port: int, token: str | None, store: LightningStore, url: str = "memory://") -> None:
+async def _serve(
+    host: str, port: int, token: str | None, store: LightningStore, url: str = "memory://"
+) -> None:
     """Serve ``store`` until SIGINT/SIGTERM, then stop the server, close the store and return."""
     import anyio
 

@@ -21,9 +21,10 @@ with its epoch. Started again on a durable store (``agl-async demo --store sqlit
 it reads that state back, and for the epoch that was in flight it finds the rollouts already
 enqueued (``query_rollouts``) instead of enqueuing them again: the finished ones count as they
 are, the others finish now (attempts cut off by the interruption are retried per the rollouts'
-``RolloutConfig``). Only a resumed run's first epoch looks for earlier rollouts. The agent is a module-level coroutine function, so it pickles into runner
-processes (``--mode cs``) and can be attached with ``agl-async runner --agent
-agl_async.examples.evolution:agent``.
+``RolloutConfig``). Only a resumed run's first epoch looks for earlier rollouts.
+
+The agent is a module-level coroutine function, so it pickles into runner processes (``--mode
+cs``) and can be attached with ``agl-async runner --agent agl_async.examples.evolution:agent``.
 """
 
 from __future__ import annotations
@@ -155,8 +156,10 @@ class EvolutionStrategy(Algorithm):
         self.first_epoch = await self._resume()
         for epoch in range(self.first_epoch, self.epochs + 1):
             resumed = epoch == self.first_epoch and self._state_id is not None
-            self.history.append(await self._epoch(epoch, train_dataset, val_dataset or [], resumed=resumed))
+            stats = await self._epoch(epoch, train_dataset, val_dataset or [], resumed=resumed)
+            self.history.append(stats)
             await self._save(epoch)
+            self._print_line(self._describe(stats), final=True)  # once saved: a resumed run starts after it
         self._print_line("", final=True)
 
     # ------------------------------------------------------------------ saved state
@@ -302,7 +305,6 @@ class EvolutionStrategy(Algorithm):
             seconds=time.monotonic() - started,
         )
         self.sigma *= self.decay
-        self._print_line(self._describe(stats), final=True)
         return stats
 
     # ------------------------------------------------------------------ progress output

@@ -100,7 +100,7 @@ class _RolloutRow:
         self.key = key  # rollouts.id; None until inserted
         self.rollout = rollout
         self.queue_pos = queue_pos
-        self.latest: _AttemptRow | None | Literal[False] = False  # False: not looked up yet
+        self.latest: _AttemptRow | Literal[False] | None = False  # False: not looked up yet
         self.dirty = key is None
 
 
@@ -294,8 +294,8 @@ class Transaction:
                 effects.earliest_deadline = due
             if a.key is None:
                 cursor = execute(
-                    "INSERT INTO attempts (attempt_id, rollout, sequence_id, status, deadline, next_span_seq, "
-                    "data) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO attempts (attempt_id, rollout, sequence_id, status, deadline, "
+                    "next_span_seq, data) VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (aid, a.owner.key, a.attempt.sequence_id, a.attempt.status, due, a.next_span_seq, data),
                 )
                 a.key = cursor.lastrowid
@@ -316,19 +316,21 @@ class Transaction:
                 )
                 w.key = cursor.lastrowid
             else:
-                execute("UPDATE workers SET status = ?, data = ? WHERE id = ?", (w.worker.status, data, w.key))
+                execute(
+                    "UPDATE workers SET status = ?, data = ? WHERE id = ?", (w.worker.status, data, w.key)
+                )
             w.dirty = False
         if self._spans_added:  # may be negative (an unclaimed attempt's spans)
-            execute(
-                "UPDATE settings SET value = value + ? WHERE key = 'total_spans'", (self._spans_added,)
-            )
+            execute("UPDATE settings SET value = value + ? WHERE key = 'total_spans'", (self._spans_added,))
             self._spans_added = 0
 
     # ------------------------------------------------------------------ the queue
     def _queue_tail(self) -> int:
         if self._tail is None:
             self.flush()
-            found = self.conn.execute("SELECT max(queue_pos) FROM rollouts WHERE queue_pos IS NOT NULL").fetchone()
+            found = self.conn.execute(
+                "SELECT max(queue_pos) FROM rollouts WHERE queue_pos IS NOT NULL"
+            ).fetchone()
             self._tail = (found[0] or 0) + 1
         pos = self._tail
         self._tail += 1
@@ -511,7 +513,9 @@ class Transaction:
     def _resources_exist(self, resources_id: Any) -> bool:
         if not isinstance(resources_id, str):
             return False
-        found = self.conn.execute("SELECT 1 FROM resources WHERE resources_id = ?", (resources_id,)).fetchone()
+        found = self.conn.execute(
+            "SELECT 1 FROM resources WHERE resources_id = ?", (resources_id,)
+        ).fetchone()
         return found is not None
 
     def _create_rollout(self, request: EnqueueRolloutRequest, config: RolloutConfig) -> _RolloutRow:
@@ -575,7 +579,11 @@ class Transaction:
     def unclaim(self, rollout_id: str, attempt_id: str) -> bool:
         row = self._attempt_row(rollout_id, attempt_id)
         owner = row.owner
-        if row.attempt.status != "preparing" or owner.rollout.status != "preparing" or self._latest(owner) is not row:
+        if (
+            row.attempt.status != "preparing"
+            or owner.rollout.status != "preparing"
+            or self._latest(owner) is not row
+        ):
             return False
         self.flush()
         removed = self.conn.execute("DELETE FROM spans WHERE attempt = ?", (row.key,)).rowcount
@@ -590,7 +598,9 @@ class Transaction:
                 self._release_worker(wrow.worker, "idle", self.now, row.attempt.attempt_id)
                 wrow.dirty = True
         owner.rollout.status = "queuing" if row.attempt.sequence_id == 1 else "requeuing"
-        found = self.conn.execute("SELECT min(queue_pos) FROM rollouts WHERE queue_pos IS NOT NULL").fetchone()
+        found = self.conn.execute(
+            "SELECT min(queue_pos) FROM rollouts WHERE queue_pos IS NOT NULL"
+        ).fetchone()
         owner.queue_pos = (found[0] if found[0] is not None else 1) - 1  # the head of the queue
         owner.dirty = True
         self.effects.queued = True
@@ -635,9 +645,9 @@ class Transaction:
             stays_terminal = rollout.status in TERMINAL_ROLLOUT_STATUSES and (
                 isinstance(status, Unset) or status in TERMINAL_ROLLOUT_STATUSES
             )
-            if stays_terminal and new_metadata.get(
+            if stays_terminal and new_metadata.get(_REWARD_KEY, UNSET) != rollout.metadata.get(
                 _REWARD_KEY, UNSET
-            ) != rollout.metadata.get(_REWARD_KEY, UNSET):
+            ):
                 logger.warning(
                     "rollout %s is %s: its reward stays %r (a late write of %r is ignored)",
                     rollout_id,
@@ -693,7 +703,9 @@ class Transaction:
             if attempt.status in _LIVE:
                 self._sync_worker(row, now)
         if attempt.status in _LIVE or status in _LIVE:
-            attempt.last_heartbeat_time = now if isinstance(last_heartbeat_time, Unset) else float(last_heartbeat_time)
+            attempt.last_heartbeat_time = (
+                now if isinstance(last_heartbeat_time, Unset) else float(last_heartbeat_time)
+            )
         elif not isinstance(last_heartbeat_time, Unset):
             attempt.last_heartbeat_time = float(last_heartbeat_time)
         row.dirty = True
@@ -824,7 +836,9 @@ class Transaction:
     def add_resources(self, resources: Mapping[str, Any]) -> ResourcesUpdate:
         update = ResourcesUpdate(_new_id("rs"), _as_resources(resources), self.now, self.now)
         data = encode_json(update, "resources")
-        self.conn.execute("INSERT INTO resources (resources_id, data) VALUES (?, ?)", (update.resources_id, data))
+        self.conn.execute(
+            "INSERT INTO resources (resources_id, data) VALUES (?, ?)", (update.resources_id, data)
+        )
         self._set_setting("latest_resources_id", update.resources_id)
         return update
 
@@ -840,10 +854,12 @@ class Transaction:
         self._set_setting("latest_resources_id", resources_id)
         return current
 
-    def get_resources(self, resources_id: str) -> ResourcesUpdate | None:
+    def get_resources(self, resources_id: Any) -> ResourcesUpdate | None:
         if not isinstance(resources_id, str):
             return None
-        found = self.conn.execute("SELECT data FROM resources WHERE resources_id = ?", (resources_id,)).fetchone()
+        found = self.conn.execute(
+            "SELECT data FROM resources WHERE resources_id = ?", (resources_id,)
+        ).fetchone()
         return None if found is None else _decode_resources(found[0])
 
     def get_latest_resources(self) -> ResourcesUpdate | None:
@@ -851,7 +867,9 @@ class Transaction:
         return None if latest is None else self.get_resources(latest)
 
     def query_resources(self) -> list[ResourcesUpdate]:
-        return [_decode_resources(data) for (data,) in self.conn.execute("SELECT data FROM resources ORDER BY id")]
+        return [
+            _decode_resources(data) for (data,) in self.conn.execute("SELECT data FROM resources ORDER BY id")
+        ]
 
     # ------------------------------------------------------------------ workers
     def query_workers(self, status_in: Sequence[WorkerStatus] | None) -> list[Worker]:
@@ -913,7 +931,9 @@ class Transaction:
             "total_attempts": sum(attempts.values()),
             "total_spans": int(self._setting("total_spans") or 0),
             "total_resources": execute("SELECT count(*) FROM resources").fetchone()[0],
-            "queue_length": execute("SELECT count(*) FROM rollouts WHERE queue_pos IS NOT NULL").fetchone()[0],
+            "queue_length": execute("SELECT count(*) FROM rollouts WHERE queue_pos IS NOT NULL").fetchone()[
+                0
+            ],
             "rollouts": rollouts,
             "attempts": attempts,
             "workers": workers,

@@ -139,7 +139,9 @@ def connect(path: str, synchronous: Synchronous, busy_timeout: float) -> sqlite3
     try:
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
-            raise OSError(f"cannot use write-ahead logging for the SQLite store {path!r} (journal mode {mode})")
+            raise OSError(
+                f"cannot use write-ahead logging for the SQLite store {path!r} (journal mode {mode})"
+            )
         conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
         _prepare(conn, path)
     except sqlite3.Error as exc:

@@ -369,7 +369,13 @@ class SqliteLightningStore(LightningStore):
         metadata: dict[str, Any] | Unset | None = UNSET,
     ) -> Attempt:
         return await self._call(
-            Transaction.update_attempt, rollout_id, attempt_id, status, worker_id, last_heartbeat_time, metadata
+            Transaction.update_attempt,
+            rollout_id,
+            attempt_id,
+            status,
+            worker_id,
+            last_heartbeat_time,
+            metadata,
         )
 
     async def wait_for_rollouts(
@@ -460,4 +466,3 @@ class SqliteLightningStore(LightningStore):
     async def statistics(self) -> dict[str, Any]:
         stats = await self._call(Transaction.statistics)
         return {"name": type(self).__name__, "path": self.path, **stats}
-

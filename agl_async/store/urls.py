@@ -52,7 +52,8 @@ def open_store(url: str) -> LightningStore:
 def _sqlite(url: str, rest: str) -> LightningStore:
     if not rest.startswith("/"):
         raise ValueError(
-            f"a SQLite URL has no host: sqlite:///relative/path.db or sqlite:////absolute/path.db, got {url!r}"
+            "a SQLite URL has no host: sqlite:///relative/path.db or sqlite:////absolute/path.db, "
+            f"got {url!r}"
         )
     path, _, query = rest[1:].partition("?")
     if not path or path.endswith("/"):
