@@ -201,3 +201,30 @@ def test_demo_refuses_a_store_of_another_run(tmp_path: Path) -> None:
     other = run_cli("demo", "--epochs", "1", "--latency", "0", "--seed", "9", "--store", url)
     assert other.returncode == 1
     assert "agl-async: error: the store holds an evolution run with" in other.stderr
+
+
+# ---------------------------------------------------------------------------------- docs
+async def _by_id(task: dict[str, int], resources: dict[str, object]) -> float:
+    return float(task["id"])
+
+
+def test_the_resume_example_of_the_docs_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/durable.md's ``ResumableBaseline``, run twice on one SQLite file: the second run finds
+    the first one's rollouts and enqueues only the new tasks."""
+    page = (Path(__file__).resolve().parent.parent / "docs" / "durable.md").read_text()
+    [code] = [
+        b for b in re.findall(r"```python\n(.*?)```", page, re.DOTALL) if "class ResumableBaseline" in b
+    ]
+    namespace: dict[str, object] = {}
+    exec(compile(code, "docs/durable.md", "exec"), namespace)
+    monkeypatch.chdir(tmp_path)
+    for n in (3, 5):
+        algorithm = namespace["ResumableBaseline"]()  # type: ignore[operator]
+        Trainer(algorithm=algorithm, store="sqlite:///baseline.db").fit(_by_id, [{"id": i} for i in range(n)])
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2:] == [
+        "0 found from before, 3 enqueued now, 3 succeeded",
+        "3 found from before, 2 enqueued now, 5 succeeded",
+    ]
