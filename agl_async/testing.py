@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -41,9 +42,9 @@ async def serve_store(
 
 
 # ---------------------------------------------------------------------------- store fixtures
-StoreKind = Literal["memory", "locked", "http"]
+StoreKind = Literal["memory", "locked", "http", "sqlite"]
 #: The store implementations :func:`open_store` can make.
-STORE_KINDS: tuple[StoreKind, ...] = ("memory", "locked", "http")
+STORE_KINDS: tuple[StoreKind, ...] = ("memory", "locked", "http", "sqlite")
 
 
 @asynccontextmanager
@@ -53,7 +54,8 @@ async def open_store(kind: StoreKind = "memory") -> AsyncIterator[LightningStore
     ``"memory"``: :class:`~agl_async.InMemoryLightningStore`; ``"locked"``: the same behind
     :class:`~agl_async.LightningStoreLocked` (what shared-memory mode hands to bundles);
     ``"http"``: a :class:`~agl_async.LightningStoreClient` talking to a server on a free loopback
-    port (asyncio only), as runners see the store in client-server mode.
+    port (asyncio only), as runners see the store in client-server mode; ``"sqlite"``: a
+    :class:`~agl_async.SqliteLightningStore` on a file in a temporary directory, removed on exit.
     """
     if kind in ("memory", "locked"):
         memory = InMemoryLightningStore()
@@ -65,6 +67,14 @@ async def open_store(kind: StoreKind = "memory") -> AsyncIterator[LightningStore
     elif kind == "http":
         async with serve_store(InMemoryLightningStore()) as client:
             yield client
+    elif kind == "sqlite":
+        import tempfile
+
+        from .store.sqlite import SqliteLightningStore  # sqlite3 only when asked for
+
+        with tempfile.TemporaryDirectory(prefix="agl-async-store-") as directory:
+            async with SqliteLightningStore(os.path.join(directory, "store.db")) as sqlite_store:
+                yield sqlite_store
     else:
         raise ValueError(f"unknown store kind {kind!r}; expected one of {list(STORE_KINDS)}")
 

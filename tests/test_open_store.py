@@ -13,7 +13,7 @@ import pytest
 from test_cli import Proc, procs, run_cli  # noqa: F401 - procs is a fixture
 
 from agl_async import InMemoryLightningStore, LightningStoreClient, SqliteLightningStore, Trainer, open_store
-from agl_async.testing import free_port
+from agl_async.testing import free_port, store_fixture
 
 HAS_POSTGRES = importlib.util.find_spec("agl_async.store.postgres") is not None
 
@@ -228,3 +228,15 @@ def test_the_resume_example_of_the_docs_runs(
         "0 found from before, 3 enqueued now, 3 succeeded",
         "3 found from before, 2 enqueued now, 5 succeeded",
     ]
+
+
+# ---------------------------------------------------------------------------------- agl_async.testing
+sqlite_user_store = store_fixture("sqlite", name="sqlite_user_store")
+
+
+@pytest.mark.anyio
+async def test_the_testing_helpers_make_sqlite_stores(sqlite_user_store: SqliteLightningStore) -> None:
+    assert isinstance(sqlite_user_store, SqliteLightningStore)
+    r = await sqlite_user_store.enqueue_rollout(1)
+    assert await sqlite_user_store.get_rollout_by_id(r.rollout_id) == r
+    assert await anyio.Path(sqlite_user_store.path).exists()
