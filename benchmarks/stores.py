@@ -21,7 +21,9 @@ batches of 10,000 (``add_many_spans`` over HTTP); the serving process's resident
 from ``/proc``) is sampled every 100,000 spans. A database store must stay flat once the server's
 idempotency cache (the answers to recent requests, bounded at 64 MiB) has filled, so the report
 gives the growth over the second half; the in-memory store grows with what it holds (run with
-``--growth-stores sqlite`` to skip it).
+``--growth-stores sqlite`` to skip it). glibc's adaptive mmap threshold adds a slow creep of a few
+MiB to any long-lived server; ``MALLOC_MMAP_THRESHOLD_=131072`` in the environment fixes it and
+shows what the store itself holds.
 
 Adding a store (e.g. ``postgres``): put a factory into :data:`STORES` — a function of the work
 directory returning a fresh, empty store — and name it in ``--stores``; every figure above is then
