@@ -10,7 +10,7 @@ in this process) and ``http`` (a :class:`~agl_async.LightningStoreServer` over t
 process, this process talking to it with one :class:`~agl_async.LightningStoreClient`):
 
 * ``rollouts_per_s``: ``--rollouts`` rollouts enqueued in one batch, then ``--runners`` runner
-  loops (:func:`agl_async.trainer.runner_loop`, an async agent that returns at once: every store
+  loops (:func:`agl_async.runner.runner_loop`, an async agent that returns at once: every store
   call a real runner makes per rollout — dequeue, running, the reward span, the reward, the
   finish) until ``wait_for_rollouts`` sees all of them succeeded;
 * ``spans_per_s``: ``add_span`` one at a time from one task (``--spans`` spans over 100 attempts);
@@ -81,7 +81,7 @@ async def _reward(task: Any, resources: dict[str, Any]) -> float:
 
 
 async def rollouts_per_s(store: LightningStore, n: int, runners: int) -> float:
-    from agl_async.trainer import runner_loop
+    from agl_async.runner import runner_loop
 
     ids = [r.rollout_id for r in await store.enqueue_many_rollouts([{"input": i} for i in range(n)])]
     stop = anyio.Event()

@@ -6,21 +6,21 @@ it with ``BOTH_BACKENDS`` to run on trio as well.
 ``store`` is parametrised over every store implementation, so one suite specifies them all:
 ``memory`` (InMemoryLightningStore), ``locked`` (LightningStoreLocked around it), ``http``
 (LightningStoreClient talking to a LightningStoreServer on 127.0.0.1, asyncio only), ``sqlite``
-(SqliteLightningStore on a file in ``tmp_path``) and ``http-sqlite`` (the HTTP client in front of
-a server over a SqliteLightningStore).
+(SqliteLightningStore on a file in a temporary directory) and ``http-sqlite`` (the HTTP client in
+front of a server over a SqliteLightningStore).
 """
 
 from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from agl_async import InMemoryLightningStore, LightningStore, LightningStoreLocked, Span, SqliteLightningStore
+from agl_async import Span
+from agl_async.testing import HTTP_KINDS, STORE_KINDS, store_fixture
 
 
 def _store_methods() -> list[str]:
@@ -64,9 +64,8 @@ def make_span(rollout_id: str, attempt_id: str, sequence_id: int = 1, **fields: 
 
 AGL_VARS = ("AGL_CURRENT_ROLE", "AGL_SERVER_HOST", "AGL_SERVER_PORT", "AGL_MANAGED_STORE", "AGL_SERVER_TOKEN")
 BOTH_BACKENDS = [pytest.param("asyncio", id="asyncio"), pytest.param("trio", id="trio")]
-STORE_KINDS = ["memory", "locked", "http", "sqlite", "http-sqlite"]
-#: Kinds served over HTTP (asyncio only: uvicorn).
-HTTP_KINDS = frozenset({"http", "http-sqlite"})
+
+
 #: Tests of the store suite that pin a behaviour issue 16 makes wrong for every store; the durable
 #: stores implement the issue's rule already, the in-memory store will with issue 16 (which then
 #: updates these tests, turning these expected failures into passes: strict, so they get noticed).
@@ -79,7 +78,7 @@ DURABLE_KINDS = frozenset({"sqlite", "http-sqlite"})
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The HTTP store runs on asyncio only (uvicorn): drop the trio x http combinations of the
+    """The HTTP store runs on asyncio only (uvicorn): drop the trio x HTTP combinations of the
     store suite at collection instead of reporting dozens of skips. Mark the durable stores'
     runs of :data:`ISSUE_16_RULES` as expected failures."""
     keep, drop = [], []
@@ -100,31 +99,8 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture(params=STORE_KINDS)
-async def store(
-    request: pytest.FixtureRequest, anyio_backend: str, tmp_path: Path
-) -> AsyncIterator[LightningStore]:
-    kind = request.param
-    if kind == "memory":
-        yield InMemoryLightningStore()
-    elif kind == "locked":
-        yield LightningStoreLocked(InMemoryLightningStore())
-    elif kind == "sqlite":
-        async with SqliteLightningStore(tmp_path / "store.db") as sqlite_store:
-            yield sqlite_store
-    else:
-        if anyio_backend != "asyncio":
-            pytest.skip("the HTTP store runs on asyncio (uvicorn)")
-        from agl_async.testing import serve_store  # the HTTP layer's test helper
-
-        served: LightningStore = (
-            InMemoryLightningStore() if kind == "http" else SqliteLightningStore(tmp_path / "store.db")
-        )
-        try:
-            async with serve_store(served) as client:
-                yield client
-        finally:
-            await served.close()
+#: Every store implementation, one suite for all (``agl_async.testing`` makes the fixture).
+store = store_fixture(*STORE_KINDS)
 
 
 def _alive(process: object) -> bool:

@@ -8,6 +8,7 @@ Crash recovery (SIGKILL mid-stream) is in ``test_store_crash.py``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import pickle
 import sqlite3
@@ -17,6 +18,7 @@ import textwrap
 from pathlib import Path
 
 import anyio
+import anyio.from_thread
 import pytest
 from conftest import BOTH_BACKENDS, make_span
 
@@ -234,6 +236,50 @@ async def test_waiters_do_not_poll_without_a_poll_interval(db: Path) -> None:
         assert await store.wait_for_rollouts(rollout_ids=[started.rollout_id], timeout=0.5) == []
     assert calls == 2
     await store.close()
+
+
+# ---------------------------------------------------------------------------------- cancellation
+
+
+def test_the_long_poll_says_it_is_cancel_safe(db: Path) -> None:
+    # the runner loop races it against its stop event instead of polling in 0.5 s requests
+    assert SqliteLightningStore(db).long_poll_is_cancel_safe is True
+
+
+async def test_a_long_poll_cancelled_while_it_sleeps_claims_nothing(db: Path) -> None:
+    async with SqliteLightningStore(db) as store:
+        with anyio.fail_after(HANG_GUARD):
+            with anyio.CancelScope() as scope:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(functools.partial(store.dequeue_rollout, "w", timeout=30))
+                    await anyio.wait_all_tasks_blocked()
+                    scope.cancel()
+            queued = await store.enqueue_rollout("task")
+            stats = await store.statistics()
+            assert stats["queue_length"] == 1 and stats["total_attempts"] == 0
+            claimed = await store.dequeue_rollout("other")
+        assert claimed is not None and claimed.rollout_id == queued.rollout_id
+
+
+async def test_a_long_poll_cancelled_while_it_claims_returns_the_claim(db: Path) -> None:
+    """Cancelled in the middle of the claiming transaction (from inside the worker thread), the
+    call still returns what it claimed: the claim is never made for nobody."""
+    async with SqliteLightningStore(db) as store:
+        queued = await store.enqueue_rollout("task")
+        original = store._transact
+        with anyio.CancelScope() as scope:
+
+            def cancelling(*args: object) -> object:
+                result = original(*args)  # type: ignore[arg-type]
+                anyio.from_thread.run_sync(scope.cancel)
+                return result
+
+            store._transact = cancelling  # type: ignore[method-assign, assignment]
+            with anyio.fail_after(HANG_GUARD):
+                claimed = await store.dequeue_rollout("w", timeout=30)
+        store._transact = original  # type: ignore[method-assign]
+        assert scope.cancel_called
+        assert claimed is not None and claimed.rollout_id == queued.rollout_id
 
 
 # ---------------------------------------------------------------------------------- issue 16 rules

@@ -32,27 +32,30 @@ from typing import Any, Literal
 
 import msgspec
 
+from .._validate import as_config, as_resources, check_worker_id
 from ..types import (
     ATTEMPT_STATUSES,
     QUEUE_STATUSES,
     ROLLOUT_STATUSES,
     TERMINAL_ATTEMPT_STATUSES,
     TERMINAL_ROLLOUT_STATUSES,
+    UNSET,
     Attempt,
     AttemptedRollout,
     AttemptStatus,
+    EnqueueRolloutRequest,
     ResourcesUpdate,
     Rollout,
     RolloutConfig,
     RolloutMode,
     RolloutStatus,
     Span,
+    Unset,
     Worker,
     WorkerId,
     WorkerStatus,
 )
-from .base import UNSET, EnqueueRolloutRequest, Unset
-from .memory import _as_config, _as_resources, _check_worker_id, _new_id, _rollout_status_for
+from ._rules import new_id, rollout_status_for
 
 __all__ = ["Effects", "Transaction", "encode_json"]
 
@@ -72,6 +75,14 @@ _decode_attempt = msgspec.json.Decoder(Attempt).decode
 _decode_span = msgspec.json.Decoder(Span).decode
 _decode_resources = msgspec.json.Decoder(ResourcesUpdate).decode
 _decode_worker = msgspec.json.Decoder(Worker).decode
+
+
+def _config_copy(config: Any) -> RolloutConfig:
+    """A checked copy of ``config`` the caller cannot change afterwards (the default for ``None``)."""
+    checked = as_config(config) or RolloutConfig()
+    copy: RolloutConfig = checked.__copy__()  # type: ignore[attr-defined]
+    copy.retry_condition = list(checked.retry_condition)
+    return copy
 
 
 def encode_json(value: Any, what: str) -> bytes:
@@ -396,7 +407,7 @@ class Transaction:
                         owner.rollout.status,
                     )
             else:
-                self._set_rollout_status(owner, _rollout_status_for(attempt, owner.rollout.config), now)
+                self._set_rollout_status(owner, rollout_status_for(attempt, owner.rollout.config), now)
 
     def _is_dead(self, row: _AttemptRow) -> bool:
         """True when the watchdog ended the attempt for good: ``timeout``, or ``unresponsive`` with
@@ -412,7 +423,7 @@ class Transaction:
         latest = self._latest(owner)
         attempt = Attempt(
             rollout_id=owner.rollout.rollout_id,
-            attempt_id=_new_id("at"),
+            attempt_id=new_id("at"),
             sequence_id=(latest.attempt.sequence_id if latest is not None else 0) + 1,
             start_time=now,
             worker_id=worker_id,
@@ -508,7 +519,7 @@ class Transaction:
             encode_json(metadata, "rollout metadata")
         if not isinstance(input, Unset):
             encode_json(input, "rollout input")
-        return _as_config(config)
+        return _config_copy(config)
 
     def _resources_exist(self, resources_id: Any) -> bool:
         if not isinstance(resources_id, str):
@@ -523,10 +534,10 @@ class Transaction:
         if resources_id is None:
             resources_id = self._setting("latest_resources_id")
         rollout = Rollout(
-            rollout_id=_new_id("ro"),
+            rollout_id=new_id("ro"),
             input=request.input,
             start_time=self.now,
-            mode=request.mode,
+            mode=request.mode,  # type: ignore[arg-type]  # checked by _check_rollout_args
             resources_id=resources_id,
             config=config,
             metadata=dict(request.metadata) if request.metadata else {},
@@ -547,7 +558,7 @@ class Transaction:
         return out
 
     def start_rollout(self, request: EnqueueRolloutRequest, worker_id: WorkerId | None) -> AttemptedRollout:
-        _check_worker_id(worker_id)
+        check_worker_id(worker_id)
         config = self._check_rollout_args(
             request.mode, request.resources_id, request.config, request.metadata, request.input
         )
@@ -555,7 +566,7 @@ class Transaction:
         return self._attempted(owner, self._new_attempt(owner, worker_id, self.now))
 
     def dequeue(self, worker_id: WorkerId | None, limit: int, register_idle: bool) -> list[AttemptedRollout]:
-        _check_worker_id(worker_id)
+        check_worker_id(worker_id)
         out = []
         for _ in range(limit):
             owner = self._pop_queued()
@@ -572,7 +583,7 @@ class Transaction:
         return out
 
     def start_attempt(self, rollout_id: str, worker_id: WorkerId | None) -> AttemptedRollout:
-        _check_worker_id(worker_id)
+        check_worker_id(worker_id)
         owner = self._require_rollout(rollout_id)
         return self._attempted(owner, self._new_attempt(owner, worker_id, self.now))
 
@@ -627,7 +638,7 @@ class Transaction:
             None if isinstance(metadata, Unset) else metadata,
             input,
         )
-        new_config = None if isinstance(config, Unset) else _as_config(config)
+        new_config = None if isinstance(config, Unset) else _config_copy(config)
         rollout = owner.rollout
         if not isinstance(input, Unset):
             rollout.input = input
@@ -684,7 +695,7 @@ class Transaction:
         if not isinstance(last_heartbeat_time, (Unset, int, float)) or isinstance(last_heartbeat_time, bool):
             raise ValueError(f"last_heartbeat_time must be a number, got {last_heartbeat_time!r}")
         if not isinstance(worker_id, Unset):
-            _check_worker_id(worker_id)
+            check_worker_id(worker_id)
         attempt = row.attempt
         if not isinstance(status, Unset) and status != attempt.status and self._is_dead(row):
             logger.warning(
@@ -834,7 +845,7 @@ class Transaction:
 
     # ------------------------------------------------------------------ resources
     def add_resources(self, resources: Mapping[str, Any]) -> ResourcesUpdate:
-        update = ResourcesUpdate(_new_id("rs"), _as_resources(resources), self.now, self.now)
+        update = ResourcesUpdate(new_id("rs"), as_resources(resources), self.now, self.now)
         data = encode_json(update, "resources")
         self.conn.execute(
             "INSERT INTO resources (resources_id, data) VALUES (?, ?)", (update.resources_id, data)
@@ -846,7 +857,7 @@ class Transaction:
         current = self.get_resources(resources_id)
         if current is None:
             raise ValueError(f"resources {resources_id!r} not found")
-        current.resources = _as_resources(resources)
+        current.resources = as_resources(resources)
         current.update_time = self.now
         current.version += 1
         data = encode_json(current, "resources")

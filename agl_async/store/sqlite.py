@@ -51,6 +51,7 @@ import anyio
 import anyio.to_thread
 from anyio.lowlevel import RunVar
 
+from .._validate import as_enqueue_requests, check_worker_id
 from ..types import (
     Attempt,
     AttemptedRollout,
@@ -67,8 +68,7 @@ from ..types import (
 )
 from ._sqlite_ops import Effects, Transaction
 from ._sqlite_schema import Synchronous, connect
-from .base import UNSET, EnqueueRolloutRequest, LightningStore, Unset, _as_enqueue_requests
-from .memory import _check_worker_id
+from .base import UNSET, EnqueueRolloutRequest, LightningStore, Unset
 
 __all__ = ["SqliteLightningStore"]
 
@@ -106,6 +106,11 @@ class SqliteLightningStore(LightningStore):
     processes* on the same file (seconds; ``None``: never, when this object is the file's only
     user). ``busy_timeout``: how long a call waits for another process's transaction.
     """
+
+    #: A long poll cancelled while it sleeps claims nothing, and one cancelled while its claiming
+    #: transaction runs completes it and returns the claim (the worker thread is not abandoned and
+    #: nothing awaits after the claim): the runner loop may race it against its stop event.
+    long_poll_is_cancel_safe = True
 
     def __init__(
         self,
@@ -274,14 +279,14 @@ class SqliteLightningStore(LightningStore):
     async def enqueue_many_rollouts(
         self, rollouts: Sequence[EnqueueRolloutRequest | Mapping[str, Any]]
     ) -> list[Rollout]:
-        return await self._call(Transaction.enqueue, _as_enqueue_requests(rollouts))
+        return await self._call(Transaction.enqueue, as_enqueue_requests(rollouts))
 
     async def dequeue_rollout(
         self, worker_id: WorkerId | None = None, *, timeout: float | None = None
     ) -> AttemptedRollout | None:
         if timeout is not None and (isinstance(timeout, bool) or not timeout >= 0):
             raise ValueError(f"timeout must be >= 0 or None, got {timeout!r}")
-        _check_worker_id(worker_id)
+        check_worker_id(worker_id)
         if not timeout:
             claimed = await self._call(Transaction.dequeue, worker_id, 1, True)
             return claimed[0] if claimed else None
@@ -313,7 +318,7 @@ class SqliteLightningStore(LightningStore):
         and nothing queued, the long poll of ``dequeue_rollout``."""
         if timeout is not None and (isinstance(timeout, bool) or not timeout >= 0):
             raise ValueError(f"timeout must be >= 0 or None, got {timeout!r}")
-        _check_worker_id(worker_id)
+        check_worker_id(worker_id)
         claimed = await self._call(_finish_and_poll, rollout_id, attempt_id, status, worker_id)
         if claimed is not None or not timeout:
             return claimed
@@ -325,7 +330,7 @@ class SqliteLightningStore(LightningStore):
     async def dequeue_many_rollouts(
         self, *, limit: int = 1, worker_id: WorkerId | None = None
     ) -> list[AttemptedRollout]:
-        _check_worker_id(worker_id)
+        check_worker_id(worker_id)
         return await self._call(Transaction.dequeue, worker_id, max(limit, 0), False)
 
     async def start_rollout(
