@@ -22,6 +22,8 @@ if TYPE_CHECKING:
         LightningStoreLocked,
     )
     from .store.postgres import PostgresLightningStore
+    from .store.sqlite import SqliteLightningStore
+    from .store.urls import open_store
     from .trainer import Trainer
     from .types import (
         Attempt,
@@ -48,7 +50,10 @@ _LAZY = {
     "InMemoryLightningStore": ".store",
     "LightningStore": ".store",
     "LightningStoreLocked": ".store",
-    "PostgresLightningStore": ".store.postgres",  # imports no driver until it connects
+    # durable stores: their modules import their drivers (sqlite3, asyncpg) only when first used
+    "SqliteLightningStore": ".store.sqlite",
+    "PostgresLightningStore": ".store.postgres",
+    "open_store": ".store.urls",
     "Trainer": ".trainer",
     "Attempt": ".types",
     "AttemptedRollout": ".types",
@@ -85,7 +90,9 @@ __all__ = [
     "RolloutConfig",
     "SharedMemoryExecutionStrategy",
     "Span",
+    "SqliteLightningStore",
     "Trainer",
     "Worker",
     "__version__",
+    "open_store",
 ]

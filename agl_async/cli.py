@@ -14,7 +14,10 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .store.base import LightningStore
 
 __all__ = ["main"]
 
@@ -33,83 +36,120 @@ class CLIError(Exception):
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .examples.evolution import print_summary, run_demo
 
+    store = f", store={args.store}" if args.store else ""
     print(
         f"agl-async demo: evolution strategy on a toy linear task; mode={args.mode}, "
-        f"runners={args.runners}, epochs={args.epochs}, seed={args.seed}",
+        f"runners={args.runners}, epochs={args.epochs}, seed={args.seed}{store}",
         flush=True,
     )
-    history = run_demo(
-        mode=args.mode,
-        runners=args.runners,
-        epochs=args.epochs,
-        seed=args.seed,
-        latency=args.latency,
-        port=args.port,
-        progress=sys.stdout,
-    )
+    if args.store:
+        from .store.urls import open_store
+
+        try:
+            open_store(args.store)  # checks the URL only; the run opens the store itself
+        except ValueError as exc:
+            raise CLIError(f"--store: {exc}", 2) from None
+    try:
+        history = run_demo(
+            mode=args.mode,
+            runners=args.runners,
+            epochs=args.epochs,
+            seed=args.seed,
+            latency=args.latency,
+            port=args.port,
+            progress=sys.stdout,
+            store=args.store,
+        )
+    except ValueError as exc:  # e.g. --store holds a run with other options
+        raise CLIError(str(exc)) from None
     print_summary(history, sys.stdout)
     return 0
 
 
 # ------------------------------------------------------------------------------------------ serve
 def _cmd_serve(args: argparse.Namespace) -> int:
-    import functools
-
     import anyio
 
-    from . import serve  # [issue 12] --store URL, --workers N (agl_async/serve.py)
+    from .store.urls import open_store
 
     try:
-        serve.store_from_url(args.store)
+        store = open_store(args.store)  # --store URL (issue 12)
     except ValueError as exc:
         raise CLIError(f"--store: {exc}", 2) from None
-    if args.workers > 1 and not serve.is_shared_store_url(args.store):
-        raise CLIError(
-            f"--workers {args.workers} needs a store that several processes can share "
-            f"(postgresql://user:password@host:port/dbname); {args.store.split('://')[0]}:// lives "
-            "inside one process: serve it with one worker",
-            2,
-        )
-    if args.worker_of:  # one of the processes of `serve --workers N` (internal)
-        parent, _, fd = args.worker_of.partition(":")
-        serve.die_with_parent(int(parent))
-        anyio.run(_serve_or_fail, args, int(fd))
-        return 0
-    if args.workers > 1:
-        try:
-            return anyio.run(
-                functools.partial(serve.serve_many, log_level=args.log_level),
-                args.store,
-                args.host,
-                args.port,
-                args.token,
-                args.workers,
-            )
-        except ConnectionError as exc:
-            raise CLIError(f"cannot open the store: {exc}") from None
-        except OSError as exc:
-            raise CLIError(f"cannot serve on {args.host}:{args.port}: {exc}") from None
-    anyio.run(_serve_or_fail, args, None)
+    ready_fd = None
+    if args.workers > 1 or args.worker_of:  # [issue 12] N processes on one address: agl_async/serve.py
+        from . import serve
+
+        if args.worker_of is None:
+            return serve.run_workers(args, CLIError)
+        ready_fd = serve.become_worker(args.worker_of)
+    anyio.run(_serve, args.host, args.port, args.token, store, args.store, ready_fd)
     return 0
 
 
-async def _serve_or_fail(args: argparse.Namespace, ready_fd: int | None) -> None:
-    from .serve import serve_one
+async def _open(store: LightningStore, url: str) -> None:
+    """One call, so that a store that cannot be opened is reported before serving."""
+    try:
+        await store.statistics()
+    except Exception as exc:
+        raise CLIError(f"cannot open the store {url}: {exc}") from None
+
+
+async def _serve(
+    host: str,
+    port: int,
+    token: str | None,
+    store: LightningStore,
+    url: str = "memory://",
+    ready_fd: int | None = None,
+) -> None:
+    """Serve ``store`` until SIGINT/SIGTERM, then stop the server, close the store and return.
+    ``ready_fd``: one of ``serve --workers``'s processes (agl_async/serve.py)."""
+    import anyio
 
     try:
-        await serve_one(
-            args.store,
-            args.host,
-            args.port,
-            args.token,
-            reuse_port=ready_fd is not None,
-            ready_fd=ready_fd,
-            quiet=ready_fd is not None,
-        )
-    except ConnectionError as exc:
-        raise CLIError(f"cannot open the store: {exc}") from None
-    except OSError as exc:
-        raise CLIError(f"cannot serve on {args.host}:{args.port}: {exc}") from None
+        await _open(store, url)
+        await _serve_store(host, port, token, store, url, ready_fd)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await store.close()
+
+
+async def _serve_store(
+    host: str, port: int, token: str | None, store: LightningStore, url: str, ready_fd: int | None = None
+) -> None:
+    import signal
+
+    import anyio
+
+    from .http.server import LightningStoreServer
+    from .serve import redact_url, report_ready
+
+    url = redact_url(url)  # [issue 12] a DSN's password stays out of the output
+    # [issue 12] with ready_fd: SO_REUSEPORT beside the other processes, which report once for all
+    server = LightningStoreServer(store, host, port, auth_token=token or "", reuse_port=ready_fd is not None)
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        try:
+            await server.start()
+        except OSError as exc:
+            raise CLIError(f"cannot serve on {host}:{port}: {exc}") from None
+        try:
+            auth = " (bearer token required)" if token else ""
+            if ready_fd is not None:
+                report_ready(ready_fd)  # [issue 12]
+            else:
+                where = f"{server.endpoint}{auth}, store {url}"
+                print(f"agl-async: store server listening on {where}; Ctrl-C to stop", flush=True)
+            async for signum in signals:
+                if ready_fd is None:
+                    print(
+                        f"agl-async: {signal.Signals(signum).name} received, stopping the server", flush=True
+                    )
+                break
+        finally:
+            await server.stop()
+    if ready_fd is None:
+        print("agl-async: server stopped", flush=True)
 
 
 # ----------------------------------------------------------------------------------------- runner
@@ -267,6 +307,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="simulated work per rollout in seconds (default 0.005)",
     )
     demo.add_argument("--port", type=int, default=None, help="--mode cs: server port (default: a free one)")
+    demo.add_argument(
+        "--store",
+        default=None,
+        metavar="URL",
+        help=(
+            "the store (default: in memory). With a database, e.g. sqlite:///demo.db, the run is "
+            "resumable: interrupt it, run the same command again, and it continues where it stopped"
+        ),
+    )
     demo.set_defaults(handler=_cmd_demo)
 
     serve = commands.add_parser(
@@ -274,9 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a standalone store server for runners on other machines",
         description=(
             "Serve a LightningStore over HTTP until Ctrl-C (SIGINT) or SIGTERM, which stop it cleanly "
-            "(exit code 0). Point algorithms and 'agl-async runner' at it. --store picks the store "
-            "(default: a fresh in-memory one); with a PostgreSQL store, --workers N runs N server "
-            "processes on one address that share the database."
+            "(exit code 0). Point algorithms and 'agl-async runner' at it. The store is a fresh "
+            "in-memory one unless --store names a database, which outlives the server. With a "
+            "PostgreSQL store, --workers N runs N server processes on one address sharing the database."
         ),
     )
     serve.add_argument(
@@ -288,21 +337,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("AGL_SERVER_TOKEN"),
         help="require 'Authorization: Bearer TOKEN' on every request (default: env AGL_SERVER_TOKEN)",
     )
-    serve.add_argument(  # [issue 12]
+    serve.add_argument(
         "--store",
-        default=os.environ.get("AGL_STORE_URL") or "memory://",
+        default=os.environ.get("AGL_STORE_URL") or "memory://",  # [issue 12]
         metavar="URL",
-        help="memory:// or postgresql://user:password@host:port/dbname (default: env AGL_STORE_URL, "
-        "else memory://)",
+        help=(
+            "the store to serve: memory:// (default), sqlite:///relative/path.db, "
+            "sqlite:////absolute/path.db or postgresql://user:password@host:port/dbname "
+            "(default: env AGL_STORE_URL, else memory://)"
+        ),
     )
     serve.add_argument(  # [issue 12]
         "--workers",
         type=_positive_int,
         default=1,
         metavar="N",
-        help="server processes on the address, sharing the store (PostgreSQL only; default 1)",
+        help="server processes on the one address, sharing the store (PostgreSQL only; default 1)",
     )
-    serve.add_argument("--worker-of", default=None, help=argparse.SUPPRESS)  # internal: PARENT_PID:READY_FD
+    serve.add_argument("--worker-of", default=None, help=argparse.SUPPRESS)  # [issue 12] PARENT_PID:READY_FD
     serve.set_defaults(handler=_cmd_serve)
 
     runner = commands.add_parser(

@@ -1,198 +1,143 @@
-"""``agl-async serve``: one store server process, or several on one address sharing a database.
+"""``agl-async serve --workers N``: N store server processes on one address, sharing a database.
 
-``serve_one`` serves the store named by a URL until SIGINT/SIGTERM. ``serve_many`` starts
-``workers`` such processes on one host:port for a store they can share (PostgreSQL):
+:func:`run_workers` (the command's process) serves nothing itself. For a store several processes
+can share (PostgreSQL):
 
-* it binds the address itself first, with ``SO_REUSEPORT``, so that "address in use" is reported
-  at once and a port of 0 is resolved once for all; its own socket never listens, it only holds
-  the address. Each child binds the same address with ``SO_REUSEPORT`` and listens: the kernel
+* it binds the address first, with ``SO_REUSEPORT`` and without listening, so that "address in
+  use" is reported at once and a port of 0 is resolved once for all; its socket only holds the
+  address. Each child binds the same address with ``SO_REUSEPORT`` and listens: the kernel
   spreads incoming connections over the children;
-* it opens the store once before starting them (so that a wrong URL or an unreachable database
-  is one clear error, and the schema is created once);
-* each child reports that it listens through a pipe; the parent prints its ready line after all
-  have. The children die with the parent (``PR_SET_PDEATHSIG`` where Linux offers it);
+* it opens the store once before starting them (a wrong URL or an unreachable database is one
+  clear error, and the schema is created once);
+* each child (``agl-async serve --worker-of PID:FD``: :func:`become_worker`, then the ordinary
+  single-process serve) reports through a pipe once it listens; the parent prints its ready
+  line after all have. The children die with the parent (``PR_SET_PDEATHSIG`` on Linux);
 * SIGINT/SIGTERM to the parent stop every child (SIGTERM, then SIGKILL after a grace period); a
   child that exits by itself stops the others, and the parent exits 1 naming it.
 
-Every process is a full store server: any of them answers any request, and the database makes
-them one store (claims, wake-ups and the watchdog work across processes).
+The URL reaches the children in the environment (``AGL_STORE_URL``), not on their command line,
+where ``ps`` would show a password. Every child is a full store server: any of them answers any
+request, and the database makes them one store (claims, wake-ups and the watchdog work across
+processes).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
-import socket
 import sys
-from urllib.parse import urlsplit
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import anyio
+import anyio.abc
 
-from .store.base import LightningStore
+from ._net import bind_socket, http_url
 
-__all__ = ["SHARED_SCHEMES", "is_shared_store_url", "serve_many", "serve_one", "store_from_url"]
+__all__ = ["SHARED_SCHEMES", "become_worker", "redact_url", "report_ready", "run_workers"]
 
-#: Store URL schemes whose stores several processes can share.
+#: Store URL schemes whose stores several processes can serve together.
 SHARED_SCHEMES = ("postgresql", "postgres")
 _STOP_GRACE = 15.0
 
 
-def store_from_url(url: str) -> LightningStore:
-    """``memory://`` or ``postgresql://user:password@host:port/dbname``; ``ValueError`` otherwise."""
-    scheme = urlsplit(url).scheme if isinstance(url, str) else ""
-    if scheme == "memory":
-        from .store.memory import InMemoryLightningStore
-
-        return InMemoryLightningStore()
-    if scheme in SHARED_SCHEMES:
-        from .store.postgres import PostgresLightningStore
-
-        return PostgresLightningStore(url)
-    raise ValueError(
-        f"unknown store URL {url!r}: expected memory:// or postgresql://user:password@host:port/dbname"
-    )
-
-
-def is_shared_store_url(url: str) -> bool:
-    """Whether several processes can serve the store at ``url`` together."""
-    return urlsplit(url).scheme in SHARED_SCHEMES
-
-
-async def serve_one(
-    store_url: str,
-    host: str,
-    port: int,
-    token: str | None,
-    *,
-    reuse_port: bool = False,
-    ready_fd: int | None = None,
-    quiet: bool = False,
-) -> None:
-    """Serve the store at ``store_url`` until SIGINT/SIGTERM, then stop the server, close the
-    store and return. ``OSError`` when the address cannot be bound; ``ready_fd``: written to
-    (one byte) and closed once the server accepts connections."""
-    from .http.server import LightningStoreServer
-
-    store = store_from_url(store_url)
+def redact_url(url: str) -> str:
+    """``url`` without its password (for what is printed or logged)."""
     try:
-        opener = getattr(store, "open", None)
-        if opener is not None:
-            await opener()  # a database that cannot be reached is an error now, not at the first request
-        server = LightningStoreServer(store, host, port, auth_token=token or "", reuse_port=reuse_port)
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            await server.start()
-            try:
-                if ready_fd is not None:
-                    os.write(ready_fd, b"r")
-                    os.close(ready_fd)
-                if not quiet:
-                    auth = " (bearer token required)" if token else ""
-                    print(
-                        f"agl-async: store server listening on {server.endpoint}{auth}; Ctrl-C to stop",
-                        flush=True,
-                    )
-                async for signum in signals:
-                    if not quiet:
-                        name = signal.Signals(signum).name
-                        print(f"agl-async: {name} received, stopping the server", flush=True)
-                    break
-            finally:
-                await server.stop()
-    finally:
-        await store.close()
-    if not quiet:
-        print("agl-async: server stopped", flush=True)
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))
+    except ValueError:
+        return "<unparsable URL>"
 
 
-def die_with_parent(parent_pid: int) -> None:
-    """Ask Linux to SIGTERM this process when its parent dies; exit at once if it already has."""
+def run_workers(args: argparse.Namespace, error: Any) -> int:
+    """The command's process for ``--workers N > 1``; ``error(message, code)`` makes the CLI's
+    error (exit code 2 for a store that cannot be shared)."""
+    scheme = urlsplit(args.store).scheme.lower()
+    if scheme not in SHARED_SCHEMES:
+        raise error(
+            f"--workers {args.workers} needs a store that several processes can share "
+            f"(postgresql://user:password@host:port/dbname); {scheme}:// lives inside one process: "
+            "serve it with one worker",
+            2,
+        )
+    try:
+        return anyio.run(
+            _serve_many, args.store, args.host, args.port, args.token, args.workers, args.log_level
+        )
+    except ConnectionError as exc:
+        raise error(f"cannot open the store {redact_url(args.store)}: {exc}", 1) from None
+    except OSError as exc:
+        raise error(f"cannot serve on {args.host}:{args.port}: {exc}", 1) from None
+
+
+def become_worker(worker_of: str) -> int:
+    """In a child of :func:`run_workers` (``--worker-of PID:FD``): die with the parent; return the
+    file descriptor to report readiness on."""
+    parent, _, fd = worker_of.partition(":")
     try:
         import ctypes
 
-        libc = ctypes.CDLL(None, use_errno=True)
         pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
     except (OSError, AttributeError):
-        pass  # not Linux: the parent's SIGTERM on stop still applies
-    if os.getppid() != parent_pid:
-        os._exit(1)
+        pass  # not Linux: the parent's SIGTERM at its stop still applies
+    if os.getppid() != int(parent):
+        os._exit(1)  # the parent is already gone
+    return int(fd)
 
 
-def _reserve(host: str, port: int) -> socket.socket:
-    """Bind (never listen) host:port with SO_REUSEPORT: holds the address for the children."""
-    if not hasattr(socket, "SO_REUSEPORT"):
-        raise OSError("this platform has no SO_REUSEPORT: serve one process per port instead")
-    bind_host = "127.0.0.1" if host == "localhost" else host
-    family, type_, proto, _, address = socket.getaddrinfo(
-        bind_host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    sock = socket.socket(family, type_, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(address)
-    except OSError:
-        sock.close()
-        raise
-    return sock
+def report_ready(fd: int) -> None:
+    """Tell the parent this child accepts connections."""
+    os.write(fd, b"r")
+    os.close(fd)
 
 
-async def _check_store(store_url: str) -> None:
+async def _check_store(url: str) -> None:
     """Open the store once (connect, create or check its schema) and close it."""
-    store = store_from_url(store_url)
+    from .store.urls import open_store
+
+    store = open_store(url)
     try:
-        opener = getattr(store, "open", None)
-        if opener is not None:
-            await opener()
+        await store.statistics()
     finally:
         await store.close()
 
 
-async def serve_many(
-    store_url: str, host: str, port: int, token: str | None, workers: int, *, log_level: str = "WARNING"
+async def _serve_many(
+    store_url: str, host: str, port: int, token: str | None, workers: int, log_level: str
 ) -> int:
-    """Run ``workers`` server processes for the shared store at ``store_url`` on one host:port
-    (see the module docstring); returns the exit code (0 after a clean stop)."""
-    from .store.postgres import _redact
-
-    reservation = _reserve(host, port)
+    reservation = bind_socket(host, port, what="the store servers", listen=False, reuse_port=True)
     try:
         port = reservation.getsockname()[1]
         await _check_store(store_url)
-        env = dict(os.environ)
+        env = {**os.environ, "AGL_STORE_URL": store_url}  # secrets in the environment, not in `ps`
         if token:
-            env["AGL_SERVER_TOKEN"] = token  # secrets travel in the environment, not on the command
-        env["AGL_STORE_URL"] = store_url  # line, where `ps` shows them (a DSN may hold a password)
+            env["AGL_SERVER_TOKEN"] = token
         read_fd, write_fd = os.pipe()
         processes: list[anyio.abc.Process] = []
         try:
+            command = [sys.executable, "-m", "agl_async.cli", "--log-level", log_level, "serve"]
+            command += ["--host", host, "--port", str(port), "--worker-of", f"{os.getpid()}:{write_fd}"]
             for _ in range(workers):
-                command = [
-                    sys.executable,
-                    "-m",
-                    "agl_async.cli",
-                    "--log-level",
-                    log_level,
-                    "serve",
-                    "--host",
-                    host,
-                    "--port",
-                    str(port),
-                    "--worker-of",
-                    f"{os.getpid()}:{write_fd}",
-                ]
                 processes.append(
                     await anyio.open_process(command, stdout=None, stderr=None, env=env, pass_fds=(write_fd,))
                 )
         finally:
             os.close(write_fd)
-        return await _supervise(processes, read_fd, workers, host, port, _redact(store_url))
+        try:
+            return await _supervise(processes, read_fd, workers, http_url(host, port, bound=True), store_url)
+        finally:
+            os.close(read_fd)
     finally:
         reservation.close()
 
 
 async def _supervise(
-    processes: list[anyio.abc.Process], read_fd: int, workers: int, host: str, port: int, shown_url: str
+    processes: list[anyio.abc.Process], read_fd: int, workers: int, endpoint: str, store_url: str
 ) -> int:
     failed: list[str] = []
     stopping = False
@@ -213,12 +158,11 @@ async def _supervise(
                 while got < workers:
                     chunk = await anyio.to_thread.run_sync(os.read, read_fd, workers, abandon_on_cancel=True)
                     if not chunk:
-                        return  # every child closed the pipe: the watchers report who failed
+                        return  # every child closed the pipe: the watchers say who failed
                     got += len(chunk)
-                where = f"http://{'127.0.0.1' if host in ('localhost', '0.0.0.0', '') else host}:{port}"
                 print(
-                    f"agl-async: {workers} store server processes listening on {where} "
-                    f"(store {shown_url}); Ctrl-C to stop",
+                    f"agl-async: {workers} store server processes listening on {endpoint}, "
+                    f"store {redact_url(store_url)}; Ctrl-C to stop",
                     flush=True,
                 )
 
@@ -230,7 +174,6 @@ async def _supervise(
         stopping = True
         with anyio.CancelScope(shield=True):
             await _stop_all(processes)
-    os.close(read_fd)
     if failed:
         print(f"agl-async: error: {failed[0]}; stopped the others", file=sys.stderr, flush=True)
         return 1

@@ -232,7 +232,7 @@ def _start_server(store_url: str, workers: int) -> tuple[subprocess.Popen[str], 
     if "listening on http://" not in line:
         process.kill()
         raise RuntimeError(f"server did not start: {line}{process.stdout.read()}")
-    endpoint = "http://" + line.split("http://", 1)[1].split()[0].rstrip(";")
+    endpoint = "http://" + line.split("http://", 1)[1].split()[0].rstrip(";,")
     return process, endpoint
 
 

@@ -280,7 +280,7 @@ def _endpoint_of(process: subprocess.Popen[str]) -> str:
     assert process.stdout is not None
     line = process.stdout.readline()
     assert "listening on http://" in line, line
-    return "http://" + line.split("http://", 1)[1].split()[0].rstrip(";")
+    return "http://" + line.split("http://", 1)[1].split()[0].rstrip(";,")
 
 
 def _stop(process: subprocess.Popen[str]) -> tuple[int, str]:
@@ -366,4 +366,4 @@ def test_serve_refuses_an_unknown_store_url() -> None:
         timeout=60,
     )
     assert out.returncode == 2
-    assert "unknown store URL 'mongodb://x/y'" in out.stderr
+    assert "mongodb://" in out.stderr and "--store" in out.stderr

@@ -7,7 +7,6 @@ attempts while it applies the status rules; the ``*_model`` functions turn fetch
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -20,7 +19,6 @@ from ..types import (
     ResourcesUpdate,
     Rollout,
     RolloutConfig,
-    RolloutStatus,
     Worker,
     WorkerId,
 )
@@ -32,18 +30,12 @@ __all__ = [
     "attempt_model",
     "attempted_model",
     "config_of",
-    "new_id",
     "resources_model",
     "rollout_model",
-    "rollout_status_for",
     "wid",
     "wkey",
     "worker_model",
 ]
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{os.urandom(8).hex()}"
 
 
 def wkey(worker_id: WorkerId) -> str:
@@ -60,15 +52,6 @@ def wid(key: str | None) -> WorkerId | None:
 
 def config_of(text: str) -> RolloutConfig:
     return msgspec.json.decode(text, type=RolloutConfig)
-
-
-def rollout_status_for(status: str, sequence_id: int, config: RolloutConfig) -> RolloutStatus:
-    """The rollout status implied by its latest attempt's status (retry rules included)."""
-    if status in ("preparing", "running", "succeeded"):
-        return status  # type: ignore[return-value]
-    if status in config.retry_condition and sequence_id < config.max_attempts:
-        return "requeuing"
-    return "failed"
 
 
 @dataclass

@@ -63,6 +63,7 @@ from urllib.parse import urlsplit, urlunsplit
 import anyio
 import msgspec
 
+from .._validate import as_config, as_enqueue_requests, as_resources, check_worker_id
 from ..types import (
     ATTEMPT_STATUSES,
     QUEUE_STATUSES,
@@ -89,16 +90,14 @@ from ._postgres_rows import (
     RolloutRow,
     attempt_model,
     attempted_model,
-    new_id,
     resources_model,
     rollout_model,
-    rollout_status_for,
     wkey,
     worker_model,
 )
 from ._postgres_schema import NOTIFY_CHANNEL
-from .base import UNSET, EnqueueRolloutRequest, LightningStore, Unset, _as_enqueue_requests
-from .memory import _MODES, _as_config, _check_worker_id
+from ._rules import new_id, rollout_status_for
+from .base import UNSET, EnqueueRolloutRequest, LightningStore, Unset
 
 if TYPE_CHECKING:
     from ._postgres_events import Listener, Wakeups, Watchdog
@@ -110,6 +109,7 @@ logger = logging.getLogger("agl_async")
 T = TypeVar("T")
 
 _LIVE = frozenset({"preparing", "running"})
+_MODES = frozenset({"train", "val", "test"})
 #: The rollout metadata key holding the reward (what the runner loop writes).
 REWARD_KEY = "reward"
 #: How many due attempts the watchdog ends per round.
@@ -257,6 +257,10 @@ class PostgresLightningStore(LightningStore):
     Nothing connects until the first call; the schema is created then, or checked (a database
     made by a newer release is refused). See the module docstring for the guarantees.
     """
+
+    #: A claim is one committed statement that always reaches the caller (see Cancellation in the
+    #: module docstring): a long poll may be abandoned at any moment without losing a rollout.
+    long_poll_is_cancel_safe = True
 
     def __init__(
         self,
@@ -643,7 +647,10 @@ class PostgresLightningStore(LightningStore):
                     r.status,
                 )
             return
-        self._set_rollout_status(tx, r, rollout_status_for(status, a.sequence_id, r.config), now)
+        # The retry rule is the one every store shares (_rules): it reads the status and sequence id.
+        view = Attempt(rollout_id=r.rollout_id, attempt_id=a.attempt_id, sequence_id=a.sequence_id)
+        view.status = status  # type: ignore[assignment]
+        self._set_rollout_status(tx, r, rollout_status_for(view, r.config), now)
 
     @staticmethod
     def _sync_worker(tx: _Tx, a: AttemptRow, now: float, dequeued: bool = False) -> None:
@@ -743,7 +750,7 @@ class PostgresLightningStore(LightningStore):
     async def enqueue_many_rollouts(
         self, rollouts: Sequence[EnqueueRolloutRequest | Mapping[str, Any]]
     ) -> list[Rollout]:
-        requests = _as_enqueue_requests(rollouts)
+        requests = as_enqueue_requests(rollouts)
         encoded = [
             self._rollout_values(r.input, r.mode, r.resources_id, r.config, r.metadata) for r in requests
         ]
@@ -774,7 +781,7 @@ class PostgresLightningStore(LightningStore):
                     rollout_id=rid,
                     input=_json.decode(e[0]),
                     start_time=tx.now,
-                    mode=r.mode,
+                    mode=r.mode,  # type: ignore[arg-type]  # checked by _rollout_values
                     resources_id=bound[rid],
                     status="queuing",
                     config=msgspec.json.decode(e[2], type=RolloutConfig),
@@ -832,7 +839,7 @@ class PostgresLightningStore(LightningStore):
     ) -> AttemptedRollout | None:
         if timeout is not None and (isinstance(timeout, bool) or not timeout >= 0):
             raise ValueError(f"timeout must be >= 0 or None, got {timeout!r}")
-        _check_worker_id(worker_id)
+        check_worker_id(worker_id)
         rt = await self._rt()
         assert rt.wakeups is not None
         deadline = time.monotonic() + timeout if timeout else None
@@ -854,7 +861,7 @@ class PostgresLightningStore(LightningStore):
     async def dequeue_many_rollouts(
         self, *, limit: int = 1, worker_id: WorkerId | None = None
     ) -> list[AttemptedRollout]:
-        _check_worker_id(worker_id)
+        check_worker_id(worker_id)
         if isinstance(limit, bool) or not isinstance(limit, int):
             raise ValueError(f"limit must be an integer, got {limit!r}")
         if limit <= 0:
@@ -888,7 +895,7 @@ class PostgresLightningStore(LightningStore):
         metadata: dict[str, Any] | None = None,
         worker_id: WorkerId | None = None,
     ) -> AttemptedRollout:
-        _check_worker_id(worker_id)
+        check_worker_id(worker_id)
         input_json, cfg, config_json, metadata_json = self._rollout_values(
             input, mode, resources_id, config, metadata
         )
@@ -922,7 +929,7 @@ class PostgresLightningStore(LightningStore):
         return await self._write(run, landed=landed)
 
     async def start_attempt(self, rollout_id: str, worker_id: WorkerId | None = None) -> AttemptedRollout:
-        _check_worker_id(worker_id)
+        check_worker_id(worker_id)
 
         async def run(tx: _Tx) -> AttemptedRollout:
             r, _ = await self._lock(tx, rollout_id)
@@ -1057,7 +1064,7 @@ class PostgresLightningStore(LightningStore):
         if not isinstance(last_heartbeat_time, (Unset, int, float)) or isinstance(last_heartbeat_time, bool):
             raise ValueError(f"last_heartbeat_time must be a number, got {last_heartbeat_time!r}")
         if not isinstance(worker_id, Unset):
-            _check_worker_id(worker_id)
+            check_worker_id(worker_id)
         metadata_json = None
         if not isinstance(metadata, Unset):
             metadata_json = _json.encode(dict(metadata) if metadata else {}, "attempt metadata")
@@ -1293,7 +1300,7 @@ class PostgresLightningStore(LightningStore):
 
     # ------------------------------------------------------------------ resources
     async def add_resources(self, resources: Mapping[str, Any]) -> ResourcesUpdate:
-        text = _json.encode(_as_resources(resources), "resources")
+        text = _json.encode(as_resources(resources), "resources")
         resources_id = new_id("rs")
 
         async def run(tx: _Tx) -> ResourcesUpdate:
@@ -1306,7 +1313,7 @@ class PostgresLightningStore(LightningStore):
         return await self._write(run, landed=landed, transaction=False)
 
     async def update_resources(self, resources_id: str, resources: Mapping[str, Any]) -> ResourcesUpdate:
-        text = _json.encode(_as_resources(resources), "resources")
+        text = _json.encode(as_resources(resources), "resources")
 
         async def run(tx: _Tx) -> ResourcesUpdate:
             rec = None
@@ -1438,10 +1445,9 @@ def _may_revive(r: RolloutRow, a: AttemptRow) -> bool:
     return r.latest_attempt_id == a.attempt_id and r.status not in TERMINAL_ROLLOUT_STATUSES
 
 
-def _as_resources(resources: Any) -> dict[str, Any]:
-    if not isinstance(resources, Mapping):
-        raise ValueError(f"resources must be a mapping of names to values, got {type(resources).__name__}")
-    return dict(resources)
+def _as_config(config: Any) -> RolloutConfig:
+    """A checked config; ``None`` is the default one."""
+    return as_config(config) or RolloutConfig()
 
 
 def _redact(dsn: Any) -> Any:
