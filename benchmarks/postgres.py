@@ -1,36 +1,24 @@
-"""Benchmark: the PostgreSQL store — direct, behind 1, 2 and 4 server processes, and the memory of
-a serving process as the store grows past 1,000,000 spans; the in-memory store for comparison.
+"""Benchmark: ``agl-async serve --workers N`` on PostgreSQL — throughput with 1, 2 and 4 server
+processes on one address, and which resource saturates; one in-memory server for comparison.
 
-    python benchmarks/postgres.py [--quick] [--rollouts 2000] [--runners 8] [--spans 5000]
-                                  [--batched-spans 50000] [--workers 1,2,4] [--clients 4]
-                                  [--client-runners 8] [--growth 1000000] [--no-memory-growth]
+    python benchmarks/postgres.py [--quick] [--rollouts 2000] [--workers 1,2,4] [--clients 4]
+                                  [--client-runners 8] [--client-spans 2000]
+
+(The PostgreSQL store direct, behind one server, and the memory of a serving process as it grows
+past 1,000,000 spans are measured with the other stores by ``benchmarks/stores.py``.)
 
 Prints JSON (progress on stderr). A throwaway PostgreSQL cluster is started for the run
-(``tests/throwaway_postgres.py``: ``fsync=off``, as in the tests; each measurement gets a fresh database).
-
-``direct`` (the store object in this process; ``memory`` and ``postgres``):
-
-* ``rollouts_per_s``: ``--rollouts`` rollouts enqueued in one batch, then ``--runners`` runner loops
-  (:func:`agl_async.trainer.runner_loop`, an async agent that returns at once: every store call a
-  real runner makes per rollout — dequeue, running, the reward span, the reward, the finish) until
-  ``wait_for_rollouts`` sees all of them succeeded;
-* ``spans_per_s``: ``add_span`` one at a time from one task (``--spans`` spans over 100 attempts);
-* ``batched_spans_per_s``: ``add_many_spans`` in batches of 100 (``--batched-spans`` spans).
-
-``served`` (``agl-async serve --store … --workers W`` for each W of ``--workers``; memory with one
-process for comparison): ``--clients`` client processes, each running ``--client-runners`` runner
-loops with a :class:`~agl_async.LightningStoreClient` of its own (its own connections, so the
-kernel spreads them over the server processes), work through ``--rollouts`` rollouts
-(``rollouts_per_s``), then each client process adds spans from ``--client-runners`` tasks, one
-``add_span`` request at a time (``spans_per_s``). ``cpu_cores`` says how many cores each group of
-processes kept busy meanwhile (CPU seconds / wall seconds: server processes, PostgreSQL's
-processes, the clients): when their sum reaches the machine's core count, the cores are what
-saturates, otherwise the busiest group is the bottleneck.
-
-``growth``: one serving process over a fresh store receives ``--growth`` spans in batches of
-10,000 (``add_many_spans`` over HTTP); its resident memory (RSS, from ``/proc``) is sampled every
-100,000 spans. It must stay flat for PostgreSQL once the server's idempotency cache (answers to
-recent requests, at most 64 MiB) has filled; the in-memory store grows with what it holds.
+(``tests/throwaway_postgres.py``: ``fsync=off``, as in the tests); each measurement gets a fresh
+database. For each W of ``--workers``, ``agl-async serve --store … --workers W`` serves it;
+``--clients`` client processes, each running ``--client-runners`` runner loops
+(:func:`agl_async.runner.runner_loop`, an agent that returns at once) with a
+:class:`~agl_async.LightningStoreClient` of its own (its own connections, so the kernel spreads
+them over the server processes), work through ``--rollouts`` rollouts (``rollouts_per_s``), then
+each client process adds spans from ``--client-runners`` tasks, one ``add_span`` request at a
+time (``spans_per_s``). ``cpu_cores`` says how many cores each group of processes kept busy
+meanwhile (CPU seconds / wall seconds: the server processes, PostgreSQL's processes, the
+clients) and ``machine_busy`` how many the whole machine did (other work included): when that
+reaches the core count, the cores are what saturates; otherwise the busiest group is.
 """
 
 from __future__ import annotations
@@ -52,76 +40,8 @@ import anyio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from throwaway_postgres import PG_USER, PostgresCluster
 
-from agl_async import InMemoryLightningStore, LightningStore, Span
-
-GROWTH_BATCH = 10_000
-GROWTH_SAMPLE_EVERY = 100_000
-
-
-def _span(rollout_id: str, attempt_id: str, sequence_id: int) -> Span:
-    return Span(
-        rollout_id=rollout_id,
-        attempt_id=attempt_id,
-        sequence_id=sequence_id,
-        trace_id="0" * 32,
-        span_id=f"{sequence_id:016x}",
-        name="llm.call",
-        start_time=1.0,
-        end_time=2.0,
-        attributes={"gen_ai.usage.prompt_tokens": 12, "gen_ai.usage.completion_tokens": 40, "reward": 0.5},
-    )
-
-
-# --------------------------------------------------------------------------- workloads
-async def _reward(task: Any, resources: dict[str, Any]) -> float:
-    return 1.0
-
-
-async def rollouts_per_s(store: LightningStore, n: int, runners: int) -> float:
-    from agl_async.trainer import runner_loop
-
-    ids = [r.rollout_id for r in await store.enqueue_many_rollouts([{"input": i} for i in range(n)])]
-    stop = anyio.Event()
-    async with anyio.create_task_group() as tg:
-        started = time.perf_counter()
-        for worker_id in range(runners):
-            tg.start_soon(runner_loop, store, worker_id, stop, _reward)
-        done = await store.wait_for_rollouts(rollout_ids=ids)
-        elapsed = time.perf_counter() - started
-        stop.set()
-    assert len(done) == n and all(r.status == "succeeded" for r in done), "not every rollout succeeded"
-    return n / elapsed
-
-
-async def spans_per_s(store: LightningStore, n: int, batch: int) -> float:
-    attempts = [await store.start_rollout(i) for i in range(100)]
-    spans = [
-        _span(attempts[i % 100].rollout_id, attempts[i % 100].attempt.attempt_id, i // 100 + 1)
-        for i in range(n)
-    ]
-    started = time.perf_counter()
-    if batch == 1:
-        for span in spans:
-            await store.add_span(span)
-    else:
-        for i in range(0, n, batch):
-            await store.add_many_spans(spans[i : i + batch])
-    return n / (time.perf_counter() - started)
-
-
-async def _direct(make: Any, args: argparse.Namespace) -> dict[str, float]:
-    out = {}
-    for name, run in (
-        ("rollouts_per_s", lambda s: rollouts_per_s(s, args.rollouts, args.runners)),
-        ("spans_per_s", lambda s: spans_per_s(s, args.spans, 1)),
-        ("batched_spans_per_s", lambda s: spans_per_s(s, args.batched_spans, 100)),
-    ):
-        store = make()
-        try:
-            out[name] = round(await run(store), 1)
-        finally:
-            await store.close()
-    return out
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stores import _reward, _span  # the same agent and spans as the other store figures
 
 
 # --------------------------------------------------------------------------- served: clients
@@ -130,7 +50,7 @@ def _client_main(
 ) -> None:
     """A client process: ``runners`` runner loops until told to stop, then ``runners`` span tasks."""
     from agl_async import LightningStoreClient
-    from agl_async.trainer import runner_loop
+    from agl_async.runner import runner_loop
 
     async def main() -> None:
         async with anyio.create_task_group() as tg:
@@ -306,79 +226,22 @@ def _served(store_url: str, workers: int, args: argparse.Namespace) -> dict[str,
         _stop_server(server)
 
 
-# --------------------------------------------------------------------------- growth
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc (Linux only)")
-
-
-def _grow(store_url: str, total: int) -> dict[str, Any]:
-    from agl_async import LightningStoreClient
-
-    server, endpoint = _start_server(store_url, 1)
-    try:
-
-        async def main() -> dict[str, Any]:
-            samples: list[dict[str, float]] = [{"spans": 0, "rss_mb": round(_rss_mb(server.pid), 1)}]
-            async with LightningStoreClient(endpoint, request_timeout=600) as client:
-                attempts = [await client.start_rollout(i) for i in range(100)]
-                started = time.perf_counter()
-                for first in range(0, total, GROWTH_BATCH):
-                    batch = [
-                        _span(a.rollout_id, a.attempt.attempt_id, (first + i) // 100 + 1)
-                        for i in range(GROWTH_BATCH)
-                        for a in (attempts[(first + i) % 100],)
-                    ]
-                    await client.add_many_spans(batch)
-                    added = first + GROWTH_BATCH
-                    if added % GROWTH_SAMPLE_EVERY == 0:
-                        samples.append({"spans": added, "rss_mb": round(_rss_mb(server.pid), 1)})
-                elapsed = time.perf_counter() - started
-                stats = await client.statistics()
-                query_started = time.perf_counter()
-                spans = await client.query_spans(attempts[0].rollout_id)
-                query_s = time.perf_counter() - query_started
-            half = min(samples, key=lambda s: abs(s["spans"] - total / 2))
-            return {
-                "total_spans": stats["total_spans"],
-                "spans_per_s": round(total / elapsed, 1),
-                "rss_mb": samples,
-                "rss_growth_over_the_second_half_mb": round(samples[-1]["rss_mb"] - half["rss_mb"], 1),
-                "query_spans_of_one_rollout": {"spans": len(spans), "seconds": round(query_s, 3)},
-            }
-
-        return anyio.run(main)
-    finally:
-        _stop_server(server)
-
-
 # --------------------------------------------------------------------------- main
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small counts: a smoke test of the script")
     parser.add_argument("--rollouts", type=int, default=2000)
-    parser.add_argument("--runners", type=int, default=8, help="runner loops of the direct rollouts/s run")
-    parser.add_argument("--spans", type=int, default=5000, help="spans added one at a time (direct)")
-    parser.add_argument("--batched-spans", type=int, default=50_000, help="spans added in batches of 100")
     parser.add_argument("--workers", default="1,2,4", help="server process counts to measure")
-    parser.add_argument("--clients", type=int, default=4, help="client processes of the served runs")
+    parser.add_argument("--clients", type=int, default=4, help="client processes")
     parser.add_argument("--client-runners", type=int, default=8, help="runner loops per client process")
     parser.add_argument("--client-spans", type=int, default=2000, help="spans per client process")
-    parser.add_argument("--growth", type=int, default=1_000_000, help="spans of the memory run (0: skip)")
-    parser.add_argument("--no-memory-growth", action="store_true", help="grow only the PostgreSQL store")
     args = parser.parse_args()
     if args.quick:
-        args.rollouts, args.spans, args.batched_spans, args.client_spans = 200, 500, 2000, 200
-        args.growth = min(args.growth, 100_000)
+        args.rollouts, args.client_spans = 200, 200
     workers = [int(w) for w in args.workers.split(",") if w]
-
-    from agl_async.store.postgres import PostgresLightningStore
-
     report: dict[str, Any] = {
         "benchmark": "postgres",
-        "units": "rollouts or spans per second (one run each); RSS in MiB; cpu_cores = CPU s / wall s",
+        "units": "rollouts or spans per second (one run each); cpu_cores = CPU s / wall s",
         "settings": dict(vars(args)),
         "python": sys.version.split()[0],
         "machine": platform.machine(),
@@ -387,24 +250,12 @@ def main() -> None:
     }
     with PostgresCluster() as cluster:
         report["postgres"] = cluster.psql("SHOW server_version")
-        report["direct"] = {
-            "memory": anyio.run(_direct, InMemoryLightningStore, args),
-            "postgres": anyio.run(_direct, lambda: PostgresLightningStore(cluster.create_database()), args),
-        }
-        print(f"direct: {report['direct']}", file=sys.stderr, flush=True)
         served: dict[str, Any] = {"memory x1": _served("memory://", 1, args)}
         print(f"served memory x1: {served['memory x1']}", file=sys.stderr, flush=True)
         for w in workers:
             served[f"postgres x{w}"] = _served(cluster.create_database(), w, args)
             print(f"served postgres x{w}: {served[f'postgres x{w}']}", file=sys.stderr, flush=True)
         report["served"] = served
-        if args.growth > 0:
-            growth = {"postgres": _grow(cluster.create_database(), args.growth)}
-            print(f"growth postgres: {growth['postgres']['rss_mb'][-1]}", file=sys.stderr, flush=True)
-            if not args.no_memory_growth:
-                growth["memory"] = _grow("memory://", args.growth)
-                print(f"growth memory: {growth['memory']['rss_mb'][-1]}", file=sys.stderr, flush=True)
-            report["growth"] = growth
     report["load_average_at_end"] = os.getloadavg()
     print(json.dumps(report, indent=2))
 

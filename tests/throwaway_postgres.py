@@ -8,6 +8,11 @@ connections, and trades durability against a crash of the *server* for speed (``
 what the tests check is durability against the death of the *client* processes, which the
 server's commit gives regardless. When not running as root, the cluster runs as the current user.
 
+The cluster does not outlive the process that started it, even a killed one: a small reaper
+process holds the read end of a pipe whose write end only the starting process has; when that
+process ends (normally or by SIGKILL) the pipe closes, and the reaper stops the cluster and
+removes its directory.
+
 The binaries come from ``AGL_PG_BINDIR``, ``pg_config --bindir`` or the newest
 ``/usr/lib/postgresql/*/bin`` (Debian's ``postgresql`` package does not put them on ``PATH``);
 :func:`find_bindir` returns ``None`` when there are none, and the fixtures skip with that reason.
@@ -26,6 +31,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from types import TracebackType
@@ -88,6 +94,18 @@ def _user_exists(name: str = PG_USER) -> bool:
         return False
 
 
+# The reaper: blocks reading a pipe until the starter's end closes, then stops the cluster.
+_REAPER = """
+import os, shutil, subprocess, sys
+fd, datadir, tmpdir, *command = sys.argv[1:]
+while os.read(int(fd), 1):
+    pass
+if os.path.exists(os.path.join(datadir, "postmaster.pid")):
+    subprocess.run([*command, "-D", datadir, "-m", "immediate", "-w", "stop"], capture_output=True)
+shutil.rmtree(tmpdir, ignore_errors=True)
+"""
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -117,6 +135,7 @@ class PostgresCluster:
         }
         self.port = 0
         self.tmpdir: str | None = None
+        self._lifeline: int | None = None  # write end of the reaper's pipe
         self._as_user: list[str] = []
         self._names = itertools.count(1)
 
@@ -178,6 +197,25 @@ class PostgresCluster:
             "unix_socket_directories": self.tmpdir,
             **self.settings,
         }
+        read_end, self._lifeline = os.pipe()
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _REAPER,
+                str(read_end),
+                self.datadir,
+                self.tmpdir,
+                *self._as_user,
+                self._bin("pg_ctl"),
+            ],
+            pass_fds=(read_end,),
+            start_new_session=True,  # a Ctrl-C to the tests does not stop it before it has cleaned up
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        os.close(read_end)
         for attempt in range(5):  # a free port may be taken between choosing and binding it
             self.port = _free_port()
             opts = " ".join(f"-c {k}={v}" for k, v in {**options, "port": str(self.port)}.items())
@@ -211,6 +249,9 @@ class PostgresCluster:
         finally:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
             self.tmpdir = None
+            if self._lifeline is not None:
+                os.close(self._lifeline)  # the reaper finds nothing left to do and exits
+                self._lifeline = None
 
     def __enter__(self) -> PostgresCluster:
         return self.start()
