@@ -63,7 +63,7 @@ from urllib.parse import urlsplit, urlunsplit
 import anyio
 import msgspec
 
-from .._validate import as_config, as_enqueue_requests, as_resources, check_worker_id
+from .._validate import as_config, as_enqueue_requests, as_resources, check_seconds, check_worker_id
 from ..types import (
     ATTEMPT_STATUSES,
     QUEUE_STATUSES,
@@ -837,8 +837,7 @@ class PostgresLightningStore(LightningStore):
     async def dequeue_rollout(
         self, worker_id: WorkerId | None = None, *, timeout: float | None = None
     ) -> AttemptedRollout | None:
-        if timeout is not None and (isinstance(timeout, bool) or not timeout >= 0):
-            raise ValueError(f"timeout must be >= 0 or None, got {timeout!r}")
+        check_seconds(timeout)
         check_worker_id(worker_id)
         rt = await self._rt()
         assert rt.wakeups is not None
@@ -1113,8 +1112,7 @@ class PostgresLightningStore(LightningStore):
     async def wait_for_rollouts(
         self, *, rollout_ids: list[str], timeout: float | None = None
     ) -> list[Rollout]:
-        if timeout is not None and timeout < 0:
-            raise ValueError(f"timeout must be >= 0 or None, got {timeout}")
+        check_seconds(timeout)
         ids = [rid for rid in dict.fromkeys(rollout_ids) if isinstance(rid, str)]
         rt = await self._rt()
         assert rt.wakeups is not None
