@@ -367,3 +367,31 @@ def test_serve_refuses_an_unknown_store_url() -> None:
     )
     assert out.returncode == 2
     assert "mongodb://" in out.stderr and "--store" in out.stderr
+
+
+# ---------------------------------------------------------------------------------- training
+
+
+async def _double(task: int, resources: dict[str, Any]) -> float:
+    """Module level, so that it pickles into runner processes."""
+    return float(task * 2)
+
+
+@pytest.mark.parametrize("mode", ["shm", "cs"])
+def test_a_training_run_on_a_postgres_url_leaves_its_results_in_the_database(pg_dsn: str, mode: str) -> None:
+    from agl_async import Trainer
+    from agl_async.testing import free_port
+
+    strategy: Any = (
+        "shm" if mode == "shm" else {"type": "cs", "server_host": "127.0.0.1", "server_port": free_port()}
+    )
+    trainer = Trainer(strategy=strategy, store=pg_dsn, n_runners=2)
+    assert isinstance(trainer.store, PostgresLightningStore)
+    trainer.fit(_double, train_dataset=[1, 2, 3])
+
+    async def read() -> list[float]:
+        async with PostgresLightningStore(pg_dsn) as store:  # another store: the database has it all
+            rollouts = await store.query_rollouts(status_in=["succeeded"])
+            return sorted(r.metadata["reward"] for r in rollouts)
+
+    assert anyio.run(read) == [2.0, 4.0, 6.0]

@@ -136,6 +136,7 @@ class PostgresCluster:
         self.port = 0
         self.tmpdir: str | None = None
         self._lifeline: int | None = None  # write end of the reaper's pipe
+        self._reaper: subprocess.Popen[bytes] | None = None
         self._as_user: list[str] = []
         self._names = itertools.count(1)
 
@@ -198,7 +199,7 @@ class PostgresCluster:
             **self.settings,
         }
         read_end, self._lifeline = os.pipe()
-        subprocess.Popen(
+        self._reaper = subprocess.Popen(
             [
                 sys.executable,
                 "-c",
@@ -252,6 +253,9 @@ class PostgresCluster:
             if self._lifeline is not None:
                 os.close(self._lifeline)  # the reaper finds nothing left to do and exits
                 self._lifeline = None
+            if self._reaper is not None:
+                self._reaper.wait(timeout=60)
+                self._reaper = None
 
     def __enter__(self) -> PostgresCluster:
         return self.start()
