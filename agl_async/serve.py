@@ -12,7 +12,8 @@ can share (PostgreSQL):
 * each child (``agl-async serve --worker-of PID:FD``: :func:`become_worker`, then the ordinary
   single-process serve) reports through a pipe once it listens; the parent prints its ready
   line after all have. The children die with the parent (``PR_SET_PDEATHSIG`` on Linux);
-* SIGINT/SIGTERM to the parent stop every child (SIGTERM, then SIGKILL after a grace period); a
+* SIGINT/SIGTERM to the parent stop every child (SIGTERM, then SIGKILL after a grace period); the
+  children run in sessions of their own, so a Ctrl-C in the terminal reaches the parent only. A
   child that exits by itself stops the others, and the parent exits 1 naming it.
 
 The URL reaches the children in the environment (``AGL_STORE_URL``), not on their command line,
@@ -123,9 +124,12 @@ async def _serve_many(
             command = [sys.executable, "-m", "agl_async.cli", "--log-level", log_level, "serve"]
             command += ["--host", host, "--port", str(port), "--worker-of", f"{os.getpid()}:{write_fd}"]
             for _ in range(workers):
-                processes.append(
-                    await anyio.open_process(command, stdout=None, stderr=None, env=env, pass_fds=(write_fd,))
+                # A session of its own: a Ctrl-C in the terminal reaches this process only, which
+                # stops the children itself (their exits are then expected, not failures).
+                process = await anyio.open_process(
+                    command, stdout=None, stderr=None, env=env, pass_fds=(write_fd,), start_new_session=True
                 )
+                processes.append(process)
         finally:
             os.close(write_fd)
         try:

@@ -273,6 +273,7 @@ def _serve(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[st
         stderr=subprocess.STDOUT,
         text=True,
         env={**os.environ, **(env or {})},
+        start_new_session=True,  # a process group of its own, as a command run in a terminal
     )
 
 
@@ -345,6 +346,33 @@ async def test_serve_workers_runs_n_processes_on_one_address(pg_dsn: str) -> Non
         code, out = _stop(server)
     assert code == 0, out
     assert "servers stopped" in out
+
+
+def test_ctrl_c_stops_every_worker_cleanly(pg_dsn: str) -> None:
+    import psutil
+
+    server = _serve("--store", pg_dsn, "--port", "0", "--workers", "2")
+    _endpoint_of(server)
+    workers = psutil.Process(server.pid).children()
+    os.killpg(server.pid, signal.SIGINT)  # what a Ctrl-C in the terminal sends: the whole group
+    out, _ = server.communicate(timeout=60)
+    assert server.returncode == 0, out
+    assert "SIGINT received, stopping the servers" in out and "servers stopped" in out
+    assert "error" not in out
+    assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+
+
+def test_a_worker_that_dies_stops_the_others(pg_dsn: str) -> None:
+    import psutil
+
+    server = _serve("--store", pg_dsn, "--port", "0", "--workers", "2")
+    _endpoint_of(server)
+    first, second = psutil.Process(server.pid).children()
+    first.kill()
+    out, _ = server.communicate(timeout=60)
+    assert server.returncode == 1, out
+    assert f"store server process {first.pid} exited with code -9; stopped the others" in out
+    second.wait(timeout=30)
 
 
 def test_serve_refuses_workers_for_a_store_of_one_process() -> None:
