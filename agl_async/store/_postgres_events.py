@@ -214,7 +214,14 @@ class Listener:
     def __init__(self, connect: Connect, wakeups: Wakeups) -> None:
         self._connect = connect
         self._wakeups = wakeups
+        self._conn: Any = None
+        self._closing = False
         self.connected = anyio.Event()  # set once the first LISTEN is in place
+
+    def abort(self) -> None:
+        """Drop the connection at once (before cancelling :meth:`run`, at the store's close)."""
+        self._closing = True
+        _terminate(self._conn)
 
     def _on_notify(self, conn: Any, pid: int, channel: str, payload: str) -> None:
         self._wakeups.dispatch(payload)
@@ -224,7 +231,7 @@ class Listener:
         while True:
             conn = None
             try:
-                conn = await _connect_shielded(self._connect)
+                conn = self._conn = await _connect_shielded(self._connect)
                 lost = anyio.Event()
                 conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
                 await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
@@ -235,9 +242,10 @@ class Listener:
                 self._wakeups.wake_all()  # notifications sent while we were away are lost
                 self.connected.set()
                 await _until_lost(conn, lost)
-                logger.warning("PostgresLightningStore: the wake-up connection was lost; reconnecting")
+                if not self._closing:
+                    logger.warning("PostgresLightningStore: the wake-up connection was lost; reconnecting")
             except PG_ERRORS as exc:
-                if failures == 0:
+                if failures == 0 and not self._closing:
                     logger.warning("PostgresLightningStore: cannot listen for wake-ups (%s); retrying", exc)
             finally:
                 self._wakeups.listening = False
@@ -267,14 +275,22 @@ class Watchdog:
         self._wakeups = wakeups
         self._settle = settle
         self._now = now
+        self._conn: Any = None
+        self._closing = False
         self.leading = False
+
+    def abort(self) -> None:
+        """Drop the connection at once (before cancelling :meth:`run`, at the store's close): a
+        candidate waiting for the lock stops waiting, a holder releases it."""
+        self._closing = True
+        _terminate(self._conn)
 
     async def run(self) -> None:
         failures = 0
         while True:
             conn = None
             try:
-                conn = await _connect_shielded(self._connect)
+                conn = self._conn = await _connect_shielded(self._connect)
                 lost = anyio.Event()
 
                 def on_lost(_conn: Any = None, lost: anyio.Event = lost) -> None:
@@ -283,7 +299,9 @@ class Watchdog:
 
                 conn.add_termination_listener(on_lost)
                 # Blocks until this process's candidate is the one: no polling for leadership.
-                await conn.execute("SELECT pg_advisory_lock($1)", WATCHDOG_LOCK_KEY)
+                # Not cancellable (asyncpg would open a connection to cancel it): abort() ends it.
+                with anyio.CancelScope(shield=True):
+                    await conn.execute("SELECT pg_advisory_lock($1)", WATCHDOG_LOCK_KEY)
                 failures = 0
                 self.leading = True
                 logger.debug("PostgresLightningStore: this process runs the watchdog of the database")
@@ -292,7 +310,7 @@ class Watchdog:
                     await self._lead(lost)
                     tg.cancel_scope.cancel()
             except Exception as exc:
-                if failures == 0:
+                if failures == 0 and not self._closing:
                     logger.warning("PostgresLightningStore: watchdog connection failed (%r); retrying", exc)
             finally:
                 self.leading = False
@@ -340,8 +358,8 @@ async def _until_lost(conn: Any, lost: anyio.Event, on_lost: Callable[[], None] 
         if lost.is_set():
             return
         try:
-            with anyio.fail_after(PING_TIMEOUT):
-                await conn.fetchval("SELECT 1")
+            with anyio.CancelScope(shield=True), anyio.fail_after(PING_TIMEOUT):
+                await conn.fetchval("SELECT 1")  # not cut by a cancellation: bounded instead
         except _PING_ERRORS:
             lost.set()
             if on_lost is not None:
@@ -360,6 +378,11 @@ async def _connect_shielded(connect: Connect) -> Any:
             await _close_quietly(conn)
         raise
     return conn
+
+
+def _terminate(conn: Any) -> None:
+    if conn is not None and not conn.is_closed():
+        conn.terminate()
 
 
 async def _close_quietly(conn: Any) -> None:

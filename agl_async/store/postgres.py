@@ -63,6 +63,7 @@ from urllib.parse import urlsplit, urlunsplit
 import anyio
 import msgspec
 
+from .._net import is_loopback
 from .._validate import as_config, as_enqueue_requests, as_resources, check_seconds, check_worker_id
 from ..types import (
     ATTEMPT_STATUSES,
@@ -335,6 +336,13 @@ class PostgresLightningStore(LightningStore):
         if rt is None:
             return
         with anyio.CancelScope(shield=True):
+            # Their connections go first: a query waiting there (the watchdog's lock) ends with
+            # its connection, instead of asyncpg opening another one to cancel it.
+            for background in (rt.listener, rt.watchdog):
+                if background is not None:
+                    background.abort()
+            for _ in range(5):  # let the queries on them fail by themselves before cancelling
+                await anyio.lowlevel.checkpoint()
             for task in rt.tasks:
                 task.cancel()
             for task in rt.tasks:
@@ -396,10 +404,12 @@ class PostgresLightningStore(LightningStore):
         rt.errors = events.CONNECTION_ERRORS
         rt.conflicts = (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.SerializationError)
         s = self._settings
+        extra = _connect_options(s.dsn)
 
         async def connect_pool() -> Any:
             return await asyncpg.create_pool(
                 s.dsn,
+                **extra,
                 min_size=1,
                 max_size=s.pool_size,
                 timeout=s.connect_timeout,
@@ -416,7 +426,9 @@ class PostgresLightningStore(LightningStore):
         def connect_as(role: str) -> Callable[[], Awaitable[Any]]:
             async def connect() -> Any:
                 settings = {"application_name": f"agl_async {role}"}  # what pg_stat_activity shows
-                return await asyncpg.connect(s.dsn, timeout=s.connect_timeout, server_settings=settings)
+                return await asyncpg.connect(
+                    s.dsn, timeout=s.connect_timeout, server_settings=settings, **extra
+                )
 
             return connect
 
@@ -1426,6 +1438,22 @@ class PostgresLightningStore(LightningStore):
             return now + 0.01
         nxt = await self._read("fetchval", sql.NEXT_DEADLINE)
         return None if nxt is None else float(nxt)
+
+
+def _connect_options(dsn: str) -> dict[str, Any]:
+    """``ssl=False`` for a loopback (or Unix socket) server when the DSN names no ``sslmode``:
+    encrypting a connection that never leaves the machine buys nothing, and asyncpg's default
+    (``prefer``: ask for TLS, fall back) costs a round trip per connection."""
+    from urllib.parse import parse_qs
+
+    parts = urlsplit(dsn)
+    query = parse_qs(parts.query)
+    if "sslmode" in query or "ssl" in query:
+        return {}
+    host = parts.hostname or (query.get("host") or [""])[0]
+    if host == "" or host.startswith("/") or is_loopback(host):
+        return {"ssl": False}
+    return {}
 
 
 async def _keep_session(conn: Any) -> None:
