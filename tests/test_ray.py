@@ -15,6 +15,7 @@ import functools
 import inspect
 import logging
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -218,6 +219,75 @@ async def test_actors_get_runner_options_and_the_event_reaches_them(shared_ray: 
     assert all(w["actor"].startswith("agl-async-") for w in stats)
     assert len({w["pid"] for w in stats}) == 2
     assert s.server_endpoint is None  # only set while a run is going
+
+
+async def test_loopback_cluster_gets_a_loopback_server_without_token(shared_ray: str) -> None:
+    """On a one-machine cluster the server binds 127.0.0.1 and needs no token."""
+    s = strategy(1)
+    seen: dict[str, Any] = {}
+
+    async def algorithm(store: LightningStore, event: ExecutionEvent) -> None:
+        seen["endpoint"], seen["token"] = s.server_endpoint, s.server_token
+        await bundles.wait_ready(store, 1)
+
+    with anyio.fail_after(GUARD):
+        await s.execute(algorithm, bundles.runner_until_event, InMemoryLightningStore())
+    assert seen["endpoint"].startswith("http://127.0.0.1:") and seen["token"] is None
+
+
+async def test_a_wildcard_bind_advertises_the_node_address_and_requires_a_run_token(shared_ray: str) -> None:
+    """server_host="0.0.0.0": the actors are told this node's address, and the server requires a
+    token generated for the run (only the actors have it)."""
+    import httpx
+
+    s = strategy(1, server_host="0.0.0.0")
+    seen: dict[str, Any] = {}
+
+    async def algorithm(store: LightningStore, event: ExecutionEvent) -> None:
+        await bundles.wait_ready(store, 1)  # the actor got in: it was given the token
+        seen["endpoint"], seen["token"] = s.server_endpoint, s.server_token
+        async with httpx.AsyncClient() as http:
+            seen["anonymous"] = (await http.post(f"{s.server_endpoint}/v1/statistics", json={})).status_code
+
+    with anyio.fail_after(GUARD):
+        await s.execute(algorithm, bundles.runner_until_event, InMemoryLightningStore())
+    node = ray.util.get_node_ip_address()
+    assert seen["endpoint"].startswith(f"http://{node}:")
+    assert seen["token"] and len(seen["token"]) >= 32
+    assert seen["anonymous"] == 401
+
+
+async def test_unmanaged_store_itself_goes_to_the_actors(shared_ray: str) -> None:
+    """managed_store=False: no server of the strategy; the store (here a client of a server the
+    test runs) is pickled to the actors and handed to the algorithm as it is."""
+    from agl_async import LightningStoreClient, LightningStoreServer
+
+    memory = InMemoryLightningStore()
+    async with LightningStoreServer(memory, "127.0.0.1", 0, auth_token="") as server:
+        client = LightningStoreClient(server.endpoint, auth_token="")
+        seen: list[LightningStore] = []
+
+        async def algorithm(store: LightningStore, event: ExecutionEvent) -> None:
+            seen.append(store)
+            await bundles.wait_ready(store, 2)
+
+        s = strategy(2, managed_store=False)
+        with anyio.fail_after(GUARD):
+            await s.execute(algorithm, bundles.runner_until_event, client)
+        await client.close()
+    assert seen == [client] and s.server_endpoint is None
+    assert len(await memory.query_workers()) == 2
+
+
+def test_importing_the_package_does_not_import_ray_and_actors_do_not_import_the_server() -> None:
+    code = (
+        "import sys, agl_async, agl_async.trainer, agl_async.execution\n"
+        "from agl_async.execution.base import resolve_strategy; resolve_strategy('shm')\n"
+        "assert 'ray' not in sys.modules, 'ray imported'\n"
+        "import agl_async.execution.ray_actor\n"
+        "assert 'uvicorn' not in sys.modules and 'starlette' not in sys.modules, 'server imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
 async def test_event_set_in_an_actor_stops_the_run(shared_ray: str) -> None:
