@@ -207,6 +207,32 @@ def test_bad_arguments_are_value_errors(kwargs: dict[str, Any], message: str) ->
         RayExecutionStrategy(**kwargs)
 
 
+async def test_an_unpicklable_runner_fails_before_anything_starts(agl_env: None) -> None:
+    import threading
+
+    class Unpicklable:
+        def __init__(self) -> None:
+            self.lock = threading.Lock()
+
+        async def __call__(self, store: LightningStore, worker_id: int, event: ExecutionEvent) -> None:
+            pass
+
+    with pytest.raises(TypeError, match="runner bundle must pickle"):
+        await strategy(1).execute(bundles.algorithm_waits_for_event, Unpicklable(), InMemoryLightningStore())
+    assert not ray.is_initialized()
+
+
+def test_needs_asyncio(agl_env: None) -> None:
+    async def under_trio() -> None:
+        await strategy(1).execute(
+            bundles.algorithm_waits_for_event, bundles.runner_until_event, InMemoryLightningStore()
+        )
+
+    with pytest.raises(RuntimeError, match="needs asyncio"):
+        anyio.run(under_trio, backend="trio")
+    assert not ray.is_initialized()
+
+
 # ---------------------------------------------------------------------------- on a shared cluster
 async def test_actors_get_runner_options_and_the_event_reaches_them(shared_ray: str) -> None:
     """Each actor is created with runner_options; the algorithm returning stops every runner."""
@@ -257,6 +283,20 @@ async def test_a_wildcard_bind_advertises_the_node_address_and_requires_a_run_to
     assert seen["anonymous"] == 401
 
 
+async def test_port_in_use_fails_fast_naming_it_and_places_no_actor(shared_ray: str) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match=str(port)):
+            await strategy(1, server_port=port).execute(
+                bundles.algorithm_waits_for_event, bundles.runner_until_event, InMemoryLightningStore()
+            )
+    assert [n for n in ray.util.list_named_actors() if n.startswith("agl-async-")] == []
+
+
 async def test_unmanaged_store_itself_goes_to_the_actors(shared_ray: str) -> None:
     """managed_store=False: no server of the strategy; the store (here a client of a server the
     test runs) is pickled to the actors and handed to the algorithm as it is."""
@@ -290,11 +330,28 @@ def test_importing_the_package_does_not_import_ray_and_actors_do_not_import_the_
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
-async def test_event_set_in_an_actor_stops_the_run(shared_ray: str) -> None:
+async def runner_sets_event_and_carries_on(
+    store: LightningStore, worker_id: int, event: ExecutionEvent
+) -> None:
+    """Worker 0 sets the event and keeps running (until cancelled); worker 1 waits for it."""
+    await bundles.announce(store, worker_id)
+    if worker_id == 0:
+        await bundles.wait_ready(store, 2)
+        event.set()
+        await anyio.sleep_forever()
+    await event.wait()
+
+
+@pytest.mark.parametrize(
+    "runner",
+    [bundles.runner_sets_event, runner_sets_event_and_carries_on],
+    ids=["then-returns", "carries-on"],
+)
+async def test_event_set_in_an_actor_stops_the_run(shared_ray: str, runner: Any) -> None:
+    """A runner's event.set() reaches the algorithm (and so every other actor) whether the runner
+    then returns or keeps running."""
     with anyio.fail_after(GUARD):
-        await strategy(2).execute(
-            bundles.algorithm_waits_for_event, bundles.runner_sets_event, InMemoryLightningStore()
-        )
+        await strategy(2).execute(bundles.algorithm_waits_for_event, runner, InMemoryLightningStore())
 
 
 async def test_a_runner_error_is_reraised_as_itself(shared_ray: str) -> None:

@@ -97,8 +97,11 @@ def _original(exc: rex.RayTaskError) -> BaseException:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    """Ray's summary of an error: its unindented lines (what happened and why; the indented ones
+    are identifiers), joined and shortened."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip() and not line[:1].isspace()]
+    text = " ".join(lines) or type(exc).__name__
+    return text if len(text) <= 400 else text[:397] + "..."
 
 
 class RunnerFleet:
