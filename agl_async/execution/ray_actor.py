@@ -33,7 +33,6 @@ import asyncio
 import logging
 import os
 import pickle
-import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -73,15 +72,6 @@ class RunnerActor:
 
     def __repr__(self) -> str:
         return f"RunnerActor({self._name!r}, worker_id={self._worker_id})"
-
-    async def info(self) -> dict[str, Any]:
-        """Where this incarnation runs: ``{"pid", "host", "name", "worker_id"}``."""
-        return {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "name": self._name,
-            "worker_id": self._worker_id,
-        }
 
     async def run(self) -> bool:
         """Run the bundle until it returns (joining a run already in progress); returns whether the
