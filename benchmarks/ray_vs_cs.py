@@ -173,6 +173,45 @@ def summarise(samples: list[dict[str, float]]) -> dict[str, Any]:
     return out
 
 
+def closing_note(figures: dict[str, Any]) -> str:
+    """What Ray costs, in words, from the figures (the report's closing note)."""
+
+    def m(name: str, mode: str, key: str) -> float:
+        value: float = figures[name][mode][key]["median"]
+        return value
+
+    wall = [figures[k]["ray_overhead_ms_per_rollout"] for k in ("noop_1", "noop_2", "production")]
+    cpu = [figures[k]["ray_cpu_overhead_ms_per_rollout"] for k in ("noop_1", "noop_2", "production")]
+    own = figures["lifecycle_ray_own_session"]
+
+    def spread(name: str, key: str) -> float:
+        return max(
+            figures[name][mode][key]["max"] - figures[name][mode][key]["min"] for mode in ("cs", "ray")
+        )
+
+    rows = ("noop_1", "noop_2", "production")
+    inside = all(
+        abs(figures[k]["ray_overhead_ms_per_rollout"]) <= spread(k, "ms_per_rollout")
+        and abs(figures[k]["ray_cpu_overhead_ms_per_rollout"]) <= spread(k, "cpu_ms_per_rollout")
+        for k in rows
+    )
+    verdict = "within" if inside else "not all within"
+    return (
+        "Per rollout: the actors reach the store over the same HTTP as "
+        "client-server runner processes, and Ray is only in the control path (placing, stopping, "
+        f"restarting actors). Ray minus cs, wall time per rollout: {wall[0]:+.2f} / {wall[1]:+.2f} ms "
+        f"(no-op, 1 / 2 runners), {wall[2]:+.2f} ms (production shape); CPU per rollout: "
+        f"{cpu[0]:+.2f} / {cpu[1]:+.2f} / {cpu[2]:+.2f} ms: {verdict} the spread (max - min) of the "
+        "repeated samples of either side. "
+        "Ray's cost is per run: start-up to the first completed rollout "
+        f"{m('lifecycle', 'ray', 'startup_s'):.2f} s vs {m('lifecycle', 'cs', 'startup_s'):.2f} s with a Ray "
+        f"session already open, {own['startup_s']['median']:.1f} s when the strategy starts a local Ray "
+        f"itself (plus {own['shutdown_s']['median']:.1f} s for ray.shutdown); shutdown "
+        f"{m('lifecycle', 'ray', 'shutdown_s'):.2f} s vs {m('lifecycle', 'cs', 'shutdown_s'):.2f} s "
+        "(an actor's stop() is one call; cs joins and reaps processes)."
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=3)
@@ -245,6 +284,7 @@ def main() -> None:
         },
         "repeat": args.repeat,
         "figures": figures,
+        "closing_note": closing_note(figures),
     }
     text = json.dumps(report, indent=2)
     print(text)
