@@ -165,6 +165,11 @@ def _cmd_runner(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise CLIError(f"-n must be >= 1, got {args.n}", 2)
     agent = load_agent(args.agent)
+    if args.ray is not None:  # hook (issue 15): a usage error before anything is contacted
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise CLIError("--ray needs Ray: install the extra with pip install 'agl-async[ray]'", 2)
 
     import anyio
 
