@@ -101,6 +101,7 @@ async def runner_records_its_actor(store: LightningStore, worker_id: int, event:
             "pid": os.getpid(),
             "resources": context.get_assigned_resources(),
             "actor": context.get_actor_name(),
+            "request_timeout": getattr(store, "request_timeout", None),
         },
     )
     await event.wait()
@@ -200,6 +201,8 @@ def test_alias_and_dict_resolve_to_the_ray_strategy() -> None:
         ({"runner_options": {"num_cpu": 1}}, "num_cpu"),
         ({"runner_options": {"max_restarts": 3}}, "max_restarts="),
         ({"runner_options": [("num_cpus", 1)]}, "mapping"),
+        ({"client_options": {"endpoint": "x"}}, "client_options may not set endpoint"),
+        ({"server_options": {"auth_token": "x"}}, "server_options may not set auth_token"),
     ],
 )
 def test_bad_arguments_are_value_errors(kwargs: dict[str, Any], message: str) -> None:
@@ -234,16 +237,17 @@ def test_needs_asyncio(agl_env: None) -> None:
 
 
 # ---------------------------------------------------------------------------- on a shared cluster
-async def test_actors_get_runner_options_and_the_event_reaches_them(shared_ray: str) -> None:
+async def test_actors_get_runner_and_client_options_and_the_event_reaches_them(shared_ray: str) -> None:
     """Each actor is created with runner_options; the algorithm returning stops every runner."""
     store = InMemoryLightningStore()
-    s = strategy(2, runner_options={"num_cpus": 1})
+    s = strategy(2, runner_options={"num_cpus": 1}, client_options={"request_timeout": 7.5})
     with anyio.fail_after(GUARD):
         await s.execute(bundles.algorithm_ready(2), runner_records_its_actor, store)
     stats = [w.heartbeat_stats or {} for w in await store.query_workers()]
     assert sorted(w["resources"].get("CPU") for w in stats) == [1.0, 1.0]
     assert all(w["actor"].startswith("agl-async-") for w in stats)
     assert len({w["pid"] for w in stats}) == 2
+    assert [w["request_timeout"] for w in stats] == [7.5, 7.5]  # client_options reach the actors
     assert s.server_endpoint is None  # only set while a run is going
 
 

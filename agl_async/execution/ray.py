@@ -58,7 +58,7 @@ except ImportError as exc:  # pragma: no cover - exercised in environments witho
 
 from ..http.server import LightningStoreServer
 from ..store.base import LightningStore
-from .base import AlgorithmBundle, ExecutionStrategy, RunnerBundle, env_bool, env_str, register_strategy
+from .base import AlgorithmBundle, ExecutionStrategy, RunnerBundle, env_bool, env_str
 from .events import ThreadingExecutionEvent
 from .ray_actor import StoreSpec
 from .ray_fleet import RunnerFleet, check_runner_options
@@ -84,6 +84,17 @@ def _require_asyncio(what: str) -> None:
             f"{what} needs asyncio (Ray's object references are asyncio futures; the store server "
             "is uvicorn); use anyio.run(..., backend='asyncio') or run()"
         ) from None
+
+
+def _options(name: str, options: Mapping[str, Any] | None, reserved: tuple[str, ...]) -> dict[str, Any]:
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise ValueError(f"{name} must be a mapping of keyword arguments, got {options!r}")
+    taken = [key for key in reserved if key in options]
+    if taken:
+        raise ValueError(f"{name} may not set {', '.join(taken)}: the strategy sets it")
+    return dict(options)
 
 
 def _dumps(what: str, obj: Any) -> bytes:
@@ -151,7 +162,10 @@ class RayExecutionStrategy(ExecutionStrategy):
     """Store server and algorithm here, runners as Ray actors. See the module docstring.
 
     Beyond the contract's parameters: ``auth_token`` (the server's bearer token; None: env
-    ``AGL_SERVER_TOKEN``, else generated when the server is not on loopback; ``""``: none) and
+    ``AGL_SERVER_TOKEN``, else generated when the server is not on loopback; ``""``: none),
+    ``server_options`` (more keyword arguments of ``LightningStoreServer``, e.g. its certificate
+    and key for HTTPS), ``client_options`` (more keyword arguments of the actors'
+    ``LightningStoreClient``, e.g. ``verify`` with a CA path; they must pickle) and
     ``init_options`` (extra keyword arguments of ``ray.init`` when the strategy opens the session,
     e.g. ``{"num_cpus": 4}`` or a ``runtime_env``).
     """
@@ -171,6 +185,8 @@ class RayExecutionStrategy(ExecutionStrategy):
         terminate_timeout: float = 10.0,
         managed_store: bool | None = None,
         auth_token: str | None = None,
+        server_options: Mapping[str, Any] | None = None,
+        client_options: Mapping[str, Any] | None = None,
         init_options: Mapping[str, Any] | None = None,
     ) -> None:
         _check_n_runners(n_runners)
@@ -182,8 +198,11 @@ class RayExecutionStrategy(ExecutionStrategy):
             raise ValueError(f"max_restarts must be an integer >= 0 (or -1: unlimited), got {max_restarts!r}")
         _check_timeout("graceful_timeout", graceful_timeout)
         _check_timeout("terminate_timeout", terminate_timeout)
-        if init_options is not None and not isinstance(init_options, Mapping):
-            raise ValueError(f"init_options must be a mapping of ray.init arguments, got {init_options!r}")
+        self.server_options = _options(
+            "server_options", server_options, ("store", "host", "port", "auth_token")
+        )
+        self.client_options = _options("client_options", client_options, ("endpoint", "auth_token"))
+        self.init_options = _options("init_options", init_options, ("address",))
         self.n_runners = n_runners
         self.address = address
         self.server_host = (
@@ -196,7 +215,6 @@ class RayExecutionStrategy(ExecutionStrategy):
         self.terminate_timeout = float(terminate_timeout)
         self.managed_store = env_bool("AGL_MANAGED_STORE", "managed_store", managed_store, True)
         self.auth_token = auth_token
-        self.init_options = dict(init_options or {})
         self.server_endpoint: str | None = None
         """The endpoint the actors of the run in progress use (None outside a run)."""
         self.server_token: str | None = None
@@ -215,6 +233,7 @@ class RayExecutionStrategy(ExecutionStrategy):
         _require_asyncio("RayExecutionStrategy")
         runner_bytes = _dumps("runner bundle", runner)
         store_spec: StoreSpec | None = None
+        _dumps("client_options", self.client_options)
         if not self.managed_store:
             store_spec = ("store", _dumps("store (managed_store=False hands it to the actors)", store))
         logger.info("Ray run: %r", self)
@@ -239,15 +258,16 @@ class RayExecutionStrategy(ExecutionStrategy):
         if self.auth_token is None and not token and host not in _LOOPBACK:
             token = secrets.token_urlsafe(32)
             logger.info("the store server binds %s: requiring a token generated for this run", host)
-        server = LightningStoreServer(store, host, self.server_port, auth_token=token)
+        server = LightningStoreServer(store, host, self.server_port, auth_token=token, **self.server_options)
         await server.start()  # OSError naming host:port; no actor exists yet
         endpoint = server.endpoint
-        if host in ("0.0.0.0", "::"):
+        if host in ("0.0.0.0", "::"):  # advertise an address the nodes can reach
             node = _ray.util.get_node_ip_address()
-            endpoint = f"http://{f'[{node}]' if ':' in node else node}:{server.port}"
+            scheme = endpoint.partition("://")[0]
+            endpoint = f"{scheme}://{f'[{node}]' if ':' in node else node}:{server.port}"
         self.server_endpoint, self.server_token = endpoint, token or None
         logger.info("store server for the runner actors at %s", endpoint)
-        return server, ("client", {"endpoint": endpoint, "auth_token": token})
+        return server, ("client", {**self.client_options, "endpoint": endpoint, "auth_token": token})
 
     async def _supervise(
         self,
@@ -299,6 +319,7 @@ async def run_runner_actors(
     max_restarts: int = 0,
     graceful_timeout: float = 10.0,
     terminate_timeout: float = 10.0,
+    client_options: Mapping[str, Any] | None = None,
     init_options: Mapping[str, Any] | None = None,
 ) -> None:
     """Place ``n_runners`` runner actors against the store server at ``endpoint`` (which the Ray
@@ -310,7 +331,9 @@ async def run_runner_actors(
     _require_asyncio("run_runner_actors")
     _check_n_runners(n_runners)
     runner_bytes = _dumps("runner bundle", runner)
-    spec: StoreSpec = ("client", {"endpoint": endpoint, "auth_token": auth_token or ""})
+    options = _options("client_options", client_options, ("endpoint", "auth_token"))
+    _dumps("client_options", options)
+    spec: StoreSpec = ("client", {**options, "endpoint": endpoint, "auth_token": auth_token or ""})
     async with ray_session(address, init_options):
         event = ThreadingExecutionEvent()
         supervisor = Supervisor(event, graceful_timeout, "graceful_timeout")
@@ -331,6 +354,3 @@ async def run_runner_actors(
         finally:
             with anyio.CancelScope(shield=True):
                 await fleet.close()
-
-
-register_strategy(RayExecutionStrategy)
