@@ -157,7 +157,8 @@ def shared_ray(ray_cluster: str, agl_env: None) -> Iterator[str]:
     """The module's Ray instance; after the test, no runner actor process may be left."""
     yield ray_cluster
     assert _wait_gone(RUNNER_ACTOR) == [], "runner actor processes outlived the run"
-    assert [n for n in ray.util.list_named_actors() if n.startswith("agl-async-")] == []
+    named = ray.util.list_named_actors(all_namespaces=True)
+    assert [a for a in named if a["name"].startswith("agl-async-")] == []
 
 
 def strategy(n_runners: int = 2, **kwargs: Any) -> RayExecutionStrategy:
@@ -507,6 +508,54 @@ async def test_concurrency_applies_per_actor(shared_ray: str, tmp_path: Path) ->
         peak = max(peak, running)
     assert peak >= 5
     assert len({a.worker_id for a in attempts}) >= 4  # unique worker ids across slots and actors
+
+
+CTRL_C_SCRIPT = """
+import sys, anyio
+from agl_async.trainer import Trainer
+
+async def agent(task, resources):
+    print("agent started", flush=True)
+    await anyio.sleep(60)
+    return 1.0
+
+trainer = Trainer(strategy={"type": "ray", "graceful_timeout": 0.5, "terminate_timeout": 2},
+                  n_runners=2, train_dataset=list(range(4)), agent=agent)
+try:
+    trainer.run()
+except KeyboardInterrupt:
+    print("KeyboardInterrupt", flush=True)
+    sys.exit(130)
+"""
+
+
+async def test_ctrl_c_under_run_stops_the_actors_then_raises_keyboard_interrupt(shared_ray: str) -> None:
+    """A driver script on the running cluster gets Ctrl-C (SIGINT to its process group, as a
+    terminal sends it) while an agent runs: the actors are stopped, then KeyboardInterrupt."""
+    import signal
+
+    env = {**os.environ, "RAY_ADDRESS": shared_ray, "PYTHONPATH": str(TESTS_DIR.parent)}
+    process = await anyio.open_process(
+        [sys.executable, "-c", CTRL_C_SCRIPT], env=env, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    output = b""
+    try:
+        assert process.stdout is not None
+        with anyio.fail_after(GUARD):
+            async for chunk in process.stdout:
+                output += chunk
+                if b"agent started" in output:
+                    break
+            os.killpg(process.pid, signal.SIGINT)
+            async for chunk in process.stdout:
+                output += chunk
+            await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 130, output.decode()
+    assert b"KeyboardInterrupt" in output
 
 
 # ---------------------------------------------------------------------------- the CLI
