@@ -58,14 +58,11 @@ RESERVED_OPTIONS = frozenset(
 )
 """Actor options the fleet sets itself (``max_restarts`` has its own parameter)."""
 
-_remote_class: Any = None
-
 
 def _actor_class() -> Any:
-    global _remote_class
-    if _remote_class is None:
-        _remote_class = ray.remote(RunnerActor)
-    return _remote_class
+    # Made anew for each use: an actor class made during one Ray session is tied to it, and a
+    # process may join another cluster after ray.shutdown().
+    return ray.remote(RunnerActor)
 
 
 def check_runner_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
