@@ -1,7 +1,8 @@
 """RayExecutionStrategy on a two-node cluster started with ``ray start`` (contract section 10).
 
 A head node (no CPUs) and a second node offering a custom resource run as ``ray start --block``
-processes of this test, so that terminating them stops every Ray process they started. The
+processes of this test; terminating them stops the Ray processes they started (any that Ray
+leaves behind are killed by process id, and the test checks none is left). The
 strategy joins the cluster at ``address``, places its actors with ``runner_options`` on the node
 that has the resource, and leaves the cluster running when it is done (it only disconnects).
 
