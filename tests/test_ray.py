@@ -32,8 +32,8 @@ import bundles  # noqa: E402
 
 from agl_async import ExecutionEvent, InMemoryLightningStore, LightningStore, RolloutConfig  # noqa: E402
 from agl_async.algorithm import Baseline  # noqa: E402
-from agl_async.execution.base import resolve_strategy  # noqa: E402
 from agl_async.execution.ray import RayExecutionStrategy  # noqa: E402
+from agl_async.execution.registry import resolve_strategy  # noqa: E402
 from agl_async.trainer import REWARD_SPAN_NAME, Trainer  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.anyio]
@@ -327,7 +327,7 @@ async def test_unmanaged_store_itself_goes_to_the_actors(shared_ray: str) -> Non
 def test_importing_the_package_does_not_import_ray_and_actors_do_not_import_the_server() -> None:
     code = (
         "import sys, agl_async, agl_async.trainer, agl_async.execution\n"
-        "from agl_async.execution.base import resolve_strategy; resolve_strategy('shm')\n"
+        "from agl_async.execution.registry import resolve_strategy; resolve_strategy('shm')\n"
         "assert 'ray' not in sys.modules, 'ray imported'\n"
         "import agl_async.execution.ray_actor\n"
         "assert 'uvicorn' not in sys.modules and 'starlette' not in sys.modules, 'server imported'\n"

@@ -39,7 +39,6 @@ that is a ``RuntimeError`` naming it.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
 import threading
@@ -56,13 +55,16 @@ except ImportError as exc:  # pragma: no cover - exercised in environments witho
         "RayExecutionStrategy needs Ray: install the extra with pip install 'agl-async[ray]'"
     ) from exc
 
+from .._backend import running_asyncio_loop
+from .._net import is_loopback
+from .._validate import check_count, check_seconds
 from ..http.server import LightningStoreServer
 from ..store.base import LightningStore
-from .base import AlgorithmBundle, ExecutionStrategy, RunnerBundle, env_bool, env_str
+from ._env import env_bool, env_str
+from .base import AlgorithmBundle, ExecutionStrategy, RunnerBundle
 from .events import ThreadingExecutionEvent
 from .ray_actor import StoreSpec
 from .ray_fleet import RunnerFleet, check_runner_options
-from .shared_memory import _check_n_runners, _check_timeout
 from .supervision import Supervisor
 
 __all__ = ["RayExecutionStrategy", "ray_session", "run_runner_actors"]
@@ -73,17 +75,13 @@ logger = logging.getLogger("agl_async.execution.ray")
 # same with Ray installed and without it (where ``ray`` is Any anyway).
 _ray: Any = ray
 
-_LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
 
 def _require_asyncio(what: str) -> None:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
+    if running_asyncio_loop() is None:
         raise RuntimeError(
             f"{what} needs asyncio (Ray's object references are asyncio futures; the store server "
             "is uvicorn); use anyio.run(..., backend='asyncio') or run()"
-        ) from None
+        )
 
 
 def _options(name: str, options: Mapping[str, Any] | None, reserved: tuple[str, ...]) -> dict[str, Any]:
@@ -189,15 +187,15 @@ class RayExecutionStrategy(ExecutionStrategy):
         client_options: Mapping[str, Any] | None = None,
         init_options: Mapping[str, Any] | None = None,
     ) -> None:
-        _check_n_runners(n_runners)
+        check_count(n_runners, "n_runners")
         if address is not None and not isinstance(address, str):
             raise ValueError(f"address must be a Ray address string or None, got {address!r}")
         if isinstance(server_port, bool) or not isinstance(server_port, int) or not 0 <= server_port <= 65535:
             raise ValueError(f"server_port must be an integer in 0..65535, got {server_port!r}")
         if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < -1:
             raise ValueError(f"max_restarts must be an integer >= 0 (or -1: unlimited), got {max_restarts!r}")
-        _check_timeout("graceful_timeout", graceful_timeout)
-        _check_timeout("terminate_timeout", terminate_timeout)
+        check_seconds(graceful_timeout, "graceful_timeout", optional=False)
+        check_seconds(terminate_timeout, "terminate_timeout", optional=False)
         self.server_options = _options(
             "server_options", server_options, ("store", "host", "port", "auth_token")
         )
@@ -238,36 +236,41 @@ class RayExecutionStrategy(ExecutionStrategy):
             store_spec = ("store", _dumps("store (managed_store=False hands it to the actors)", store))
         logger.info("Ray run: %r", self)
         async with ray_session(self.address, self.init_options):
-            server: LightningStoreServer | None = None
-            if store_spec is None:
-                server, store_spec = await self._start_server(store)
-            try:
-                await self._supervise(algorithm, server or store, runner_bytes, store_spec, server)
-            finally:
-                if server is not None:
-                    with anyio.CancelScope(shield=True):
-                        await server.stop()
-                self.server_endpoint = self.server_token = None
+            if store_spec is not None:
+                await self._supervise(algorithm, store, runner_bytes, store_spec, None)
+            else:
+                # Serving for the block; stopped gracefully once every actor is gone.
+                async with self._server(store) as server:  # OSError naming host:port: no actor yet
+                    try:
+                        await self._supervise(
+                            algorithm, server, runner_bytes, self._advertise(server), server
+                        )
+                    finally:
+                        self.server_endpoint = self.server_token = None
         logger.info("Ray run finished")
 
-    async def _start_server(self, store: LightningStore) -> tuple[LightningStoreServer, StoreSpec]:
+    def _server(self, store: LightningStore) -> LightningStoreServer:
         host = self.server_host
         if host is None:
             host = "127.0.0.1" if _cluster_is_this_machine() else _ray.util.get_node_ip_address()
         token = self.auth_token if self.auth_token is not None else env_str("AGL_SERVER_TOKEN", None, "")
-        if self.auth_token is None and not token and host not in _LOOPBACK:
+        if self.auth_token is None and not token and not is_loopback(host):
             token = secrets.token_urlsafe(32)
             logger.info("the store server binds %s: requiring a token generated for this run", host)
-        server = LightningStoreServer(store, host, self.server_port, auth_token=token, **self.server_options)
-        await server.start()  # OSError naming host:port; no actor exists yet
+        return LightningStoreServer(store, host, self.server_port, auth_token=token, **self.server_options)
+
+    def _advertise(self, server: LightningStoreServer) -> StoreSpec:
+        """How the actors reach ``server`` (bound and serving): its endpoint, a wildcard bind
+        replaced by this node's address, and its token."""
         endpoint = server.endpoint
-        if host in ("0.0.0.0", "::"):  # advertise an address the nodes can reach
+        if server.host in ("0.0.0.0", "::"):
             node = _ray.util.get_node_ip_address()
             scheme = endpoint.partition("://")[0]
             endpoint = f"{scheme}://{f'[{node}]' if ':' in node else node}:{server.port}"
+        token = server.auth_token or ""
         self.server_endpoint, self.server_token = endpoint, token or None
         logger.info("store server for the runner actors at %s", endpoint)
-        return server, ("client", {**self.client_options, "endpoint": endpoint, "auth_token": token})
+        return ("client", {**self.client_options, "endpoint": endpoint, "auth_token": token})
 
     async def _supervise(
         self,
@@ -329,7 +332,7 @@ async def run_runner_actors(
     first error is re-raised as itself; an actor lost past ``max_restarts`` is a ``RuntimeError``
     naming it. No actor outlives the call."""
     _require_asyncio("run_runner_actors")
-    _check_n_runners(n_runners)
+    check_count(n_runners, "n_runners")
     runner_bytes = _dumps("runner bundle", runner)
     options = _options("client_options", client_options, ("endpoint", "auth_token"))
     _dumps("client_options", options)
