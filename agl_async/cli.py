@@ -253,7 +253,15 @@ def _run_ray_runners(args: argparse.Namespace, agent: Any, endpoint: str, token:
     from .execution._sigint import cancel_on_sigint
     from .trainer import Trainer
 
-    _, runner = Trainer(max_rollouts=args.max_rollouts)._bundles(agent, None, None)
+    # The runner bundle exactly as `runner -n` would run it (options that this command may grow,
+    # such as --concurrency or --ca-file, are passed on when present).
+    trainer_options: dict[str, Any] = {"max_rollouts": args.max_rollouts}
+    if getattr(args, "concurrency", None) is not None:
+        trainer_options["concurrency"] = args.concurrency
+    _, runner = Trainer(**trainer_options)._bundles(agent, None, None)
+    client_options: dict[str, Any] = {}
+    if getattr(args, "ca_file", None):
+        client_options["verify"] = args.ca_file
     options: dict[str, Any] = {}
     if args.ray_num_cpus is not None:
         options["num_cpus"] = args.ray_num_cpus
@@ -270,6 +278,7 @@ def _run_ray_runners(args: argparse.Namespace, agent: Any, endpoint: str, token:
                 address=args.ray_address,
                 runner_options=options,
                 max_restarts=args.max_restarts,
+                client_options=client_options,
             )
         )
 
