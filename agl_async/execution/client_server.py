@@ -4,12 +4,19 @@ Roles (``role``, default env ``AGL_CURRENT_ROLE`` or ``"both"``):
 
 * ``"algorithm"``: serve ``store`` with :class:`~agl_async.http.server.LightningStoreServer` on
   ``server_host:server_port`` and run the algorithm here against it. No runners.
-* ``"runner"``: connect ``LightningStoreClient(f"http://{host}:{port}")`` and run ``n_runners``
+* ``"runner"``: connect ``LightningStoreClient(f"http(s)://{host}:{port}")`` and run ``n_runners``
   runners — in this process when there is one, else one child process each — until they return.
 * ``"both"``: server + algorithm here and ``n_runners`` runner processes; with
   ``main_process="runner"`` (one runner) the runner runs here and the algorithm + server in a
   child process (which therefore receives ``store``: it must pickle; changes made there stay
   there).
+
+Across hosts (see docs/serving.md): ``auth_token`` (default env ``AGL_SERVER_TOKEN``),
+``ssl_certfile`` / ``ssl_keyfile`` (the server here serves HTTPS), ``verify`` (how runners check
+the server's certificate: httpx's convention, a CA bundle path crosses into runner processes),
+``tls`` (runners use ``https://``; default: when a certificate or a CA bundle is given) and
+``allow_unauthenticated`` (serve a non-loopback address without a token). Runner processes get
+the token and the CA path inside their pickled client, never on a command line.
 
 ``managed_store=False``: no server or client is made; ``store`` itself goes to the bundles (and so
 to the child processes, where it must pickle).
@@ -35,15 +42,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Literal
 
 import anyio
 
-from ..http.client import LightningStoreClient
+from ..http._tls import Verify
 from ..http.server import LightningStoreServer
 from ..store.base import LightningStore
+from ._transport import Transport
 from .base import (
     AlgorithmBundle,
     ExecutionStrategy,
@@ -81,12 +90,6 @@ def _current_async_library() -> str:
     except RuntimeError:
         return "trio"
     return "asyncio"
-
-
-def _client_endpoint(host: str, port: int) -> str:
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return f"http://{host}:{port}"
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -134,6 +137,7 @@ async def _algorithm_child(
     event: ExecutionEvent,
     ready: ExecutionEvent,
     release: ExecutionEvent,
+    transport: Transport,
 ) -> None:
     """``main_process="runner"``: serve ``store`` and run the algorithm; when it ends, set the
     event, and keep serving until the parent's runner has finished (``release``)."""
@@ -142,7 +146,7 @@ async def _algorithm_child(
             ready.set()
             await algorithm(store, event)
             return
-        server = LightningStoreServer(store, host=host, port=port)
+        server = transport.server(store, host, port)
         await server.start()
         try:
             ready.set()
@@ -186,6 +190,13 @@ class ClientServerExecutionStrategy(ExecutionStrategy):
         main_process: Literal["algorithm", "runner"] = "algorithm",
         managed_store: bool | None = None,
         allowed_exit_codes: Iterable[int] = (0, -15),
+        *,
+        auth_token: str | None = None,
+        ssl_certfile: str | os.PathLike[str] | None = None,
+        ssl_keyfile: str | os.PathLike[str] | None = None,
+        verify: Verify = True,
+        tls: bool | None = None,
+        allow_unauthenticated: bool = False,
     ) -> None:
         self.role: Role = env_choice(  # type: ignore[assignment]
             "AGL_CURRENT_ROLE", "role", role, "both", ("algorithm", "runner", "both")
@@ -214,12 +225,27 @@ class ClientServerExecutionStrategy(ExecutionStrategy):
         if not all(isinstance(c, int) and not isinstance(c, bool) for c in codes):
             raise ValueError(f"allowed_exit_codes must be integers, got {codes!r}")
         self.allowed_exit_codes = codes
+        self._transport = Transport(
+            auth_token=auth_token,
+            ssl_certfile=ssl_certfile,
+            ssl_keyfile=ssl_keyfile,
+            verify=verify,
+            tls=tls,
+            allow_unauthenticated=allow_unauthenticated,
+        )
+        self.auth_token = self._transport.auth_token
+        self.ssl_certfile = self._transport.ssl_certfile
+        self.ssl_keyfile = self._transport.ssl_keyfile
+        self.verify = self._transport.verify
+        self.tls = self._transport.tls
+        self.allow_unauthenticated = self._transport.allow_unauthenticated
 
     def __repr__(self) -> str:
         return (
             f"ClientServerExecutionStrategy(role={self.role!r}, server_host={self.server_host!r}, "
             f"server_port={self.server_port}, n_runners={self.n_runners}, "
-            f"main_process={self.main_process!r}, managed_store={self.managed_store})"
+            f"main_process={self.main_process!r}, managed_store={self.managed_store}, "
+            f"tls={self.tls}, auth_token={'<set>' if self.auth_token else None})"
         )
 
     # ------------------------------------------------------------------ entry point
@@ -265,7 +291,7 @@ class ClientServerExecutionStrategy(ExecutionStrategy):
         return on_exit
 
     async def _start_server(self, store: LightningStore) -> LightningStoreServer:
-        server = LightningStoreServer(store, host=self.server_host, port=self.server_port)
+        server = self._transport.server(store, self.server_host, self.server_port)
         await server.start()  # OSError naming host:port when it is in use: nothing spawned yet
         return server
 
@@ -322,10 +348,10 @@ class ClientServerExecutionStrategy(ExecutionStrategy):
             await self._stop_server(server)
 
     def _runner_store(self, store: LightningStore, endpoint: str) -> LightningStore:
-        return LightningStoreClient(endpoint) if self.managed_store else store
+        return self._transport.client(endpoint) if self.managed_store else store
 
     async def _run_runners(self, runner: RunnerBundle, store: LightningStore) -> None:
-        endpoint = _client_endpoint(self.server_host, self.server_port)
+        endpoint = self._transport.endpoint(self.server_host, self.server_port)
         if self.n_runners == 1:
             event = ThreadingExecutionEvent()
             supervisor = self._supervisor(event)
@@ -368,7 +394,7 @@ class ClientServerExecutionStrategy(ExecutionStrategy):
         event = ProcessExecutionEvent()
         try:
             runner_store: LightningStore = (
-                LightningStoreClient(server.endpoint) if server is not None else store
+                self._transport.client(server.endpoint) if server is not None else store
             )
             specs = [
                 (f"runner-{i}", _runner_child, (runner, runner_store, i, event, self.managed_store))
@@ -410,10 +436,20 @@ class ClientServerExecutionStrategy(ExecutionStrategy):
             spec = (
                 "algorithm",
                 _algorithm_child,
-                (algorithm, store, self.server_host, port, self.managed_store, event, ready, release),
+                (
+                    algorithm,
+                    store,
+                    self.server_host,
+                    port,
+                    self.managed_store,
+                    event,
+                    ready,
+                    release,
+                    self._transport,
+                ),
             )
             supervisor = self._supervisor(event)
-            endpoint = _client_endpoint(
+            endpoint = self._transport.endpoint(
                 "127.0.0.1" if self.server_host == "localhost" else self.server_host, port
             )
             runner_store = self._runner_store(store, endpoint)
