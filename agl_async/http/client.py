@@ -169,6 +169,8 @@ class LightningStoreClient(LightningStore):
         self.auth_token = auth_token or None
         self.verify = _tls.check_verify(verify)
         self._ssl: bool | ssl.SSLContext | None = None  # made from verify on first https use
+        if isinstance(self.verify, str) and self._https:
+            self._ssl = _tls.ssl_context_of(self.verify)  # a bad CA bundle is a ValueError now
         self.request_timeout = float(request_timeout)
         self.connect_timeout = float(connect_timeout)
         self.retry_delays = tuple(float(d) for d in retry_delays)
