@@ -93,6 +93,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.ssl_keyfile and not args.ssl_certfile:
         raise CLIError("--ssl-keyfile needs --ssl-certfile (the certificate it belongs to)", 2)
     token = read_token(args)
+    from .http._security import UnauthenticatedBindError
     from .http.server import LightningStoreServer
     from .store.memory import InMemoryLightningStore
 
@@ -105,7 +106,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         server = LightningStoreServer(
             InMemoryLightningStore(), args.host, args.port, auth_token=token or "", **tls
         )
-    except ValueError as exc:  # refused (non-loopback without a token), unusable certificate, ...
+    except UnauthenticatedBindError as exc:
+        raise CLIError(
+            f"refusing to serve the store on {exc.host!r} (not a loopback address) without a token: "
+            "anyone who can reach it could read and change the store. Pass --token-file PATH (or set "
+            "AGL_SERVER_TOKEN), or --insecure to serve without one anyway",
+            2,
+        ) from None
+    except ValueError as exc:  # an unusable certificate, ...
         raise CLIError(str(exc), 2) from None
     anyio.run(_serve, server, token is not None)
     return 0
