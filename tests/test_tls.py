@@ -21,6 +21,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
+import httpx
 import pytest
 from conftest import TLSFiles
 
@@ -203,3 +204,36 @@ async def test_strategy_runner_processes_reach_an_https_server_with_a_token(tls_
         await strategy.execute(bundles.algorithm_enqueueing(6), bundles.runner_processes, store)
     rollouts = await store.query_rollouts()
     assert rollouts and all(r.status == "succeeded" for r in rollouts)
+
+
+def _ssl_error(cls: type[ssl.SSLError], reason: str | None) -> ssl.SSLError:
+    error = cls(1, f"[SSL: {reason}] ...")
+    if reason is not None:
+        error.reason = reason
+    return error
+
+
+@pytest.mark.parametrize(
+    ("error", "permanent"),
+    [
+        (_ssl_error(ssl.SSLCertVerificationError, "CERTIFICATE_VERIFY_FAILED"), True),
+        (_ssl_error(ssl.SSLError, "WRONG_VERSION_NUMBER"), True),
+        (_ssl_error(ssl.SSLError, "TLSV1_ALERT_UNKNOWN_CA"), True),
+        # a handshake cut short or timed out (an outage, a restarting server): retried
+        (ssl.SSLWantReadError(2, "The operation did not complete (read)"), False),
+        (ssl.SSLEOFError(8, "EOF occurred in violation of protocol"), False),
+        (ssl.SSLSyscallError(5, "syscall"), False),
+        (_ssl_error(ssl.SSLError, "DECRYPTION_FAILED_OR_BAD_RECORD_MAC"), False),
+        (ConnectionResetError(104, "reset"), False),
+    ],
+)
+def test_only_misconfigurations_are_tls_errors_that_skip_the_retries(
+    error: BaseException, permanent: bool
+) -> None:
+    """A TLS error that a network outage can cause must be retried like any outage (a runner host
+    whose link is cut mid-handshake must not give up at once); a misconfiguration must not."""
+    from agl_async.http._tls import describe_tls_failure
+
+    wrapped = httpx.ConnectError(str(error))
+    wrapped.__cause__ = error
+    assert (describe_tls_failure(wrapped) is not None) is permanent

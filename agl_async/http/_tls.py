@@ -69,21 +69,44 @@ def _ssl_error_in(exc: BaseException) -> ssl.SSLError | None:
     return None
 
 
+#: OpenSSL reasons that mean "these two ends cannot talk TLS as configured": a peer that does not
+#: speak TLS, no protocol version or cipher in common, a certificate the peer rejects.
+_MISCONFIGURED = frozenset(
+    {
+        "WRONG_VERSION_NUMBER",
+        "HTTP_REQUEST",
+        "HTTPS_PROXY_REQUEST",
+        "UNSUPPORTED_PROTOCOL",
+        "NO_PROTOCOLS_AVAILABLE",
+        "TLSV1_ALERT_PROTOCOL_VERSION",
+        "SSLV3_ALERT_HANDSHAKE_FAILURE",
+        "NO_SHARED_CIPHER",
+        "TLSV1_ALERT_UNKNOWN_CA",
+        "SSLV3_ALERT_BAD_CERTIFICATE",
+        "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
+        "TLSV13_ALERT_CERTIFICATE_REQUIRED",
+    }
+)
+
+
 def describe_tls_failure(exc: BaseException) -> str | None:
     """Why a connection failed, when the failure is a TLS misconfiguration that no retry will cure
     (an untrusted or mismatched certificate, a peer that does not speak TLS); ``None`` for anything
-    else, including a TLS connection cut short (EOF), which a restarting server can cause."""
+    else — in particular a handshake cut short or timed out (EOF, "did not complete", a system call
+    error), which a network outage or a restarting server causes and a retry may cure."""
     error = _ssl_error_in(exc)
-    if error is None or isinstance(error, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+    if error is None:
         return None
     if isinstance(error, ssl.SSLCertVerificationError):
-        reason = error.verify_message or error.reason or str(error)
+        reason = getattr(error, "verify_message", None) or getattr(error, "reason", None) or str(error)
         return (
             f"the server's certificate does not verify ({reason}); trust its CA with "
             "verify='<CA bundle path>' (agl-async runner --ca-file)"
         )
-    reason = str(error.reason or error)
-    if "WRONG_VERSION_NUMBER" in reason or "wrong version number" in str(error).lower():
+    reason = str(getattr(error, "reason", None) or "")
+    if reason not in _MISCONFIGURED:
+        return None
+    if reason == "WRONG_VERSION_NUMBER":
         return f"the server does not speak TLS ({reason}); is it serving plain http:// ?"
     return f"TLS handshake failed: {error}"
 
