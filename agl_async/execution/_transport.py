@@ -13,6 +13,8 @@ import os
 import ssl
 from typing import TYPE_CHECKING, Any
 
+from .._net import http_url
+from ..http._security import check_bind, check_certificate
 from ..http._tls import Verify, check_verify
 
 if TYPE_CHECKING:
@@ -83,11 +85,9 @@ class Transport:
     def scheme(self) -> str:
         return "https" if self.tls else "http"
 
-    def endpoint(self, host: str, port: int) -> str:
-        """The URL clients use for ``host:port``."""
-        if ":" in host and not host.startswith("["):
-            host = f"[{host}]"
-        return f"{self.scheme}://{host}:{port}"
+    def endpoint(self, host: str, port: int, *, bound: bool = False) -> str:
+        """The URL clients use for ``host:port`` (``bound``: the address a server bound here)."""
+        return http_url(host, port, bound=bound, scheme=self.scheme)
 
     def server_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``LightningStoreServer`` (only those that differ from its defaults,
@@ -100,6 +100,12 @@ class Transport:
         if self.allow_unauthenticated:
             kwargs["allow_unauthenticated"] = True
         return kwargs
+
+    def check_server(self, host: str) -> None:
+        """Raise the ``ValueError`` that a server on ``host`` with these settings would raise (for
+        a server that a child process will start)."""
+        check_bind(host, self.auth_token, self.allow_unauthenticated)
+        check_certificate(self.ssl_certfile, self.ssl_keyfile)
 
     def server(self, store: LightningStore, host: str, port: int) -> LightningStoreServer:
         from ..http.server import LightningStoreServer

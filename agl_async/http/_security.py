@@ -11,11 +11,12 @@ the file at construction, not a failure inside the serving task.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import ssl
 
-__all__ = ["UnauthenticatedBindError", "check_bind", "check_certificate", "is_loopback"]
+from .._net import is_loopback
+
+__all__ = ["UnauthenticatedBindError", "check_bind", "check_certificate"]
 
 
 class UnauthenticatedBindError(ValueError):
@@ -31,22 +32,14 @@ class UnauthenticatedBindError(ValueError):
         )
 
 
-def is_loopback(host: str) -> bool:
-    """``localhost`` and loopback IP addresses (``127.0.0.0/8``, ``::1``); anything else — a name,
-    ``0.0.0.0``, ``::``, a LAN address — may be reachable from other hosts."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def check_bind(host: str, auth_token: str | None, allow_unauthenticated: bool) -> None:
     """Raise :class:`UnauthenticatedBindError` for a non-loopback ``host`` without a token."""
     if not isinstance(allow_unauthenticated, bool):
         raise ValueError(f"allow_unauthenticated must be a boolean, got {allow_unauthenticated!r}")
-    if not auth_token and not allow_unauthenticated and not is_loopback(host):
+    # Loopback: ``localhost``, ``127.0.0.0/8``, ``::1`` (and ``""``, which binds 127.0.0.1);
+    # anything else — a name, ``0.0.0.0``, ``::``, a LAN address — may be reachable from elsewhere.
+    loopback = host == "" or is_loopback(host.strip("[]"))
+    if not auth_token and not allow_unauthenticated and not loopback:
         raise UnauthenticatedBindError(host)
 
 
