@@ -40,7 +40,14 @@ Idempotency
     A mutating request may carry an ``Idempotency-Key`` header. The server remembers the answers
     to the last ``idempotency_cache_size`` keys (within ``idempotency_cache_bytes``); a retry with
     a known key gets the remembered answer (and a retry arriving while the first is still running
-    waits for it) instead of the change being applied twice.
+    waits for it) instead of the change being applied twice. A key is bound to its request
+    (method, path, body): reused for a different one it gets a 422 and changes nothing; auth (401)
+    and the body limit (413) are checked before anything is replayed.
+
+Across hosts (see docs/serving.md)
+    ``ssl_certfile`` / ``ssl_keyfile`` serve HTTPS (loaded when the server is made: a bad file is
+    a ``ValueError`` naming it). Binding an address that is not loopback without a token raises
+    ``ValueError`` unless ``allow_unauthenticated=True``. The token is never logged.
 """
 
 from __future__ import annotations
@@ -59,11 +66,12 @@ import anyio
 import msgspec
 from anyio.abc import TaskStatus
 
-from .._net import bind_socket, http_url, is_loopback
+from .._net import bind_socket, http_url
 from ..store.base import LightningStore
 from ..store.delegation import DelegatingStore
 from . import protocol as p
 from ._idempotency import IdempotencyCache
+from ._security import check_bind, check_certificate
 from ._serving import EmbeddedUvicorn, serve_on
 from .app import StoreApp
 
@@ -84,7 +92,10 @@ class LightningStoreServer(DelegatingStore):
 
     ``auth_token`` (default: env ``AGL_SERVER_TOKEN``; ``""`` disables) makes every route but
     health require ``Authorization: Bearer <token>``. Binding a non-loopback address without a
-    token logs a warning on the ``agl_async`` logger. Bodies over ``max_body_bytes`` get a 413.
+    token raises ``ValueError`` (naming the host, ``auth_token`` / ``AGL_SERVER_TOKEN`` and
+    ``allow_unauthenticated``) unless ``allow_unauthenticated=True``. ``ssl_certfile`` /
+    ``ssl_keyfile`` (PEM; the key may sit in the certificate file) serve HTTPS. Bodies over
+    ``max_body_bytes`` get a 413.
     """
 
     def __init__(
@@ -94,6 +105,9 @@ class LightningStoreServer(DelegatingStore):
         port: int = 4747,
         *,
         auth_token: str | None = None,
+        ssl_certfile: str | os.PathLike[str] | None = None,
+        ssl_keyfile: str | os.PathLike[str] | None = None,
+        allow_unauthenticated: bool = False,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         graceful_timeout: float = 5.0,
         idempotency_cache_size: int = 8192,
@@ -121,13 +135,10 @@ class LightningStoreServer(DelegatingStore):
         self._task: asyncio.Task[None] | None = None
         self._exit_stack: contextlib.AsyncExitStack | None = None
         self._done: anyio.Event | None = None
-        if not is_loopback(host) and not self.auth_token:
-            logger.warning(
-                "LightningStoreServer binds %s (not a loopback address) without an auth token: anyone who "
-                "can reach port %s can read and change the store; pass auth_token= or set AGL_SERVER_TOKEN",
-                host,
-                port,
-            )
+        # secure defaults and HTTPS (http/_security.py)
+        check_bind(host, self.auth_token, allow_unauthenticated)
+        self.allow_unauthenticated = allow_unauthenticated
+        self.ssl_certfile, self.ssl_keyfile = check_certificate(ssl_certfile, ssl_keyfile)
         self.app = StoreApp(
             store,
             auth_token=self.auth_token,
@@ -157,7 +168,7 @@ class LightningStoreServer(DelegatingStore):
     @property
     def endpoint(self) -> str:
         """Base URL for ``LightningStoreClient`` (``localhost`` is reported as ``127.0.0.1``)."""
-        return http_url(self.host, self.port, bound=True)
+        return http_url(self.host, self.port, bound=True, scheme="https" if self.ssl_certfile else "http")
 
     @property
     def started(self) -> bool:
@@ -194,6 +205,8 @@ class LightningStoreServer(DelegatingStore):
                 graceful_timeout=self.graceful_timeout,
                 log_level=self.log_level,
                 on_server=self._set_server,
+                ssl_certfile=self.ssl_certfile,
+                ssl_keyfile=self.ssl_keyfile,
                 task_status=_Started(started),
             )
         finally:
