@@ -20,7 +20,10 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .store.base import LightningStore
 
 __all__ = ["main"]
 
@@ -39,20 +42,32 @@ class CLIError(Exception):
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .examples.evolution import print_summary, run_demo
 
+    store = f", store={args.store}" if args.store else ""
     print(
         f"agl-async demo: evolution strategy on a toy linear task; mode={args.mode}, "
-        f"runners={args.runners}, epochs={args.epochs}, seed={args.seed}",
+        f"runners={args.runners}, epochs={args.epochs}, seed={args.seed}{store}",
         flush=True,
     )
-    history = run_demo(
-        mode=args.mode,
-        runners=args.runners,
-        epochs=args.epochs,
-        seed=args.seed,
-        latency=args.latency,
-        port=args.port,
-        progress=sys.stdout,
-    )
+    if args.store:
+        from .store.urls import open_store
+
+        try:
+            open_store(args.store)  # checks the URL only; the run opens the store itself
+        except ValueError as exc:
+            raise CLIError(f"--store: {exc}", 2) from None
+    try:
+        history = run_demo(
+            mode=args.mode,
+            runners=args.runners,
+            epochs=args.epochs,
+            seed=args.seed,
+            latency=args.latency,
+            port=args.port,
+            progress=sys.stdout,
+            store=args.store,
+        )
+    except ValueError as exc:  # e.g. --store holds a run with other options
+        raise CLIError(str(exc)) from None
     print_summary(history, sys.stdout)
     return 0
 
@@ -95,17 +110,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     token = read_token(args)
     from .http._security import UnauthenticatedBindError
     from .http.server import LightningStoreServer
-    from .store.memory import InMemoryLightningStore
+    from .store.urls import open_store
 
+    try:
+        store = open_store(args.store)  # --store URL (issue 12); connects on first use
+    except ValueError as exc:
+        raise CLIError(f"--store: {exc}", 2) from None
     tls: dict[str, Any] = {}
     if args.ssl_certfile:
         tls = {"ssl_certfile": args.ssl_certfile, "ssl_keyfile": args.ssl_keyfile}
     if args.insecure:
         tls["allow_unauthenticated"] = True
     try:
-        server = LightningStoreServer(
-            InMemoryLightningStore(), args.host, args.port, auth_token=token or "", **tls
-        )
+        server = LightningStoreServer(store, args.host, args.port, auth_token=token or "", **tls)
     except UnauthenticatedBindError as exc:
         raise CLIError(
             f"refusing to serve the store on {exc.host!r} (not a loopback address) without a token: "
@@ -115,12 +132,31 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         ) from None
     except ValueError as exc:  # an unusable certificate, ...
         raise CLIError(str(exc), 2) from None
-    anyio.run(_serve, server, token is not None)
+    anyio.run(_serve, server, token is not None, store, args.store)
     return 0
 
 
-async def _serve(server: Any, has_token: bool) -> None:
-    """Serve a fresh in-memory store until SIGINT/SIGTERM, then stop the server and return."""
+async def _open(store: LightningStore, url: str) -> None:
+    """One call, so that a store that cannot be opened is reported before serving."""
+    try:
+        await store.statistics()
+    except Exception as exc:
+        raise CLIError(f"cannot open the store {url}: {exc}") from None
+
+
+async def _serve(server: Any, has_token: bool, store: LightningStore, url: str = "memory://") -> None:
+    """Serve ``store`` until SIGINT/SIGTERM, then stop the server, close the store and return."""
+    import anyio
+
+    try:
+        await _open(store, url)
+        await _serve_store(server, has_token, url)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await store.close()
+
+
+async def _serve_store(server: Any, has_token: bool, url: str) -> None:
     import signal
 
     import anyio
@@ -133,7 +169,10 @@ async def _serve(server: Any, has_token: bool) -> None:
             raise CLIError(f"cannot serve on {host}:{port}: {exc}") from None
         try:
             auth = " (bearer token required)" if has_token else ""
-            print(f"agl-async: store server listening on {server.endpoint}{auth}; Ctrl-C to stop", flush=True)
+            print(
+                f"agl-async: store server listening on {server.endpoint}{auth}, store {url}; Ctrl-C to stop",
+                flush=True,
+            )
             async for signum in signals:
                 print(f"agl-async: {signal.Signals(signum).name} received, stopping the server", flush=True)
                 break
@@ -325,14 +364,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="simulated work per rollout in seconds (default 0.005)",
     )
     demo.add_argument("--port", type=int, default=None, help="--mode cs: server port (default: a free one)")
+    demo.add_argument(
+        "--store",
+        default=None,
+        metavar="URL",
+        help=(
+            "the store (default: in memory). With a database, e.g. sqlite:///demo.db, the run is "
+            "resumable: interrupt it, run the same command again, and it continues where it stopped"
+        ),
+    )
     demo.set_defaults(handler=_cmd_demo)
 
     serve = commands.add_parser(
         "serve",
         help="run a standalone store server for runners on other machines",
         description=(
-            "Serve a fresh in-memory LightningStore over HTTP until Ctrl-C (SIGINT) or SIGTERM, which "
-            "stop it cleanly (exit code 0). Point algorithms and 'agl-async runner' at it."
+            "Serve a LightningStore over HTTP until Ctrl-C (SIGINT) or SIGTERM, which stop it cleanly "
+            "(exit code 0). Point algorithms and 'agl-async runner' at it. The store is a fresh "
+            "in-memory one unless --store names a database, which outlives the server."
         ),
     )
     serve.add_argument(
@@ -350,6 +399,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--insecure",
         action="store_true",
         help="allow binding a non-loopback --host without a token (anyone who reaches it can use the store)",
+    )
+    serve.add_argument(
+        "--store",
+        default="memory://",
+        metavar="URL",
+        help=(
+            "the store to serve: memory:// (default), sqlite:///relative/path.db, "
+            "sqlite:////absolute/path.db or postgresql://user:password@host:port/dbname"
+        ),
     )
     serve.set_defaults(handler=_cmd_serve)
 
