@@ -44,7 +44,15 @@ import anyio
 import httpx
 import msgspec
 
-from ..store.base import UNSET, EnqueueRolloutRequest, LightningStore, Unset, _as_enqueue_requests
+from ..store.base import (
+    UNSET,
+    EnqueueRolloutRequest,
+    LightningStore,
+    RolloutSortField,
+    Unset,
+    _as_enqueue_requests,
+    check_rollout_query,
+)
 from ..types import (
     Attempt,
     AttemptedRollout,
@@ -454,10 +462,21 @@ class LightningStoreClient(LightningStore):
         *,
         status_in: Sequence[RolloutStatus] | None = None,
         rollout_id_in: Sequence[str] | None = None,
+        rollout_id_contains: str | None = None,
+        sort_by: RolloutSortField | None = None,
+        sort_order: Literal["asc", "desc"] = "asc",
+        limit: int = -1,
+        offset: int = 0,
     ) -> list[Rollout]:
+        check_rollout_query(rollout_id_contains, sort_by, sort_order, limit, offset)
         body = p.QueryRolloutsBody(
             status_in=None if status_in is None else list(status_in),
             rollout_id_in=None if rollout_id_in is None else list(rollout_id_in),
+            rollout_id_contains=rollout_id_contains,
+            sort_by=sort_by,
+            sort_order=sort_order,
+            limit=limit,
+            offset=offset,
         )
         result: list[Rollout] = await self._call("query_rollouts", body)
         return result

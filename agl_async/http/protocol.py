@@ -125,6 +125,11 @@ class RolloutIdBody(_Body):
 class QueryRolloutsBody(_Body):
     status_in: list[str] | None = None
     rollout_id_in: list[str] | None = None
+    rollout_id_contains: str | None = None
+    sort_by: str | None = None
+    sort_order: str = "asc"
+    limit: int = -1
+    offset: int = 0
 
 
 class AddManySpansBody(_Body):

@@ -647,7 +647,15 @@ class LightningStoreServer(LightningStore):
             return await s.get_rollout_by_id(a.rollout_id)
 
         async def query_rollouts(a: p.QueryRolloutsBody, request: Request) -> Any:
-            return await s.query_rollouts(status_in=a.status_in, rollout_id_in=a.rollout_id_in)  # type: ignore[arg-type]
+            return await s.query_rollouts(
+                status_in=a.status_in,  # type: ignore[arg-type]
+                rollout_id_in=a.rollout_id_in,
+                rollout_id_contains=a.rollout_id_contains,
+                sort_by=a.sort_by,  # type: ignore[arg-type]
+                sort_order=a.sort_order,  # type: ignore[arg-type]
+                limit=a.limit,
+                offset=a.offset,
+            )
 
         async def query_attempts(a: p.RolloutIdBody, request: Request) -> Any:
             return await s.query_attempts(a.rollout_id)

@@ -46,7 +46,16 @@ from ..types import (
     WorkerId,
     WorkerStatus,
 )
-from .base import UNSET, EnqueueRolloutRequest, LightningStore, Unset, _as_enqueue_requests
+from .base import (
+    UNSET,
+    EnqueueRolloutRequest,
+    LightningStore,
+    RolloutSortField,
+    Unset,
+    _as_enqueue_requests,
+    check_rollout_query,
+    select_rollouts,
+)
 
 __all__ = ["InMemoryLightningStore"]
 
@@ -665,17 +674,30 @@ class InMemoryLightningStore(LightningStore):
         *,
         status_in: Sequence[RolloutStatus] | None = None,
         rollout_id_in: Sequence[str] | None = None,
+        rollout_id_contains: str | None = None,
+        sort_by: RolloutSortField | None = None,
+        sort_order: Literal["asc", "desc"] = "asc",
+        limit: int = -1,
+        offset: int = 0,
     ) -> list[Rollout]:
+        check_rollout_query(rollout_id_contains, sort_by, sort_order, limit, offset)
         self._settle_deadlines()
         rollouts: Iterable[Rollout]
         if rollout_id_in is not None:
             rollouts = (self._rollouts[r] for r in dict.fromkeys(rollout_id_in) if r in self._rollouts)
         else:
             rollouts = self._rollouts.values()
-        if status_in is not None:
-            wanted = set(status_in)
-            rollouts = (r for r in rollouts if r.status in wanted)
-        return [_copy(r) for r in rollouts]
+        # Filter, order and page the store's own objects; copy only the page handed out.
+        page = select_rollouts(
+            rollouts,
+            status_in=status_in,
+            rollout_id_contains=rollout_id_contains,
+            sort_by=sort_by,
+            sort_order=sort_order,
+            limit=limit,
+            offset=offset,
+        )
+        return [_copy(r) for r in page]
 
     async def query_attempts(self, rollout_id: str) -> list[Attempt]:
         self._settle_deadlines()
