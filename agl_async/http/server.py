@@ -56,12 +56,13 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..store.base import UNSET, EnqueueRolloutRequest, LightningStore
 from ..store.delegation import delegate
 from ..types import Span, WorkerId
 from . import protocol as p
+from .observe import Observability  # hook (issue 14)
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "LightningStoreServer"]
 
@@ -197,6 +198,11 @@ class LightningStoreServer(LightningStore):
     ``auth_token`` (default: env ``AGL_SERVER_TOKEN``; ``""`` disables) makes every route but
     health require ``Authorization: Bearer <token>``. Binding a non-loopback address without a
     token logs a warning on the ``agl_async`` logger. Bodies over ``max_body_bytes`` get a 413.
+
+    ``dashboard`` serves the live dashboard at ``GET /`` (:mod:`agl_async.http.dashboard`; its
+    data routes take the bearer token or the dashboard's session cookie) and ``metrics`` the
+    Prometheus exposition at ``GET /metrics`` (:mod:`agl_async.http.metrics`, needs the
+    ``metrics`` extra); both on by default, off: 404.
     """
 
     def __init__(
@@ -211,6 +217,8 @@ class LightningStoreServer(LightningStore):
         idempotency_cache_size: int = 8192,
         idempotency_cache_bytes: int = 64 * 1024 * 1024,
         log_level: str = "warning",
+        metrics: bool = True,
+        dashboard: bool = True,
     ) -> None:
         if not isinstance(store, LightningStore):
             raise TypeError(f"LightningStoreServer serves a LightningStore, got {type(store).__name__}")
@@ -234,6 +242,11 @@ class LightningStoreServer(LightningStore):
         self._task: asyncio.Task[None] | None = None
         self._closing: anyio.Event | None = None
         self._openapi = _openapi_bytes()
+        # hook (issue 14): the dashboard, GET /metrics and the request-metrics middleware
+        self._observe = Observability(
+            store, token=self.auth_token, bearer_ok=self._authorized, port=lambda: self.port,
+            metrics=metrics, dashboard=dashboard,
+        )  # fmt: skip
         if not _is_loopback(host) and not self.auth_token:
             logger.warning(
                 "LightningStoreServer binds %s (not a loopback address) without an auth token: anyone who "
@@ -390,7 +403,7 @@ class LightningStoreServer(LightningStore):
         await self.stop()
 
     # ------------------------------------------------------------------ the application
-    def _build_app(self) -> _StoreApp:
+    def _build_app(self) -> ASGIApp:
         routes = [
             Route(f"{p.API_PREFIX}/health", self._health, methods=["GET"]),
             Route(f"{p.API_PREFIX}/openapi.json", self._openapi_route, methods=["GET"]),
@@ -398,11 +411,12 @@ class LightningStoreServer(LightningStore):
         handlers = self._handlers()
         endpoints = {spec.path: self._endpoint(spec, handlers[name]) for name, spec in p.ROUTES.items()}
         routes += [Route(path, endpoint, methods=["POST"]) for path, endpoint in endpoints.items()]
+        routes += self._observe.routes  # hook (issue 14)
         app = Starlette(
             routes=routes,
             exception_handlers={HTTPException: self._http_exception, Exception: self._unexpected},
         )
-        return _StoreApp(app, endpoints, self._internal_error)
+        return self._observe.wrap(_StoreApp(app, endpoints, self._internal_error), routes)  # hook (issue 14)
 
     async def _health(self, request: Request) -> Response:
         return Response(b'{"status":"ok"}', media_type=_JSON)
