@@ -168,7 +168,8 @@ class MetricsEndpoint:
             self._registry = registry
         return self._registry
 
-    async def __call__(self, request: Request) -> Response:
+    async def endpoint(self, request: Request) -> Response:
+        """``GET /metrics``."""
         if not self.authorized(request):
             return _json_error(
                 401, "unauthorized", "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"}

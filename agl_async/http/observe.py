@@ -47,7 +47,7 @@ class Observability:
             self.routes += self.dashboard.routes()
         self.metrics = MetricsEndpoint(store, bearer_ok, None) if metrics else None
         if self.metrics is not None:
-            self.routes.append(Route("/metrics", self.metrics, methods=["GET"]))
+            self.routes.append(Route("/metrics", self.metrics.endpoint, methods=["GET"]))
 
     def wrap(self, app: ASGIApp, routes: Sequence[Any]) -> ASGIApp:
         """``app`` behind the request-metrics middleware (labelled by the templates of
