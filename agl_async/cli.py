@@ -38,6 +38,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         f"runners={args.runners}, epochs={args.epochs}, seed={args.seed}",
         flush=True,
     )
+    if args.dashboard:
+        import anyio
+
+        anyio.run(_demo_with_dashboard, args)
+        return 0
     history = run_demo(
         mode=args.mode,
         runners=args.runners,
@@ -49,6 +54,63 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     )
     print_summary(history, sys.stdout)
     return 0
+
+
+async def _demo_with_dashboard(args: argparse.Namespace) -> None:
+    """The demo on a store whose dashboard is served on 127.0.0.1 during the run (shm: by a server
+    started for it; cs: by the run's own store server) and after it, until Ctrl-C / SIGTERM."""
+    import signal
+
+    import anyio
+
+    from .examples.evolution import print_summary, run_demo_async
+    from .http.dashboard import dashboard_url
+    from .http.server import LightningStoreServer
+    from .store.memory import InMemoryLightningStore
+
+    store = InMemoryLightningStore()
+    port = args.port if args.port is not None else 0
+    token = os.environ.get("AGL_SERVER_TOKEN") or None  # what the run's own server would require
+    server: LightningStoreServer | None = None
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        try:
+            if args.mode == "shm":
+                server = LightningStoreServer(store, "127.0.0.1", port, auth_token=token or "")
+                await _start(server)
+                port = server.port
+            elif port == 0:
+                from .testing import free_port
+
+                port = free_port()
+            print(f"agl-async: dashboard: {dashboard_url(f'http://127.0.0.1:{port}', token)}", flush=True)
+            history = await run_demo_async(
+                mode=args.mode,
+                runners=args.runners,
+                epochs=args.epochs,
+                seed=args.seed,
+                latency=args.latency,
+                port=port if args.mode == "cs" else None,
+                progress=sys.stdout,
+                store=store,
+            )
+            print_summary(history, sys.stdout)
+            if server is None:  # cs: the run's server has stopped; serve its store again
+                server = LightningStoreServer(store, "127.0.0.1", port, auth_token=token or "")
+                await _start(server)
+            print("agl-async: the run is over; the dashboard stays up until Ctrl-C", flush=True)
+            async for signum in signals:
+                print(f"agl-async: {signal.Signals(signum).name} received, stopping", flush=True)
+                break
+        finally:
+            if server is not None:
+                await server.stop()
+
+
+async def _start(server: Any) -> None:
+    try:
+        await server.start()
+    except OSError as exc:
+        raise CLIError(f"cannot serve the dashboard: {exc}") from None
 
 
 # ------------------------------------------------------------------------------------------ serve
@@ -65,6 +127,7 @@ async def _serve(host: str, port: int, token: str | None) -> None:
 
     import anyio
 
+    from .http.dashboard import dashboard_url
     from .http.server import LightningStoreServer
     from .store.memory import InMemoryLightningStore
 
@@ -77,6 +140,8 @@ async def _serve(host: str, port: int, token: str | None) -> None:
         try:
             auth = " (bearer token required)" if token else ""
             print(f"agl-async: store server listening on {server.endpoint}{auth}; Ctrl-C to stop", flush=True)
+            # hook (issue 14): the dashboard's link, printed once to stdout, never logged (it holds the token)
+            print(f"agl-async: dashboard: {dashboard_url(server.endpoint, token or None)}", flush=True)
             async for signum in signals:
                 print(f"agl-async: {signal.Signals(signum).name} received, stopping the server", flush=True)
                 break
@@ -239,7 +304,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SEC",
         help="simulated work per rollout in seconds (default 0.005)",
     )
-    demo.add_argument("--port", type=int, default=None, help="--mode cs: server port (default: a free one)")
+    demo.add_argument(
+        "--port", type=int, default=None, help="store server / dashboard port (default: a free one)"
+    )
+    demo.add_argument(
+        "--dashboard",
+        action="store_true",
+        help=(
+            "serve the live dashboard of the run on 127.0.0.1 and print its URL; it stays up after "
+            "the run until Ctrl-C (use --latency 0.2 to watch a slower run)"
+        ),
+    )
     demo.set_defaults(handler=_cmd_demo)
 
     serve = commands.add_parser(

@@ -31,9 +31,17 @@ import anyio
 import msgspec
 
 from ..algorithm import Algorithm, reward_of
-from ..store.base import EnqueueRolloutRequest
+from ..store.base import EnqueueRolloutRequest, LightningStore
 
-__all__ = ["EpochStats", "EvolutionStrategy", "agent", "make_tasks", "print_summary", "run_demo"]
+__all__ = [
+    "EpochStats",
+    "EvolutionStrategy",
+    "agent",
+    "make_tasks",
+    "print_summary",
+    "run_demo",
+    "run_demo_async",
+]
 
 
 def _dot(a: Sequence[float], b: Sequence[float]) -> float:
@@ -271,6 +279,39 @@ def run_demo(
     the store served over HTTP on 127.0.0.1:``port`` (a free port when ``None``) and ``runners``
     runner processes.
     """
+    trainer, algorithm, train, val = _setup(mode, runners, epochs, seed, latency, port, progress, None)
+    trainer.fit(agent, train, val)
+    return algorithm.history
+
+
+async def run_demo_async(
+    *,
+    mode: str = "shm",
+    runners: int = 4,
+    epochs: int = 12,
+    seed: int = 0,
+    latency: float = 0.005,
+    port: int | None = None,
+    progress: TextIO | None = sys.stdout,
+    store: LightningStore | None = None,
+) -> list[EpochStats]:
+    """:func:`run_demo` inside the caller's event loop, on ``store`` when given (so that the caller
+    can serve it meanwhile, e.g. for ``agl-async demo --dashboard``). Cancelling it stops the run."""
+    trainer, algorithm, train, val = _setup(mode, runners, epochs, seed, latency, port, progress, store)
+    await trainer.fit_async(agent, train, val)
+    return algorithm.history
+
+
+def _setup(
+    mode: str,
+    runners: int,
+    epochs: int,
+    seed: int,
+    latency: float,
+    port: int | None,
+    progress: TextIO | None,
+    store: LightningStore | None,
+) -> tuple[Any, EvolutionStrategy, list[Any], list[Any]]:
     from ..trainer import Trainer  # the trainer imports the execution layer: only when running
 
     strategy: dict[str, Any]
@@ -288,8 +329,7 @@ def run_demo(
         raise ValueError(f"unknown mode {mode!r}: expected 'shm' or 'cs'")
     train, val = make_tasks(seed, latency=latency)
     algorithm = EvolutionStrategy(epochs=epochs, seed=seed, progress=progress)
-    Trainer(strategy=strategy, algorithm=algorithm).fit(agent, train, val)
-    return algorithm.history
+    return Trainer(strategy=strategy, algorithm=algorithm, store=store), algorithm, list(train), list(val)
 
 
 def _free_port() -> int:

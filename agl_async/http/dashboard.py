@@ -41,6 +41,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
+from urllib.parse import quote
 
 import msgspec
 from starlette.requests import Request
@@ -52,7 +53,7 @@ from ..types import ROLLOUT_STATUSES, TERMINAL_ROLLOUT_STATUSES, Attempt, Rollou
 from . import protocol as p
 from .timeline import TimelineSource, reward_of
 
-__all__ = ["MAX_PAGE", "MAX_SPANS", "MAX_WORKERS", "Dashboard"]
+__all__ = ["MAX_PAGE", "MAX_SPANS", "MAX_WORKERS", "Dashboard", "dashboard_url"]
 
 #: The most rollouts one page of ``/v1/dashboard/rollouts`` returns.
 MAX_PAGE = 500
@@ -178,6 +179,14 @@ def _preview(value: Any) -> tuple[Any, bool]:
     if len(encoded) <= MAX_INPUT_BYTES:
         return value, False
     return encoded[:MAX_INPUT_BYTES].decode("utf-8", "replace") + " …", True
+
+
+def dashboard_url(endpoint: str, token: str | None) -> str:
+    """The link that opens the dashboard of the server at ``endpoint``: with ``?token=`` when the
+    server has a token (opening it sets the session cookie). It contains the token: print it for
+    the user who started the server, never log it."""
+    base = endpoint.rstrip("/") + "/"
+    return f"{base}?token={quote(token, safe='')}" if token else base
 
 
 class Dashboard:
