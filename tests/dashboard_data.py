@@ -108,6 +108,7 @@ async def populate(store: InMemoryLightningStore, *, minutes: float = 30.0, seed
                 if traced:
                     known.traced_rollout_id = rid
         # The run right now: one waiting for its retry, a few in flight, one cancelled, some queued.
+        clock[0] = time.time() - 90
         running = await store.enqueue_many_rollouts([{"input": {"task": f"live-{i}"}} for i in range(3)])
         for i, _ in enumerate(running):
             claimed = await store.dequeue_rollout(worker_id=known.workers[i])

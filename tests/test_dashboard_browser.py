@@ -31,6 +31,7 @@ CHROMIUM_ARGS = [
 ]
 TOKEN = "browser-token-456"
 TIMEOUT_MS = 20_000
+DASH = "\u2013"  # the page writes ranges as 1\u201325
 
 if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)) and not shutil.which("chromium"):
     pytest.skip(f"no Chromium at {CHROMIUM} (Debian: apt-get install chromium)", allow_module_level=True)
@@ -155,6 +156,17 @@ async def test_the_page_updates_itself(browser: Any, known: Any) -> None:
         await store.enqueue_many_rollouts([{"input": i} for i in range(5)])  # no reload: the page polls
         more = f"{data.counts['queuing'] + 5:,}"
         await expect(_card(page, "queuing")).to_have_text(more, timeout=TIMEOUT_MS)
+        # A status card filters the table; "all rollouts" clears the filter.
+        failed = data.counts["failed"]
+        await page.click('#status-cards [data-status="failed"]')
+        info = page.locator("#page-info")
+        await expect(info).to_have_text(f"1{DASH}{failed} of {failed}", timeout=TIMEOUT_MS)
+        assert set(await page.locator("#rollouts tbody .badge").all_inner_texts()) == {"failed"}
+        await page.click('#status-cards [data-status="total"]')
+        total = sum(data.counts.values()) + 5
+        await expect(info).to_have_text(f"1{DASH}25 of {total:,}", timeout=TIMEOUT_MS)
+        await page.click("#next")
+        await expect(info).to_have_text(f"26{DASH}50 of {total:,}", timeout=TIMEOUT_MS)
         assert problems == []
 
 

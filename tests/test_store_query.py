@@ -116,3 +116,22 @@ def test_select_rollouts_is_usable_by_any_store() -> None:
     assert all(p is rollouts[int(p.rollout_id[3:])] for p in picked)  # the objects given, uncopied
     with pytest.raises(ValueError, match="sort_by"):
         select_rollouts(rollouts, sort_by="input")
+
+
+async def test_memory_store_start_order_survives_a_clock_step_back() -> None:
+    """The in-memory store walks creation order for ``sort_by="start_time"`` while that is the
+    start order, and sorts for real once the clock has stepped back."""
+    from dashboard_data import replayed_clock
+
+    from agl_async import InMemoryLightningStore
+
+    store = InMemoryLightningStore()
+    with replayed_clock(100.0) as clock:
+        a = await store.enqueue_rollout("a")
+        clock[0] = 200.0
+        b = await store.enqueue_rollout("b")
+        assert await _ids(store, sort_by="start_time", sort_order="desc") == [b.rollout_id, a.rollout_id]
+        clock[0] = 150.0  # an NTP step back
+        c = await store.enqueue_rollout("c")
+    assert await _ids(store, sort_by="start_time") == [a.rollout_id, c.rollout_id, b.rollout_id]
+    assert await _ids(store, sort_by="start_time", sort_order="desc", limit=2) == [b.rollout_id, c.rollout_id]

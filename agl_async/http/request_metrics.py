@@ -115,6 +115,16 @@ def _float_label(value: float) -> str:
     return repr(float(value))
 
 
+class _Route:
+    """What has been counted for one (route, method): answers by status and a latency histogram."""
+
+    __slots__ = ("latency", "statuses")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.statuses: dict[int | str, int] = {}
+        self.latency = Histogram(bounds)
+
+
 class RequestMetrics:
     """ASGI middleware around ``app``: requests by (route, method, status), latency by (route,
     method), requests in flight. ``resolve`` maps a scope to its route template
@@ -129,20 +139,33 @@ class RequestMetrics:
         self.app = app
         self.resolve = resolve
         self.buckets = tuple(sorted(buckets))
-        self.requests: dict[tuple[str, str, str], int] = {}
-        self.latency: dict[tuple[str, str], Histogram] = {}
+        self.routes: dict[tuple[str, str], _Route] = {}
         self.in_flight = 0
+
+    @property
+    def requests(self) -> dict[tuple[str, str, str], int]:
+        """Requests answered, by (route, method, status)."""
+        return {
+            (route, method, str(status)): n
+            for (route, method), entry in self.routes.items()
+            for status, n in entry.statuses.items()
+        }
+
+    @property
+    def latency(self) -> dict[tuple[str, str], Histogram]:
+        """Latency histograms by (route, method)."""
+        return {key: entry.latency for key, entry in self.routes.items()}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        status = "none"
+        status: int | str = "none"
 
         async def send_and_note_status(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
-                status = str(message["status"])
+                status = message["status"]
             await send(message)
 
         start = time.perf_counter()
@@ -151,20 +174,22 @@ class RequestMetrics:
             await self.app(scope, receive, send_and_note_status)
         except Exception:
             if status == "none":
-                status = "500"  # what the ASGI server answers for an application error
+                status = 500  # what the ASGI server answers for an application error
             raise
         finally:
             elapsed = time.perf_counter() - start
             self.in_flight -= 1
             self.record(self.resolve(scope), scope["method"], status, elapsed)
 
-    def record(self, route: str, method: str, status: str, seconds: float) -> None:
+    def record(self, route: str, method: str, status: int | str, seconds: float) -> None:
         """Count one finished request (also usable by code that answers outside ``app``)."""
-        if method not in _METHODS:
-            method = OTHER
-        key = (route, method, status)
-        self.requests[key] = self.requests.get(key, 0) + 1
-        histogram = self.latency.get((route, method))
-        if histogram is None:
-            histogram = self.latency[(route, method)] = Histogram(self.buckets)
-        histogram.observe(seconds)
+        entry = self.routes.get((route, method))
+        if entry is None:
+            if method not in _METHODS:
+                method = OTHER
+            entry = self.routes.get((route, method))
+            if entry is None:
+                entry = self.routes[(route, method)] = _Route(self.buckets)
+        statuses = entry.statuses
+        statuses[status] = statuses.get(status, 0) + 1
+        entry.latency.observe(seconds)

@@ -168,6 +168,10 @@ class InMemoryLightningStore(LightningStore):
         self._waiters: dict[str, list[_Waiter]] = {}
         # Set (and dropped) whenever a rollout enters the queue: wakes long-polling dequeuers.
         self._queue_event: anyio.Event | None = None
+        # Creation order is start_time order (so query_rollouts(sort_by="start_time") needs no sort)
+        # as long as the clock never stepped back between two creations.
+        self._start_ordered = True
+        self._latest_start = -float("inf")
 
     # ------------------------------------------------------------------ pickling
     def __getstate__(self) -> dict[str, Any]:
@@ -402,6 +406,9 @@ class InMemoryLightningStore(LightningStore):
             metadata=dict(metadata) if metadata else {},
         )
         self._rollouts[rollout.rollout_id] = rollout
+        if now < self._latest_start:  # the clock stepped back: creation order is no longer start order
+            self._start_ordered = False
+        self._latest_start = now
         return rollout
 
     def _enqueue(self, rollout: Rollout) -> None:
@@ -685,6 +692,10 @@ class InMemoryLightningStore(LightningStore):
         rollouts: Iterable[Rollout]
         if rollout_id_in is not None:
             rollouts = (self._rollouts[r] for r in dict.fromkeys(rollout_id_in) if r in self._rollouts)
+        elif sort_by == "start_time" and self._start_ordered:
+            # Already in that order (ties in creation order): walk it, no sort; "desc" from the end.
+            rollouts = reversed(self._rollouts.values()) if sort_order == "desc" else self._rollouts.values()
+            sort_by = None
         else:
             rollouts = self._rollouts.values()
         # Filter, order and page the store's own objects; copy only the page handed out.

@@ -120,7 +120,7 @@
             role: plain ? null : "button",
             tabindex: plain ? null : "0",
             title: plain ? null : `show the ${label} rollouts`,
-            onclick: plain ? null : () => setStatusFilter(state.status === key ? "" : key),
+            onclick: plain ? null : () => setStatusFilter(key === "total" || state.status === key ? "" : key),
           },
           h("div", { class: "label" }, label),
           h("div", { class: "value" }, "—"),
