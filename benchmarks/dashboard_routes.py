@@ -136,6 +136,35 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             await store.update_rollout(claimed.rollout_id, metadata={"reward": 0.9})
             await store.update_attempt(claimed.rollout_id, claimed.attempt.attempt_id, status="succeeded")
 
+    # Where the time goes: the store calls behind the routes, made directly.
+    finished = ["succeeded", "failed", "cancelled"]
+    calls: dict[str, Callable[[], Awaitable[Any]]] = {
+        "statistics": store.statistics,
+        "page_newest_25": lambda: store.query_rollouts(sort_by="start_time", sort_order="desc", limit=26),
+        "page_at_50000": lambda: store.query_rollouts(
+            sort_by="start_time", sort_order="desc", limit=26, offset=50_000
+        ),
+        "page_status_failed": lambda: store.query_rollouts(
+            status_in=["failed"], sort_by="start_time", sort_order="desc", limit=26
+        ),
+        "search_id": lambda: store.query_rollouts(rollout_id_contains=some.rollout_id[-6:], limit=26),
+        "timeline_catch_up_256": lambda: store.query_rollouts(
+            status_in=finished,
+            sort_by="end_time",
+            sort_order="desc",
+            limit=256,  # type: ignore[arg-type]
+        ),
+        "queue_oldest_10": lambda: store.query_rollouts(status_in=["queuing", "requeuing"], limit=10),
+    }
+    store_calls: dict[str, dict[str, float]] = {}
+    for name, call in calls.items():
+        times = []
+        for _ in range(args.repeat):
+            start = time.perf_counter()
+            await call()
+            times.append((time.perf_counter() - start) * 1e3)
+        store_calls[name] = _summary(times)
+
     routes: dict[str, dict[str, float]] = {}
     async with LightningStoreServer(store, "127.0.0.1", 0, auth_token="") as server:
         observe = server._observe
@@ -175,6 +204,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "store": {"kind": "InMemoryLightningStore", "fill_seconds": round(fill_seconds, 1), **contents},
         "queued_at_start": len(queued),
         "repeat": args.repeat,
+        "store_calls": store_calls,
         "routes": routes,
         "gc": {"full_collections": len(_GC_PAUSES), "total_pause_ms": round(sum(_GC_PAUSES) * 1e3, 1)},
     }

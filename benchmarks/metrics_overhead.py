@@ -10,6 +10,9 @@ Prints JSON. Needs ``prometheus_client`` (the ``metrics`` extra) for the "with" 
 * ``http_server_cpu_us_per_request``: the same request over real HTTP to a server in a child
   process, one client here; the child's CPU time (user + system, from ``/proc``) per request,
   with and without metrics. This is the cost where it is paid, on the server's one event loop.
+* ``middleware_alone_us``: the middleware around a trivial ASGI application that answers at once,
+  minus that application alone (best of 15 interleaved rounds): its own cost, without noise from
+  the rest of the server.
 * ``scrape_ms``: ``GET /metrics`` (through the ASGI application) on a store of ``--rollouts``
   finished rollouts: it calls ``store.statistics()`` once, then renders.
 """
@@ -148,6 +151,31 @@ async def scrape_ms(rollouts: int, repeat: int) -> dict[str, float]:
     return {"median": statistics.median(times), "statistics_call_median": statistics.median(stats_times)}
 
 
+async def middleware_alone(rounds: int = 15, n: int = 30000) -> dict[str, float]:
+    from agl_async.http.request_metrics import RequestMetrics, RouteTemplates
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def send(message: Any) -> None:
+        pass
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    wrapped = RequestMetrics(app, RouteTemplates(["/v1/get_latest_attempt"]))
+    scope = {"type": "http", "path": "/v1/get_latest_attempt", "method": "POST"}
+    best = {"bare": float("inf"), "wrapped": float("inf")}
+    for _ in range(rounds):
+        for label, target in (("bare", app), ("wrapped", wrapped)):
+            start = time.perf_counter()
+            for _ in range(n):
+                await target(scope, receive, send)
+            best[label] = min(best[label], (time.perf_counter() - start) / n * 1e6)
+    return {**best, "middleware": best["wrapped"] - best["bare"]}
+
+
 def _summary(values: list[float]) -> dict[str, float]:
     return {"best": min(values), "median": statistics.median(values)}
 
@@ -178,6 +206,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         result["http_middleware_cpu_us_median"] = statistics.median(http["with"]) - statistics.median(
             http["without"]
         )
+    result["middleware_alone_us"] = await middleware_alone()
     result["scrape_ms"] = {"rollouts": args.rollouts, **await scrape_ms(args.rollouts, 5)}
     return result
 
