@@ -72,28 +72,28 @@ async def _demo_with_dashboard(args: argparse.Namespace) -> None:
     port = args.port if args.port is not None else 0
     token = os.environ.get("AGL_SERVER_TOKEN") or None  # what the run's own server would require
     server: LightningStoreServer | None = None
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        try:
-            if args.mode == "shm":
-                server = LightningStoreServer(store, "127.0.0.1", port, auth_token=token or "")
-                await _start(server)
-                port = server.port
-            elif port == 0:
-                from .testing import free_port
+    try:
+        if args.mode == "shm":
+            server = LightningStoreServer(store, "127.0.0.1", port, auth_token=token or "")
+            await _start(server)
+            port = server.port
+        elif port == 0:
+            from .testing import free_port
 
-                port = free_port()
-            print(f"agl-async: dashboard: {dashboard_url(f'http://127.0.0.1:{port}', token)}", flush=True)
-            history = await run_demo_async(
-                mode=args.mode,
-                runners=args.runners,
-                epochs=args.epochs,
-                seed=args.seed,
-                latency=args.latency,
-                port=port if args.mode == "cs" else None,
-                progress=sys.stdout,
-                store=store,
-            )
-            print_summary(history, sys.stdout)
+            port = free_port()
+        print(f"agl-async: dashboard: {dashboard_url(f'http://127.0.0.1:{port}', token)}", flush=True)
+        history = await run_demo_async(  # Ctrl-C here interrupts the run, as without --dashboard
+            mode=args.mode,
+            runners=args.runners,
+            epochs=args.epochs,
+            seed=args.seed,
+            latency=args.latency,
+            port=port if args.mode == "cs" else None,
+            progress=sys.stdout,
+            store=store,
+        )
+        print_summary(history, sys.stdout)
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             if server is None:  # cs: the run's server has stopped; serve its store again
                 server = LightningStoreServer(store, "127.0.0.1", port, auth_token=token or "")
                 await _start(server)
@@ -101,9 +101,9 @@ async def _demo_with_dashboard(args: argparse.Namespace) -> None:
             async for signum in signals:
                 print(f"agl-async: {signal.Signals(signum).name} received, stopping", flush=True)
                 break
-        finally:
-            if server is not None:
-                await server.stop()
+    finally:
+        if server is not None:
+            await server.stop()
 
 
 async def _start(server: Any) -> None:

@@ -78,3 +78,16 @@ def test_demo_dashboard_shows_the_run_and_stays_up_until_ctrl_c(procs: list[Proc
     assert alive(children) == set()
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{url}v1/dashboard/summary")
+
+
+@needs_proc
+def test_ctrl_c_during_a_demo_with_dashboard_interrupts_the_run(procs: list[Proc]) -> None:
+    demo = Proc("demo", "--dashboard", "--epochs", "50", "--latency", "0.2")
+    procs.append(demo)
+    url = demo.wait_for_line(r"dashboard: (http://127\.0\.0\.1:\d+/)\s*$").group(1)
+    assert httpx.get(f"{url}v1/dashboard/summary").status_code == 200  # served during the run
+    demo.popen.send_signal(signal.SIGINT)
+    assert demo.wait(timeout=30) == 130, demo.output
+    assert "stays up" not in demo.output
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{url}v1/dashboard/summary")
