@@ -167,12 +167,11 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
     routes: dict[str, dict[str, float]] = {}
     async with LightningStoreServer(store, "127.0.0.1", 0, auth_token="") as server:
-        observe = server._observe
-        assert observe.dashboard is not None
+        dashboard = server.app.extensions["dashboard"]
         async with httpx.AsyncClient(base_url=server.endpoint, timeout=60) as http:
             routes["summary_first"] = _summary(await timed(lambda: http.get("/v1/dashboard/summary"), 1))
-            observe.dashboard.timeline.min_interval = 0.0  # refresh on every call: the worst case
-            observe.dashboard.statistics_ttl = 0.0
+            dashboard.timeline.min_interval = 0.0  # refresh on every call: the worst case
+            dashboard.statistics_ttl = 0.0
             gc.callbacks.append(_gc_watch)
             routes["summary"] = _summary(
                 await timed(lambda: http.get("/v1/dashboard/summary"), args.repeat, finish_some)

@@ -194,7 +194,8 @@ async def test_without_the_extra_metrics_answer_501_naming_it(monkeypatch: pytes
     monkeypatch.setitem(sys.modules, "prometheus_client", None)  # as if not installed
     store = InMemoryLightningStore()
     async with LightningStoreServer(store, "127.0.0.1", 0, auth_token=TOKEN) as server:
-        assert server._observe.requests is None  # no middleware counting what nobody can scrape
+        # no middleware counting what nobody can scrape
+        assert "request_metrics" not in server.app.extensions
         async with httpx.AsyncClient(base_url=server.endpoint) as http:
             assert (await http.get("/metrics")).status_code == 401  # auth first
             response = await http.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
@@ -208,7 +209,7 @@ async def test_without_the_extra_metrics_answer_501_naming_it(monkeypatch: pytes
 async def test_metrics_can_be_switched_off() -> None:
     store = InMemoryLightningStore()
     async with LightningStoreServer(store, "127.0.0.1", 0, auth_token="", metrics=False) as server:
-        assert server._observe.requests is None
+        assert "request_metrics" not in server.app.extensions and "metrics" not in server.app.extensions
         async with httpx.AsyncClient() as http:
             response = await http.get(f"{server.endpoint}/metrics")
     assert response.status_code == 404

@@ -43,14 +43,14 @@ from urllib.parse import quote
 import msgspec
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
-from starlette.routing import Route
 
 from ..store.base import LightningStore
 from ..types import ROLLOUT_STATUSES, TERMINAL_ROLLOUT_STATUSES, Attempt, Rollout, Span, Worker, to_builtins
 from . import protocol as p
+from .app import Endpoint, HTTPError, StoreApp
 from .timeline import TimelineSource, reward_of
 
-__all__ = ["MAX_PAGE", "MAX_SPANS", "MAX_WORKERS", "Dashboard", "dashboard_url"]
+__all__ = ["MAX_PAGE", "MAX_SPANS", "MAX_WORKERS", "Dashboard", "dashboard_url", "install"]
 
 #: The most rollouts one page of ``/v1/dashboard/rollouts`` returns.
 MAX_PAGE = 500
@@ -186,13 +186,34 @@ def dashboard_url(endpoint: str, token: str | None) -> str:
     return f"{base}?token={quote(token, safe='')}" if token else base
 
 
+def install(app: StoreApp) -> None:
+    """Serve the dashboard on ``app`` (a row of the server's ``APP_EXTENSIONS``); nothing with
+    ``LightningStoreServer(..., dashboard=False)``. The routes check their own credentials (the
+    bearer token or the session cookie, see "Token" above). Keeps the :class:`Dashboard` in
+    ``app.extensions["dashboard"]``. Nothing here owns a task or a resource."""
+    if not app.options.get("dashboard", True):
+        return
+
+    def bearer_ok(request: Request) -> bool:
+        try:
+            app.check_auth(request)
+        except HTTPError:
+            return False
+        return True
+
+    dashboard = Dashboard(app.store, token=app.auth_token, bearer_ok=bearer_ok)
+    app.extensions["dashboard"] = dashboard
+    for path, endpoint, methods in dashboard.routes():
+        app.add_route(path, endpoint, methods=methods, auth=False)
+
+
 class Dashboard:
     """The dashboard's routes for one server.
 
     ``token`` is the server's bearer token (``None``: no authentication); ``bearer_ok(request)``
-    is the server's check of the ``Authorization`` header; ``port()`` the server's bound port (it
-    names the session cookie, so that dashboards of servers on other ports of the same host keep
-    their own cookies).
+    is the server's check of the ``Authorization`` header. The session cookie is named after the
+    port the request reached (the server's bound port), so that dashboards of servers on other
+    ports of the same host keep their own cookies.
     """
 
     def __init__(
@@ -201,12 +222,10 @@ class Dashboard:
         *,
         token: str | None,
         bearer_ok: Callable[[Request], bool],
-        port: Callable[[], int],
     ) -> None:
         self.store = store
         self.token = token
         self.bearer_ok = bearer_ok
-        self.port = port
         self.timeline = TimelineSource(store)
         self.statistics_ttl = 1.0
         self._statistics: tuple[float, dict[str, Any]] | None = None
@@ -214,22 +233,24 @@ class Dashboard:
             hmac.new(token.encode(), _SESSION_CONTEXT, hashlib.sha256).hexdigest() if token else None
         )
 
-    def routes(self) -> list[Route]:
+    def routes(self) -> list[tuple[str, Endpoint, tuple[str, ...]]]:
+        """``(path, endpoint, methods)`` of every route, for ``app.add_route``."""
         return [
-            Route("/", self.page, methods=["GET"]),
-            Route("/static/{name:path}", self.asset, methods=["GET"]),
-            Route(f"{p.API_PREFIX}/dashboard/session", self.session, methods=["POST"]),
-            Route(f"{p.API_PREFIX}/dashboard/summary", self._data(self.summary), methods=["GET"]),
-            Route(f"{p.API_PREFIX}/dashboard/rollouts", self._data(self.rollouts), methods=["GET"]),
-            Route(
-                f"{p.API_PREFIX}/dashboard/rollouts/{{rollout_id}}", self._data(self.rollout), methods=["GET"]
-            ),
+            ("/", self.page, ("GET",)),
+            ("/static/{name:path}", self.asset, ("GET",)),
+            (f"{p.API_PREFIX}/dashboard/session", self.session, ("POST",)),
+            (f"{p.API_PREFIX}/dashboard/summary", self._data(self.summary), ("GET",)),
+            (f"{p.API_PREFIX}/dashboard/rollouts", self._data(self.rollouts), ("GET",)),
+            (f"{p.API_PREFIX}/dashboard/rollouts/{{rollout_id}}", self._data(self.rollout), ("GET",)),
         ]
 
     # ------------------------------------------------------------------ authentication
-    @property
-    def cookie_name(self) -> str:
-        return f"agl_dashboard_{self.port()}"
+    @staticmethod
+    def cookie_name(request: Request) -> str:
+        """The session cookie's name: per port of the server the request reached."""
+        server = request.scope.get("server")
+        port = server[1] if server and server[1] is not None else request.url.port
+        return f"agl_dashboard_{port}"
 
     def _token_ok(self, given: str) -> bool:
         return self.token is not None and hmac.compare_digest(given.encode(), self.token.encode())
@@ -238,7 +259,7 @@ class Dashboard:
         """No token on the server, the bearer token, or the session cookie."""
         if self._session is None:
             return True
-        cookie = request.cookies.get(self.cookie_name)
+        cookie = request.cookies.get(self.cookie_name(request))
         if cookie is not None and hmac.compare_digest(cookie.encode(), self._session.encode()):
             return True
         return self.bearer_ok(request)
@@ -246,7 +267,7 @@ class Dashboard:
     def _with_cookie(self, response: Response, request: Request) -> Response:
         assert self._session is not None
         response.set_cookie(
-            self.cookie_name,
+            self.cookie_name(request),
             self._session,
             path="/",
             httponly=True,
@@ -255,7 +276,7 @@ class Dashboard:
         )
         return response
 
-    def _data(self, handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
+    def _data(self, handler: Callable[[Request], Any]) -> Endpoint:
         async def endpoint(request: Request) -> Response:
             if not self.authorized(request):
                 return _error(401, "unauthorized", _TOKEN_REQUIRED)

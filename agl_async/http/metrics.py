@@ -26,22 +26,23 @@ from __future__ import annotations
 import importlib.util
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import ASGIApp, Scope
 
 from ..store.base import LightningStore
-from . import protocol as p
-from .request_metrics import RequestMetrics
+from .app import HTTPError, StoreApp
+from .request_metrics import RequestMetrics, RouteTemplates
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
-__all__ = ["EXTRA", "MetricsEndpoint", "metrics_available"]
+__all__ = ["EXTRA", "MetricsEndpoint", "install", "metrics_available"]
 
 logger = logging.getLogger("agl_async")
 
@@ -56,12 +57,6 @@ def metrics_available() -> bool:
         return importlib.util.find_spec("prometheus_client") is not None
     except (ImportError, ValueError):  # a module set to None in sys.modules (tests do that)
         return False
-
-
-def _json_error(status: int, error: str, detail: str, headers: dict[str, str] | None = None) -> Response:
-    return Response(
-        _encoder.encode(p.ErrorBody(error, detail)), status, headers=headers, media_type="application/json"
-    )
 
 
 class _StoreCollector:
@@ -128,23 +123,57 @@ class _StoreCollector:
                 yield GaugeMetricFamily(name, what, value=stats[key])
 
 
-class MetricsEndpoint:
-    """The ``GET /metrics`` endpoint of one server.
+def install(app: StoreApp) -> None:
+    """Serve ``GET /metrics`` on ``app`` (a row of the server's ``APP_EXTENSIONS``) behind the store
+    routes' bearer token, and count every request with the request-metrics middleware, which is
+    installed only when ``prometheus_client`` is importable (nothing is counted that nobody can
+    scrape). Nothing at all with ``LightningStoreServer(..., metrics=False)``. Keeps the endpoint
+    in ``app.extensions["metrics"]`` and the middleware in ``app.extensions["request_metrics"]``.
+    Nothing here owns a task or a resource."""
+    if not app.options.get("metrics", True):
+        return
+    endpoint = MetricsEndpoint(app.store, None)
+    app.extensions["metrics"] = endpoint
+    app.add_route("/metrics", endpoint.endpoint, methods=("GET",), auth=True)
+    if metrics_available():
 
-    ``authorized(request)`` is the server's check of the store routes' bearer token; ``requests``
-    the server's request-metrics middleware (``None`` when there is none).
-    """
+        def count_requests(inner: ASGIApp) -> ASGIApp:
+            requests = RequestMetrics(inner, _TemplatesOf(app))
+            endpoint.bind(requests)
+            app.extensions["request_metrics"] = requests
+            return requests
+
+        app.add_middleware(count_requests)
+
+
+class _TemplatesOf:
+    """The route templates of ``app``, read on the first request (when every extension has added
+    its routes)."""
+
+    def __init__(self, app: StoreApp) -> None:
+        self._app = app
+        self._templates: RouteTemplates | None = None
+
+    def __call__(self, scope: Scope) -> str:
+        templates = self._templates
+        if templates is None:
+            templates = self._templates = RouteTemplates.from_routes(self._app.routes)
+        return templates(scope)
+
+
+class MetricsEndpoint:
+    """The ``GET /metrics`` endpoint of one server (its bearer token is checked by the app before
+    the endpoint runs); ``requests`` is the server's request-metrics middleware (``None`` when
+    there is none)."""
 
     def __init__(
         self,
         store: LightningStore,
-        authorized: Callable[[Request], bool],
         requests: RequestMetrics | None,
         *,
         statistics_timeout: float = 10.0,
     ) -> None:
         self.store = store
-        self.authorized = authorized
         self.requests = requests
         self.statistics_timeout = statistics_timeout
         self._registry: CollectorRegistry | None = None
@@ -170,12 +199,8 @@ class MetricsEndpoint:
 
     async def endpoint(self, request: Request) -> Response:
         """``GET /metrics``."""
-        if not self.authorized(request):
-            return _json_error(
-                401, "unauthorized", "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"}
-            )
         if not metrics_available():
-            return _json_error(
+            raise HTTPError(
                 501, "not_implemented", f"GET /metrics needs the prometheus_client package: {EXTRA}"
             )
         from prometheus_client.exposition import choose_encoder
