@@ -56,6 +56,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise CLIError(f"--store: {exc}", 2) from None
     try:
+        if args.dashboard:
+            import anyio
+
+            anyio.run(_demo_with_dashboard, args)
+            return 0
         history = run_demo(
             mode=args.mode,
             runners=args.runners,
@@ -70,6 +75,65 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         raise CLIError(str(exc)) from None
     print_summary(history, sys.stdout)
     return 0
+
+
+async def _demo_with_dashboard(args: argparse.Namespace) -> None:
+    """The demo on a store whose dashboard is served on 127.0.0.1 during the run (shm: by a server
+    started for it; cs: by the run's own store server) and after it, until Ctrl-C / SIGTERM."""
+    import signal
+
+    import anyio
+
+    from .examples.evolution import print_summary, run_demo_async
+    from .http.dashboard import dashboard_url
+    from .http.server import LightningStoreServer
+    from .store.urls import open_store
+
+    store = open_store(args.store or "memory://")
+    port = args.port if args.port is not None else 0
+    token = os.environ.get("AGL_SERVER_TOKEN") or None  # what the run's own server would require
+    server: LightningStoreServer | None = None
+    try:
+        if args.mode == "shm":
+            server = LightningStoreServer(store, "127.0.0.1", port, auth_token=token or "")
+            await _start(server)
+            port = server.port
+        elif port == 0:
+            from ._net import free_port
+
+            port = free_port()
+        print(f"agl-async: dashboard: {dashboard_url(f'http://127.0.0.1:{port}', token)}", flush=True)
+        history = await run_demo_async(  # Ctrl-C here interrupts the run, as without --dashboard
+            mode=args.mode,
+            runners=args.runners,
+            epochs=args.epochs,
+            seed=args.seed,
+            latency=args.latency,
+            port=port if args.mode == "cs" else None,
+            progress=sys.stdout,
+            store=store,
+        )
+        print_summary(history, sys.stdout)
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            if server is None:  # cs: the run's server has stopped; serve its store again
+                server = LightningStoreServer(store, "127.0.0.1", port, auth_token=token or "")
+                await _start(server)
+            print("agl-async: the run is over; the dashboard stays up until Ctrl-C", flush=True)
+            async for signum in signals:
+                print(f"agl-async: {signal.Signals(signum).name} received, stopping", flush=True)
+                break
+    finally:
+        with anyio.CancelScope(shield=True):
+            if server is not None:
+                await server.stop()
+            await store.close()
+
+
+async def _start(server: Any) -> None:
+    try:
+        await server.start()
+    except OSError as exc:
+        raise CLIError(f"cannot serve the dashboard: {exc}") from None
 
 
 # ------------------------------------------------------------------------------------------ serve
@@ -132,7 +196,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         ) from None
     except ValueError as exc:  # an unusable certificate, ...
         raise CLIError(str(exc), 2) from None
-    anyio.run(_serve, server, token is not None, store, args.store)
+    # The dashboard link carries the token, except one read from a file: that user keeps it off
+    # terminals and logs.
+    link_token = None if args.token_file else token
+    anyio.run(_serve, server, token, link_token, store, args.store)
     return 0
 
 
@@ -144,22 +211,26 @@ async def _open(store: LightningStore, url: str) -> None:
         raise CLIError(f"cannot open the store {url}: {exc}") from None
 
 
-async def _serve(server: Any, has_token: bool, store: LightningStore, url: str = "memory://") -> None:
+async def _serve(
+    server: Any, token: str | None, link_token: str | None, store: LightningStore, url: str = "memory://"
+) -> None:
     """Serve ``store`` until SIGINT/SIGTERM, then stop the server, close the store and return."""
     import anyio
 
     try:
         await _open(store, url)
-        await _serve_store(server, has_token, url)
+        await _serve_store(server, token, link_token, url)
     finally:
         with anyio.CancelScope(shield=True):
             await store.close()
 
 
-async def _serve_store(server: Any, has_token: bool, url: str) -> None:
+async def _serve_store(server: Any, token: str | None, link_token: str | None, url: str) -> None:
     import signal
 
     import anyio
+
+    from .http.dashboard import dashboard_url
 
     host, port = server.host, server.port
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -168,11 +239,16 @@ async def _serve_store(server: Any, has_token: bool, url: str) -> None:
         except OSError as exc:
             raise CLIError(f"cannot serve on {host}:{port}: {exc}") from None
         try:
-            auth = " (bearer token required)" if has_token else ""
+            auth = " (bearer token required)" if token else ""
             print(
                 f"agl-async: store server listening on {server.endpoint}{auth}, store {url}; Ctrl-C to stop",
                 flush=True,
             )
+            # hook (issue 14): the dashboard's link, printed once to stdout, never logged (it holds the token)
+            link = dashboard_url(server.endpoint, link_token)
+            if token and not link_token:
+                link += " (open it with ?token=<the token in --token-file>)"
+            print(f"agl-async: dashboard: {link}", flush=True)
             async for signum in signals:
                 print(f"agl-async: {signal.Signals(signum).name} received, stopping the server", flush=True)
                 break
@@ -363,7 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SEC",
         help="simulated work per rollout in seconds (default 0.005)",
     )
-    demo.add_argument("--port", type=int, default=None, help="--mode cs: server port (default: a free one)")
+    demo.add_argument(
+        "--port", type=int, default=None, help="store server / dashboard port (default: a free one)"
+    )
     demo.add_argument(
         "--store",
         default=None,
@@ -371,6 +449,14 @@ def build_parser() -> argparse.ArgumentParser:
         help=(
             "the store (default: in memory). With a database, e.g. sqlite:///demo.db, the run is "
             "resumable: interrupt it, run the same command again, and it continues where it stopped"
+        ),
+    )
+    demo.add_argument(
+        "--dashboard",
+        action="store_true",
+        help=(
+            "serve the live dashboard of the run on 127.0.0.1 and print its URL; it stays up after "
+            "the run until Ctrl-C (use --latency 0.2 to watch a slower run)"
         ),
     )
     demo.set_defaults(handler=_cmd_demo)

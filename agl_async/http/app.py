@@ -29,7 +29,11 @@ Adding a route that is not a store method (e.g. ``POST /v1/traces``, ``GET /metr
 and a middleware (an ASGI app factory, e.g. request metrics) with ``app.add_middleware(factory)``; it
 wraps every request, store routes included. Both are done before the server starts; a module that
 provides a feature exposes an ``install(app)`` function and is named in the server's
-:data:`~agl_async.http.server.APP_EXTENSIONS`.
+:data:`~agl_async.http.server.APP_EXTENSIONS`. What an extension may read: ``app.store``,
+``app.auth_token`` (the server's token, ``None`` without one), ``app.options`` (the server's
+per-server settings of its extensions, e.g. ``metrics=`` and ``dashboard=``: a feature turned off
+there installs nothing) and ``app.routes`` (every route served, for labelling requests by route);
+it may keep its per-server objects in ``app.extensions[name]`` for inspection.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
+from starlette.routing import BaseRoute
 from starlette.routing import Route as StarletteRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -115,9 +120,15 @@ class StoreApp:
         max_body_bytes: int,
         idempotency: IdempotencyCache,
         openapi: bytes,
+        options: Mapping[str, Any] | None = None,
     ) -> None:
         self.store = store
+        self.auth_token = auth_token or None
         self.max_body_bytes = max_body_bytes
+        #: Per-server settings of the extensions (see the module docstring).
+        self.options: dict[str, Any] = dict(options or {})
+        #: What installed extensions keep for this application, by name (for inspection).
+        self.extensions: dict[str, Any] = {}
         self._auth_header = f"Bearer {auth_token}".encode() if auth_token else None
         self._idempotency = idempotency
         self._openapi = openapi
@@ -143,6 +154,11 @@ class StoreApp:
         is checked before the endpoint runs; :class:`HTTPError` and any other exception take the
         one error path."""
         self._starlette.router.routes.append(self._route(path, endpoint, methods, auth=auth))
+
+    @property
+    def routes(self) -> list[BaseRoute]:
+        """Every route served (store routes, health, OpenAPI, added routes), in matching order."""
+        return list(self._starlette.router.routes)
 
     def add_middleware(self, middleware: Callable[[ASGIApp], ASGIApp]) -> None:
         """Wrap the whole application (store routes included) in ``middleware(app)``."""

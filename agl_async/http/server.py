@@ -84,7 +84,10 @@ DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 #: Features installed on every server's application, one ``"module:function"`` row each: the
 #: function is called with the :class:`~agl_async.http.app.StoreApp` when the server is made
 #: (it adds routes and middleware; see :mod:`agl_async.http.app`). Imported only then.
-APP_EXTENSIONS: list[str] = []
+APP_EXTENSIONS: list[str] = [
+    "agl_async.http.metrics:install",  # GET /metrics and the request-metrics middleware (issue 14)
+    "agl_async.http.dashboard:install",  # GET / and /v1/dashboard/... (issue 14)
+]
 
 
 class LightningStoreServer(DelegatingStore):
@@ -96,6 +99,12 @@ class LightningStoreServer(DelegatingStore):
     ``allow_unauthenticated``) unless ``allow_unauthenticated=True``. ``ssl_certfile`` /
     ``ssl_keyfile`` (PEM; the key may sit in the certificate file) serve HTTPS. Bodies over
     ``max_body_bytes`` get a 413.
+
+    ``dashboard`` serves the live dashboard at ``GET /`` (:mod:`agl_async.http.dashboard`; its
+    data routes take the bearer token or the dashboard's session cookie) and ``metrics`` the
+    Prometheus exposition at ``GET /metrics`` (:mod:`agl_async.http.metrics`, needs the
+    ``metrics`` extra); both on by default, off: 404. They are settings of the extensions in
+    :data:`APP_EXTENSIONS` (``app.options``).
     """
 
     def __init__(
@@ -113,6 +122,8 @@ class LightningStoreServer(DelegatingStore):
         idempotency_cache_size: int = 8192,
         idempotency_cache_bytes: int = 64 * 1024 * 1024,
         log_level: str = "warning",
+        metrics: bool = True,
+        dashboard: bool = True,
     ) -> None:
         if not isinstance(store, LightningStore):
             raise TypeError(f"LightningStoreServer serves a LightningStore, got {type(store).__name__}")
@@ -145,6 +156,7 @@ class LightningStoreServer(DelegatingStore):
             max_body_bytes=max_body_bytes,
             idempotency=IdempotencyCache(idempotency_cache_size, idempotency_cache_bytes),
             openapi=_openapi_bytes(),
+            options={"metrics": metrics, "dashboard": dashboard},
         )
         for extension in APP_EXTENSIONS:
             module, _, function = extension.partition(":")
