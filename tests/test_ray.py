@@ -204,6 +204,8 @@ def test_alias_and_dict_resolve_to_the_ray_strategy() -> None:
         ({"runner_options": [("num_cpus", 1)]}, "mapping"),
         ({"client_options": {"endpoint": "x"}}, "client_options may not set endpoint"),
         ({"server_options": {"auth_token": "x"}}, "server_options may not set auth_token"),
+        ({"client_options": {"verify": False}}, "client_options may not set verify"),
+        ({"verify": "/no/such/ca.pem"}, "does not exist"),
     ],
 )
 def test_bad_arguments_are_value_errors(kwargs: dict[str, Any], message: str) -> None:
@@ -300,6 +302,21 @@ async def test_port_in_use_fails_fast_naming_it_and_places_no_actor(shared_ray: 
                 bundles.algorithm_waits_for_event, bundles.runner_until_event, InMemoryLightningStore()
             )
     assert [n for n in ray.util.list_named_actors() if n.startswith("agl-async-")] == []
+
+
+async def test_https_server_with_the_ca_given_to_the_actors(shared_ray: str, tls_files: Any) -> None:
+    """Section 9 on Ray: the server serves HTTPS with its certificate, and the actors verify it
+    with the CA path they are given (an actor that could not would never announce itself)."""
+    s = strategy(1, ssl_certfile=tls_files.cert, ssl_keyfile=tls_files.key, verify=str(tls_files.ca))
+    seen: dict[str, Any] = {}
+
+    async def algorithm(store: LightningStore, event: ExecutionEvent) -> None:
+        seen["endpoint"] = s.server_endpoint
+        await bundles.wait_ready(store, 1)
+
+    with anyio.fail_after(GUARD):
+        await s.execute(algorithm, bundles.runner_until_event, InMemoryLightningStore())
+    assert seen["endpoint"].startswith("https://127.0.0.1:")
 
 
 async def test_unmanaged_store_itself_goes_to_the_actors(shared_ray: str) -> None:

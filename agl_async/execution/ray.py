@@ -40,6 +40,7 @@ that is a ``RuntimeError`` naming it.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import threading
 from collections.abc import AsyncIterator, Mapping
@@ -58,6 +59,7 @@ except ImportError as exc:  # pragma: no cover - exercised in environments witho
 from .._backend import running_asyncio_loop
 from .._net import is_loopback
 from .._validate import check_count, check_seconds
+from ..http._tls import Verify, check_verify
 from ..http.server import LightningStoreServer
 from ..store.base import LightningStore
 from ._env import env_bool, env_str
@@ -160,10 +162,11 @@ class RayExecutionStrategy(ExecutionStrategy):
     """Store server and algorithm here, runners as Ray actors. See the module docstring.
 
     Beyond the contract's parameters: ``auth_token`` (the server's bearer token; None: env
-    ``AGL_SERVER_TOKEN``, else generated when the server is not on loopback; ``""``: none),
-    ``server_options`` (more keyword arguments of ``LightningStoreServer``, e.g. its certificate
-    and key for HTTPS), ``client_options`` (more keyword arguments of the actors'
-    ``LightningStoreClient``, e.g. ``verify`` with a CA path; they must pickle) and
+    ``AGL_SERVER_TOKEN``, else generated when the server is not on loopback; ``""``: none);
+    section 9's ``ssl_certfile`` / ``ssl_keyfile`` (the server serves HTTPS), ``verify`` (how the
+    actors check it: a CA path, which travels to them; an ``ssl.SSLContext`` does not pickle) and
+    ``allow_unauthenticated``; ``server_options`` / ``client_options`` (any other keyword
+    arguments of ``LightningStoreServer`` / the actors' ``LightningStoreClient``) and
     ``init_options`` (extra keyword arguments of ``ray.init`` when the strategy opens the session,
     e.g. ``{"num_cpus": 4}`` or a ``runtime_env``).
     """
@@ -183,6 +186,10 @@ class RayExecutionStrategy(ExecutionStrategy):
         terminate_timeout: float = 10.0,
         managed_store: bool | None = None,
         auth_token: str | None = None,
+        ssl_certfile: str | os.PathLike[str] | None = None,
+        ssl_keyfile: str | os.PathLike[str] | None = None,
+        verify: Verify = True,
+        allow_unauthenticated: bool = False,
         server_options: Mapping[str, Any] | None = None,
         client_options: Mapping[str, Any] | None = None,
         init_options: Mapping[str, Any] | None = None,
@@ -196,10 +203,15 @@ class RayExecutionStrategy(ExecutionStrategy):
             raise ValueError(f"max_restarts must be an integer >= 0 (or -1: unlimited), got {max_restarts!r}")
         check_seconds(graceful_timeout, "graceful_timeout", optional=False)
         check_seconds(terminate_timeout, "terminate_timeout", optional=False)
+        self.ssl_certfile, self.ssl_keyfile = ssl_certfile, ssl_keyfile
+        self.verify = check_verify(verify)
+        self.allow_unauthenticated = bool(allow_unauthenticated)
         self.server_options = _options(
-            "server_options", server_options, ("store", "host", "port", "auth_token")
+            "server_options",
+            server_options,
+            ("store", "host", "port", "auth_token", "ssl_certfile", "ssl_keyfile", "allow_unauthenticated"),
         )
-        self.client_options = _options("client_options", client_options, ("endpoint", "auth_token"))
+        self.client_options = _options("client_options", client_options, ("endpoint", "auth_token", "verify"))
         self.init_options = _options("init_options", init_options, ("address",))
         self.n_runners = n_runners
         self.address = address
@@ -231,7 +243,10 @@ class RayExecutionStrategy(ExecutionStrategy):
         _require_asyncio("RayExecutionStrategy")
         runner_bytes = _dumps("runner bundle", runner)
         store_spec: StoreSpec | None = None
-        _dumps("client_options", self.client_options)
+        _dumps(
+            "verify and client_options (an ssl.SSLContext does not pickle: pass a CA path)",
+            self._client_spec("", ""),
+        )
         if not self.managed_store:
             store_spec = ("store", _dumps("store (managed_store=False hands it to the actors)", store))
         logger.info("Ray run: %r", self)
@@ -257,7 +272,16 @@ class RayExecutionStrategy(ExecutionStrategy):
         if self.auth_token is None and not token and not is_loopback(host):
             token = secrets.token_urlsafe(32)
             logger.info("the store server binds %s: requiring a token generated for this run", host)
-        return LightningStoreServer(store, host, self.server_port, auth_token=token, **self.server_options)
+        return LightningStoreServer(
+            store,
+            host,
+            self.server_port,
+            auth_token=token,
+            ssl_certfile=self.ssl_certfile,
+            ssl_keyfile=self.ssl_keyfile,
+            allow_unauthenticated=self.allow_unauthenticated,
+            **self.server_options,
+        )
 
     def _advertise(self, server: LightningStoreServer) -> StoreSpec:
         """How the actors reach ``server`` (bound and serving): its endpoint, a wildcard bind
@@ -270,7 +294,10 @@ class RayExecutionStrategy(ExecutionStrategy):
         token = server.auth_token or ""
         self.server_endpoint, self.server_token = endpoint, token or None
         logger.info("store server for the runner actors at %s", endpoint)
-        return ("client", {**self.client_options, "endpoint": endpoint, "auth_token": token})
+        return ("client", self._client_spec(endpoint, token))
+
+    def _client_spec(self, endpoint: str, token: str) -> dict[str, Any]:
+        return {**self.client_options, "endpoint": endpoint, "auth_token": token, "verify": self.verify}
 
     async def _supervise(
         self,
@@ -322,6 +349,7 @@ async def run_runner_actors(
     max_restarts: int = 0,
     graceful_timeout: float = 10.0,
     terminate_timeout: float = 10.0,
+    verify: Verify = True,
     client_options: Mapping[str, Any] | None = None,
     init_options: Mapping[str, Any] | None = None,
 ) -> None:
@@ -334,9 +362,10 @@ async def run_runner_actors(
     _require_asyncio("run_runner_actors")
     check_count(n_runners, "n_runners")
     runner_bytes = _dumps("runner bundle", runner)
-    options = _options("client_options", client_options, ("endpoint", "auth_token"))
-    _dumps("client_options", options)
-    spec: StoreSpec = ("client", {**options, "endpoint": endpoint, "auth_token": auth_token or ""})
+    options = _options("client_options", client_options, ("endpoint", "auth_token", "verify"))
+    client = {**options, "endpoint": endpoint, "auth_token": auth_token or "", "verify": check_verify(verify)}
+    _dumps("verify and client_options (an ssl.SSLContext does not pickle: pass a CA path)", client)
+    spec: StoreSpec = ("client", client)
     async with ray_session(address, init_options):
         event = ThreadingExecutionEvent()
         supervisor = Supervisor(event, graceful_timeout, "graceful_timeout")
