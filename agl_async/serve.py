@@ -54,8 +54,9 @@ def redact_url(url: str) -> str:
         return "<unparsable URL>"
 
 
-def run_workers(args: argparse.Namespace, error: Any) -> int:
-    """The command's process for ``--workers N > 1``; ``error(message, code)`` makes the CLI's
+def run_workers(args: argparse.Namespace, token: str | None, link_token: str | None, error: Any) -> int:
+    """The command's process for ``--workers N > 1`` (``token``: the one the command resolved,
+    ``link_token``: the one its dashboard link may show); ``error(message, code)`` makes the CLI's
     error (exit code 2 for a store that cannot be shared)."""
     scheme = urlsplit(args.store).scheme.lower()
     if scheme not in SHARED_SCHEMES:
@@ -65,9 +66,17 @@ def run_workers(args: argparse.Namespace, error: Any) -> int:
             "serve it with one worker",
             2,
         )
+    options = ["--log-level", args.log_level, "serve", "--host", args.host]
+    if args.ssl_certfile:
+        options += ["--ssl-certfile", args.ssl_certfile]
+        if args.ssl_keyfile:
+            options += ["--ssl-keyfile", args.ssl_keyfile]
+    if args.insecure:
+        options.append("--insecure")
+    scheme = "https" if args.ssl_certfile else "http"
     try:
         return anyio.run(
-            _serve_many, args.store, args.host, args.port, args.token, args.workers, args.log_level
+            _serve_many, args.store, args.host, args.port, token, link_token, args.workers, options, scheme
         )
     except ConnectionError as exc:
         raise error(f"cannot open the store {redact_url(args.store)}: {exc}", 1) from None
@@ -109,20 +118,28 @@ async def _check_store(url: str) -> None:
 
 
 async def _serve_many(
-    store_url: str, host: str, port: int, token: str | None, workers: int, log_level: str
+    store_url: str,
+    host: str,
+    port: int,
+    token: str | None,
+    link_token: str | None,
+    workers: int,
+    options: list[str],
+    scheme: str,
 ) -> int:
     reservation = bind_socket(host, port, what="the store servers", listen=False, reuse_port=True)
     try:
         port = reservation.getsockname()[1]
         await _check_store(store_url)
         env = {**os.environ, "AGL_STORE_URL": store_url}  # secrets in the environment, not in `ps`
+        env.pop("AGL_SERVER_TOKEN", None)
         if token:
             env["AGL_SERVER_TOKEN"] = token
         read_fd, write_fd = os.pipe()
         processes: list[anyio.abc.Process] = []
         try:
-            command = [sys.executable, "-m", "agl_async.cli", "--log-level", log_level, "serve"]
-            command += ["--host", host, "--port", str(port), "--worker-of", f"{os.getpid()}:{write_fd}"]
+            command = [sys.executable, "-m", "agl_async.cli", *options]
+            command += ["--port", str(port), "--worker-of", f"{os.getpid()}:{write_fd}"]
             for _ in range(workers):
                 # A session of its own: a Ctrl-C in the terminal reaches this process only, which
                 # stops the children itself (their exits are then expected, not failures).
@@ -133,7 +150,8 @@ async def _serve_many(
         finally:
             os.close(write_fd)
         try:
-            return await _supervise(processes, read_fd, workers, http_url(host, port, bound=True), store_url)
+            endpoint = http_url(host, port, bound=True).replace("http://", f"{scheme}://", 1)
+            return await _supervise(processes, read_fd, workers, endpoint, store_url, token, link_token)
         finally:
             os.close(read_fd)
     finally:
@@ -141,7 +159,13 @@ async def _serve_many(
 
 
 async def _supervise(
-    processes: list[anyio.abc.Process], read_fd: int, workers: int, endpoint: str, store_url: str
+    processes: list[anyio.abc.Process],
+    read_fd: int,
+    workers: int,
+    endpoint: str,
+    store_url: str,
+    token: str | None,
+    link_token: str | None,
 ) -> int:
     failed: list[str] = []
     stopping = False
@@ -164,11 +188,18 @@ async def _supervise(
                     if not chunk:
                         return  # every child closed the pipe: the watchers say who failed
                     got += len(chunk)
+                from .http.dashboard import dashboard_url
+
+                auth = " (bearer token required)" if token else ""
                 print(
-                    f"agl-async: {workers} store server processes listening on {endpoint}, "
+                    f"agl-async: {workers} store server processes listening on {endpoint}{auth}, "
                     f"store {redact_url(store_url)}; Ctrl-C to stop",
                     flush=True,
                 )
+                link = dashboard_url(endpoint, link_token)  # as a single server prints it (issue 14)
+                if token and not link_token:
+                    link += " (open it with ?token=<the token in --token-file>)"
+                print(f"agl-async: dashboard: {link}", flush=True)
 
             tg.start_soon(ready)
             async for signum in signals:

@@ -48,6 +48,7 @@ __all__ = [
     "RESOURCES_COLS",
     "ROLLOUTS_BY_ID",
     "ROLLOUT_COLS",
+    "ROLLOUT_ORDERS",
     "ROLLOUT_STATUSES_BY_ID",
     "SAVE_ATTEMPT",
     "SAVE_ROLLOUT_FIELDS",
@@ -162,10 +163,29 @@ LOCK_ROLLOUTS = (
 ROLLOUTS_BY_ID = f"SELECT {ROLLOUT_COLS} FROM agl_rollouts WHERE rollout_id = ANY($1::text[])"
 ROLLOUT_STATUSES_BY_ID = "SELECT rollout_id, status FROM agl_rollouts WHERE rollout_id = ANY($1::text[])"
 TERMINAL_ROLLOUTS_BY_ID = ROLLOUTS_BY_ID + " AND status IN ('succeeded', 'failed', 'cancelled')"
+# Filtered ($1 statuses, $2 a substring of the id), ordered by {order}, paged ($3 limit or NULL
+# for all, $4 offset). {order} is one of ROLLOUT_ORDERS: never a caller's text.
 QUERY_ROLLOUTS = f"""
 SELECT {ROLLOUT_COLS} FROM agl_rollouts
-WHERE ($1::text[] IS NULL OR status = ANY($1::text[])) ORDER BY seq
+WHERE ($1::text[] IS NULL OR status = ANY($1::text[])) AND ($2::text IS NULL OR strpos(rollout_id, $2) > 0)
+ORDER BY {{order}} LIMIT $3 OFFSET $4
 """
+# sort_by -> ORDER BY: ties in creation order (reversed for desc), missing values last in both
+# orders; text in code point order (COLLATE "C"), as Python compares strings.
+ROLLOUT_ORDERS: dict[tuple[str | None, str], str] = {
+    (None, "asc"): "seq",
+    (None, "desc"): "seq",  # without sort_by: creation order, whatever sort_order says
+    **{
+        (field, direction): f"{column} {direction.upper()} NULLS LAST, seq {direction.upper()}"
+        for field, column in (
+            ("rollout_id", 'rollout_id COLLATE "C"'),
+            ("status", 'status COLLATE "C"'),
+            ("start_time", "start_time"),
+            ("end_time", "end_time"),
+        )
+        for direction in ("asc", "desc")
+    },
+}
 QUERY_ROLLOUTS_BY_ID = ROLLOUTS_BY_ID + " AND ($2::text[] IS NULL OR status = ANY($2::text[]))"
 
 # $1 ids, $2 inputs, $3 modes, $4 resources ids (NULL: the latest), $5 configs, $6 metadata,

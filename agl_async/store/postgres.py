@@ -98,7 +98,15 @@ from ._postgres_rows import (
 )
 from ._postgres_schema import NOTIFY_CHANNEL
 from ._rules import new_id, rollout_status_for
-from .base import UNSET, EnqueueRolloutRequest, LightningStore, Unset
+from .base import (
+    UNSET,
+    EnqueueRolloutRequest,
+    LightningStore,
+    RolloutSortField,
+    Unset,
+    check_rollout_query,
+    select_rollouts,
+)
 
 if TYPE_CHECKING:
     from ._postgres_events import Listener, Wakeups, Watchdog
@@ -1173,14 +1181,30 @@ class PostgresLightningStore(LightningStore):
         *,
         status_in: Sequence[RolloutStatus] | None = None,
         rollout_id_in: Sequence[str] | None = None,
+        rollout_id_contains: str | None = None,
+        sort_by: RolloutSortField | None = None,
+        sort_order: Literal["asc", "desc"] = "asc",
+        limit: int = -1,
+        offset: int = 0,
     ) -> list[Rollout]:
+        check_rollout_query(rollout_id_contains, sort_by, sort_order, limit, offset)
         statuses = None if status_in is None else [str(s) for s in status_in]
-        if rollout_id_in is None:
-            return [rollout_model(rec) for rec in await self._read("fetch", sql.QUERY_ROLLOUTS, statuses)]
+        if rollout_id_in is None:  # filtered, ordered and paged by the database
+            statement = sql.QUERY_ROLLOUTS.format(order=sql.ROLLOUT_ORDERS[sort_by, sort_order])
+            page_size = None if limit == -1 else limit
+            recs = await self._read("fetch", statement, statuses, rollout_id_contains, page_size, offset)
+            return [rollout_model(rec) for rec in recs]
         wanted = [rid for rid in dict.fromkeys(rollout_id_in) if isinstance(rid, str)]
         recs = await self._read("fetch", sql.QUERY_ROLLOUTS_BY_ID, wanted, statuses)
-        by_id = {rec["rollout_id"]: rec for rec in recs}
-        return [rollout_model(by_id[rid]) for rid in wanted if rid in by_id]  # in the order asked
+        by_id = {rec["rollout_id"]: rollout_model(rec) for rec in recs}
+        return select_rollouts(  # a page of the ids asked: ordered here, in the order asked
+            (by_id[rid] for rid in wanted if rid in by_id),
+            rollout_id_contains=rollout_id_contains,
+            sort_by=sort_by,
+            sort_order=sort_order,
+            limit=limit,
+            offset=offset,
+        )
 
     async def query_attempts(self, rollout_id: str) -> list[Attempt]:
         if _not_str(rollout_id):
