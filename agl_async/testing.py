@@ -97,7 +97,7 @@ async def _postgres_in_fresh_database(server_url: str | None) -> AsyncIterator[L
     base, _, query = server_url.partition("?")
     dsn = base.rsplit("/", 1)[0] + "/" + name + (f"?{query}" if query else "")
     try:
-        async with PostgresLightningStore(dsn, pool_size=4) as pg_store:
+        async with PostgresLightningStore(dsn) as pg_store:
             yield pg_store
     finally:
         admin = await asyncpg.connect(server_url)

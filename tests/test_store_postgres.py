@@ -249,3 +249,43 @@ async def test_a_silently_dead_listener_is_noticed_and_replaced(
             assert [r.status for r in done] == ["succeeded"]
         finally:
             os.kill(frozen, signal.SIGCONT)
+
+
+async def test_a_rollout_wakes_one_long_poll_and_a_cancelled_one_hands_its_turn_on(pg_dsn: str) -> None:
+    async with PostgresLightningStore(pg_dsn) as store:
+        rt = await store._rt()
+        assert rt.wakeups is not None
+        got: dict[int, Any] = {}
+        scopes: dict[int, anyio.CancelScope] = {}
+        arrived = {i: anyio.Event() for i in range(3)}
+        with anyio.fail_after(HANG_GUARD):
+            async with anyio.create_task_group() as tg:
+
+                async def poll(i: int, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+                    with anyio.CancelScope() as scope:
+                        scopes[i] = scope
+                        task_status.started()
+                        got[i] = await store.dequeue_rollout(worker_id=f"w{i}", timeout=HANG_GUARD)
+                        arrived[i].set()
+
+                for i in range(3):  # in line in this order
+                    await tg.start(poll, i)
+                    await anyio.wait_all_tasks_blocked()
+                # One rollout: one poll wakes (the first in line), the others keep waiting.
+                first = await store.enqueue_rollout("one")
+                await arrived[0].wait()  # the notification comes back over the listener
+                assert got[0] is not None and got[0].rollout_id == first.rollout_id
+                await anyio.wait_all_tasks_blocked()
+                assert set(got) == {0} and len(rt.wakeups._queue_waiters) == 2
+                # A rollout that entered the queue without a notification, and a poll woken for
+                # it that is cancelled before it looks: its turn goes to the next in line.
+                started = await store.start_rollout("two")
+                await rt.pool.execute(
+                    "UPDATE agl_rollouts SET status = 'queuing', queue_pos = nextval('agl_queue_seq') "
+                    "WHERE rollout_id = $1",
+                    started.rollout_id,
+                )
+                rt.wakeups.queue_changed(1)  # wakes poll 1 ...
+                scopes[1].cancel()  # ... which is cancelled before it runs
+                await arrived[2].wait()
+        assert got[2] is not None and got[2].rollout_id == started.rollout_id and 1 not in got

@@ -5,7 +5,8 @@ Wake-ups (LISTEN/NOTIFY)
     :data:`NOTIFY_CHANNEL` *inside* the transaction, so PostgreSQL delivers it at commit, to
     every process listening, only if the change happened:
 
-    * ``q`` — a rollout entered the queue (long-polling dequeues try again);
+    * ``q <n>`` — ``n`` rollouts entered the queue: up to ``n`` long-polling dequeues of each
+      process try to claim (the longest waiting first), not all of them;
     * ``t <id> <id> …`` — these rollouts became terminal (``wait_for_rollouts`` calls waiting
       for one of them look again);
     * ``d <epoch seconds>`` — a live attempt got a deadline (the watchdog may have to wake
@@ -28,6 +29,7 @@ The watchdog (:class:`Watchdog`)
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import math
@@ -39,7 +41,15 @@ import asyncpg
 
 from ._postgres_schema import NOTIFY_CHANNEL, WATCHDOG_LOCK_KEY
 
-__all__ = ["CONNECTION_ERRORS", "PG_ERRORS", "Listener", "Wakeups", "Watchdog", "notify_payloads"]
+__all__ = [
+    "CONNECTION_ERRORS",
+    "PG_ERRORS",
+    "Listener",
+    "QueueWaiter",
+    "Wakeups",
+    "Watchdog",
+    "notify_payloads",
+]
 
 logger = logging.getLogger("agl_async")
 
@@ -69,6 +79,15 @@ def notify_payloads(terminal: list[str]) -> list[str]:
     return out
 
 
+class QueueWaiter:
+    """One long-polling dequeue waiting for the queue; its event is set when it is its turn."""
+
+    __slots__ = ("event",)
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+
+
 class _Waiter:
     """One ``wait_for_rollouts`` call: the ids it waits for, those announced finished since it
     last looked (``hits``), and whether it must look at all of them again (``everything``: a
@@ -94,7 +113,7 @@ class Wakeups:
     """This process's waiters, woken by notifications (or by everything when they may be lost)."""
 
     def __init__(self) -> None:
-        self._queue_event: anyio.Event | None = None
+        self._queue_waiters: collections.deque[QueueWaiter] = collections.deque()
         self._waiters: dict[str, list[_Waiter]] = {}
         self._deadline_event: anyio.Event | None = None
         self._deadline_target = math.inf
@@ -104,16 +123,23 @@ class Wakeups:
         self.degraded_interval = 0.5
 
     # ------------------------------------------------------------------ the queue
-    def queue_event(self) -> anyio.Event:
-        """The event the next ``q`` sets; take it *before* looking at the queue."""
-        if self._queue_event is None:
-            self._queue_event = anyio.Event()
-        return self._queue_event
+    def queue_waiter(self) -> QueueWaiter:
+        """A place in the line of long polls; take it *before* looking at the queue."""
+        waiter = QueueWaiter()
+        self._queue_waiters.append(waiter)
+        return waiter
 
-    def queue_changed(self) -> None:
-        event, self._queue_event = self._queue_event, None
-        if event is not None:
-            event.set()
+    def leave_queue_line(self, waiter: QueueWaiter) -> None:
+        with contextlib.suppress(ValueError):
+            self._queue_waiters.remove(waiter)
+
+    def queue_changed(self, count: int | None = None) -> None:
+        """``count`` rollouts entered the queue: wake that many long polls, the longest waiting
+        first (``None``: all of them)."""
+        waiters = self._queue_waiters
+        n = len(waiters) if count is None else min(count, len(waiters))
+        for _ in range(n):
+            waiters.popleft().event.set()
 
     # ------------------------------------------------------------------ terminal rollouts
     def register(self, rollout_ids: set[str]) -> _Waiter:
@@ -170,7 +196,7 @@ class Wakeups:
     def dispatch(self, payload: str) -> None:
         kind, _, rest = payload.partition(" ")
         if kind == "q":
-            self.queue_changed()
+            self.queue_changed(int(rest) if rest.isdigit() else None)
         elif kind == "t":
             self.finished(rest.split())
         elif kind == "d":

@@ -109,7 +109,7 @@ from .base import (
 )
 
 if TYPE_CHECKING:
-    from ._postgres_events import Listener, Wakeups, Watchdog
+    from ._postgres_events import Listener, QueueWaiter, Wakeups, Watchdog
 
 __all__ = ["PostgresLightningStore"]
 
@@ -130,13 +130,13 @@ class _Tx:
     and rollouts to save, worker changes, notifications. :meth:`flush` writes it all in one
     statement just before the commit (one round trip instead of one per row)."""
 
-    __slots__ = ("attempts", "conn", "deadline", "now", "queue", "rollouts", "terminal", "worker_ops")
+    __slots__ = ("attempts", "conn", "deadline", "now", "queued", "rollouts", "terminal", "worker_ops")
 
     def __init__(self, conn: Any, now: float) -> None:
         self.conn = conn
         self.now = now
         self.terminal: list[str] = []
-        self.queue = False
+        self.queued = 0  # rollouts that entered the queue
         self.deadline: float | None = None
         self.attempts: dict[str, AttemptRow] = {}
         self.rollouts: dict[str, RolloutRow] = {}
@@ -162,8 +162,8 @@ class _Tx:
         from ._postgres_events import notify_payloads
 
         payloads = notify_payloads(self.terminal)
-        if self.queue:
-            payloads.append("q")
+        if self.queued:
+            payloads.append(f"q {self.queued}")
         if self.deadline is not None:
             payloads.append(f"d {self.deadline!r}")
         return payloads
@@ -186,7 +186,7 @@ class _Tx:
         self.attempts.clear()
         self.rollouts.clear()
         self.worker_ops = []
-        self.terminal, self.queue, self.deadline = [], False, None
+        self.terminal, self.queued, self.deadline = [], 0, None
 
 
 def _flush_args(
@@ -633,7 +633,7 @@ class PostgresLightningStore(LightningStore):
             if status in QUEUE_STATUSES:
                 if not r.queued:
                     r.queue_move, r.queued = "tail", True
-                    tx.queue = True
+                    tx.queued += 1
                 return
         if r.queued:
             r.queue_move, r.queued = "out", False
@@ -795,7 +795,7 @@ class PostgresLightningStore(LightningStore):
                 [e[1].unresponsive_seconds for e in encoded],
             )
             bound = {rec["rollout_id"]: rec["resources_id"] for rec in recs}
-            tx.queue = True
+            tx.queued += len(recs)
             return [
                 Rollout(
                     rollout_id=rid,
@@ -862,20 +862,36 @@ class PostgresLightningStore(LightningStore):
         rt = await self._rt()
         assert rt.wakeups is not None
         deadline = time.monotonic() + timeout if timeout else None
-        while True:
-            # Take the wake-up event before looking, so that an enqueue in between is not missed.
-            event = rt.wakeups.queue_event()
-            claimed = await self._claim(1, worker_id, idle_if_empty=True)
-            if claimed:
-                return claimed[0]
-            remaining = 0.0 if deadline is None else deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            if not rt.wakeups.listening:
-                remaining = min(remaining, rt.wakeups.degraded_interval)
-            # Cancelling this wait claims nothing: the claim above is one committed statement.
-            with anyio.move_on_after(remaining):
-                await event.wait()
+        # Long polls wait in line: a rollout entering the queue wakes one of them (see
+        # _postgres_events). A wake-up this call takes but does not turn into a look at the queue
+        # (cancelled, or it returns with another rollout) is handed on to the next in line.
+        owed = False
+        waiter: QueueWaiter | None = None
+        try:
+            while True:
+                waiter = rt.wakeups.queue_waiter()  # in line before looking: no enqueue slips by
+                claimed = await self._claim(1, worker_id, idle_if_empty=True)
+                owed = False
+                if claimed:
+                    return claimed[0]
+                remaining = 0.0 if deadline is None else deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                if not rt.wakeups.listening:
+                    remaining = min(remaining, rt.wakeups.degraded_interval)
+                # Cancelling this wait claims nothing: the claim above is one committed statement.
+                with anyio.move_on_after(remaining):
+                    await waiter.event.wait()
+                owed = waiter.event.is_set()
+                rt.wakeups.leave_queue_line(waiter)
+                waiter = None
+                await anyio.lowlevel.checkpoint()  # a cancellation that came with the wake-up: leave now
+        finally:
+            if waiter is not None:
+                rt.wakeups.leave_queue_line(waiter)
+                owed = owed or waiter.event.is_set()
+            if owed:
+                rt.wakeups.queue_changed(1)
 
     async def dequeue_many_rollouts(
         self, *, limit: int = 1, worker_id: WorkerId | None = None
@@ -900,7 +916,7 @@ class PostgresLightningStore(LightningStore):
             await tx.conn.execute(sql.UNCLAIM_ROLLOUT, r.rollout_id, status, previous)
             if a.worker_id is not None:
                 tx.worker_ops.append(("release", wkey(a.worker_id), "idle", tx.now, a.attempt_id))
-            tx.queue = True
+            tx.queued += 1
             return True
 
         return await self._write(run)
