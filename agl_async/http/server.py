@@ -19,7 +19,8 @@ Signals
 
 Wire protocol and errors
     One ``POST /v1/<method>`` per store method (see :mod:`agl_async.http.protocol`), plus
-    ``GET /v1/health`` (never authenticated) and ``GET /v1/openapi.json``. Every error is a JSON body
+    ``GET /v1/health`` (never authenticated), ``GET /v1/openapi.json`` and OTLP/HTTP trace export
+    at ``POST /v1/traces`` (:mod:`agl_async.http.otlp`, which answers errors as OTLP prescribes). Every error is a JSON body
     ``{"error": kind, "detail": message}``: 400 for malformed JSON and for the store's
     ``ValueError`` (the client re-raises it as ``ValueError`` with the same message), 401 for a
     missing/wrong bearer token, 404 unknown route, 405 wrong method, 413 body over
@@ -61,6 +62,7 @@ from starlette.types import Receive, Scope, Send
 from ..store.base import UNSET, EnqueueRolloutRequest, LightningStore
 from ..store.delegation import delegate
 from ..types import Span, WorkerId
+from . import otlp
 from . import protocol as p
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "LightningStoreServer"]
@@ -397,6 +399,10 @@ class LightningStoreServer(LightningStore):
         ]
         handlers = self._handlers()
         endpoints = {spec.path: self._endpoint(spec, handlers[name]) for name, spec in p.ROUTES.items()}
+        # OTLP/HTTP trace ingestion (agl_async.http.otlp): same auth and body limit as the store routes.
+        endpoints[otlp.TRACES_PATH] = otlp.traces_endpoint(
+            self.store, authorized=self._authorized, max_body_bytes=self.max_body_bytes
+        )
         routes += [Route(path, endpoint, methods=["POST"]) for path, endpoint in endpoints.items()]
         app = Starlette(
             routes=routes,
@@ -733,7 +739,9 @@ class LightningStoreServer(LightningStore):
 
 @functools.cache
 def _openapi_bytes() -> bytes:
-    return _encoder.encode(p.openapi_document())
+    document = p.openapi_document()
+    document["paths"].update(otlp.openapi_paths())  # POST /v1/traces (agl_async.http.otlp)
+    return _encoder.encode(document)
 
 
 def _has_httptools() -> bool:
