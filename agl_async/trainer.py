@@ -37,9 +37,11 @@ import anyio.to_thread
 
 from .algorithm import REWARD_KEY, Algorithm, Baseline
 from .execution.base import ExecutionStrategy, resolve_strategy
+from .semconv import REWARD_SPAN_NAME
 from .store.base import LightningStore
 from .store.locked import LightningStoreLocked
 from .store.memory import InMemoryLightningStore
+from .tracing import trace_attempt
 from .types import AttemptedRollout, Span, WorkerId
 
 __all__ = [
@@ -54,8 +56,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Name of the span the runner loop records for an agent's reward (attribute ``"reward"``).
-REWARD_SPAN_NAME = "agl_async.reward"
 
 #: An agent: ``agent(task_input, resources) -> reward`` (``float`` or ``None``), sync or async.
 Agent = Callable[[Any, dict[str, Any]], "float | Awaitable[float | None] | None"]
@@ -239,7 +239,9 @@ async def _execute(
             if interval > 0:
                 tg.start_soon(_heartbeat, store, worker_id, rollout_id, attempt_id, interval)
             try:
-                reward = _as_reward(await _call_agent(agent, rollout.input, resources))
+                # The agent's OpenTelemetry spans, written to the store on exit (agl_async.tracing).
+                async with trace_attempt(store, rollout_id, attempt_id):
+                    reward = _as_reward(await _call_agent(agent, rollout.input, resources))
             except Exception as exc:
                 error, error_traceback = exc, traceback.format_exc()
             finally:

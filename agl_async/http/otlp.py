@@ -459,7 +459,8 @@ async def write_spans(store: LightningStore, decoded: DecodedSpans) -> None:
 
 def _error_message(rejected: Counter[str]) -> str:
     reasons = rejected.most_common()
-    text = "; ".join(f"{count} span{'s' if count > 1 else ''}: {reason}" for reason, count in reasons[:_MAX_REASONS])
+    shown = reasons[:_MAX_REASONS]
+    text = "; ".join(f"{count} span{'s' if count > 1 else ''}: {reason}" for reason, count in shown)
     if len(reasons) > _MAX_REASONS:
         text += f"; and {len(reasons) - _MAX_REASONS} more reasons"
     return f"rejected {sum(rejected.values())} spans ({text})"
@@ -599,10 +600,12 @@ def openapi_paths() -> dict[str, Any]:
         "description": "google.rpc.Status (protobuf for protobuf requests)",
     }
 
+    binary = {"type": "string", "format": "binary"}
+
     def error(description: str) -> dict[str, Any]:
         return {
             "description": description,
-            "content": {JSON: {"schema": status}, PROTOBUF: {"schema": {"type": "string", "format": "binary"}}},
+            "content": {JSON: {"schema": status}, PROTOBUF: {"schema": binary}},
         }
 
     return {
@@ -627,8 +630,8 @@ def openapi_paths() -> dict[str, Any]:
                 "requestBody": {
                     "required": True,
                     "content": {
-                        PROTOBUF: {"schema": {"type": "string", "format": "binary"}},
-                        JSON: {"schema": {"type": "object", "description": "OTLP/JSON ExportTraceServiceRequest"}},
+                        PROTOBUF: {"schema": binary},
+                        JSON: {"schema": {"type": "object", "description": "OTLP/JSON request"}},
                     },
                 },
                 "responses": {
@@ -658,7 +661,7 @@ def openapi_paths() -> dict[str, Any]:
                     "400": error("The body does not decode as an ExportTraceServiceRequest"),
                     "401": error("Missing or wrong bearer token"),
                     "413": error("Request body (or its decompressed form) over the server's limit"),
-                    "415": error("Unsupported Content-Type or Content-Encoding, or protobuf without the otel extra"),
+                    "415": error("Other Content-Type or -Encoding, or protobuf without the otel extra"),
                 },
             }
         }

@@ -20,7 +20,7 @@ Signals
 Wire protocol and errors
     One ``POST /v1/<method>`` per store method (see :mod:`agl_async.http.protocol`), plus
     ``GET /v1/health`` (never authenticated), ``GET /v1/openapi.json`` and OTLP/HTTP trace export
-    at ``POST /v1/traces`` (:mod:`agl_async.http.otlp`, which answers errors as OTLP prescribes). Every error is a JSON body
+    at ``POST /v1/traces`` (:mod:`agl_async.http.otlp`, whose errors are OTLP's). Every error is a JSON body
     ``{"error": kind, "detail": message}``: 400 for malformed JSON and for the store's
     ``ValueError`` (the client re-raises it as ``ValueError`` with the same message), 401 for a
     missing/wrong bearer token, 404 unknown route, 405 wrong method, 413 body over
