@@ -27,3 +27,13 @@ def test_a_runner_process_does_not_load_the_server_side() -> None:
     )
     assert "uvicorn" not in loaded and "starlette" not in loaded
     assert "httpx" in loaded  # the client side is what a runner needs
+
+
+def test_opentelemetry_is_imported_only_when_an_agent_runs_or_protobuf_arrives() -> None:
+    code = (
+        "import sys\nimport agl_async.trainer, agl_async.tracing, agl_async.traces, agl_async.http.server\n"
+        "from agl_async import LightningStoreServer, Trainer\n"
+        "print(' '.join(m for m in sys.modules if m.startswith(('opentelemetry', 'google'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split() == []
