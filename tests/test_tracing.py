@@ -27,8 +27,8 @@ from traced_agents import CheckAtTerminal, agent_spans, async_agent, sync_agent,
 from agl_async import InMemoryLightningStore, LightningStore, Trainer
 from agl_async.testing import free_port
 from agl_async.traces import find_final_reward, span_tree
-from agl_async.trainer import REWARD_SPAN_NAME, runner_loop
 from agl_async.tracing import current_attempt, tracing_enabled
+from agl_async.trainer import REWARD_SPAN_NAME, runner_loop
 
 TIMEOUT = 120  # hang guard only
 TESTS = Path(__file__).parent
@@ -331,7 +331,7 @@ def test_without_the_sdk_nothing_of_opentelemetry_is_imported() -> None:
         import anyio
         spans = [s.name for r in anyio.run(trainer.store.query_rollouts)
                  for s in anyio.run(trainer.store.query_spans, r.rollout_id)]
-        loaded = sorted(m for m in sys.modules if m.startswith("opentelemetry") and sys.modules[m] is not None)
+        loaded = sorted(m for m, module in sys.modules.items() if m.startswith("opentelemetry") and module)
         print(json.dumps({"spans": spans, "loaded": loaded}))
         """
     )
