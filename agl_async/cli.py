@@ -31,6 +31,8 @@ class CLIError(Exception):
 
 # ------------------------------------------------------------------------------------------- demo
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.traced:
+        return _traced_demo(args)
     from .examples.evolution import print_summary, run_demo
 
     print(
@@ -48,6 +50,27 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         progress=sys.stdout,
     )
     print_summary(history, sys.stdout)
+    return 0
+
+
+def _traced_demo(args: argparse.Namespace) -> int:
+    print(
+        f"agl-async demo --traced: a traced agent against a local OpenAI-compatible mock; mode={args.mode}, "
+        f"runners={args.runners}, seed={args.seed}",
+        flush=True,
+    )
+    try:
+        from .examples.traced import run_traced_demo
+    except ImportError as exc:  # opentelemetry-api itself is missing
+        raise CLIError(
+            f'--traced needs the OpenTelemetry SDK: pip install "agl-async[otel]" ({exc})', 2
+        ) from None
+    try:
+        run_traced_demo(
+            mode=args.mode, runners=args.runners, seed=args.seed, port=args.port, progress=sys.stdout
+        )
+    except RuntimeError as exc:
+        raise CLIError(str(exc), 2) from None
     return 0
 
 
@@ -240,6 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="simulated work per rollout in seconds (default 0.005)",
     )
     demo.add_argument("--port", type=int, default=None, help="--mode cs: server port (default: a free one)")
+    demo.add_argument(
+        "--traced",
+        action="store_true",
+        help="instead: a traced agent calling a local OpenAI-compatible mock; shows the spans that reach "
+        "the store (needs the otel extra)",
+    )
     demo.set_defaults(handler=_cmd_demo)
 
     serve = commands.add_parser(
