@@ -346,3 +346,54 @@ def test_without_the_sdk_nothing_of_opentelemetry_is_imported() -> None:
     )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result == {"spans": [REWARD_SPAN_NAME] * 3, "loaded": []}
+
+
+def test_the_runners_span_writes_are_not_traced_by_an_instrumented_http_client() -> None:
+    # httpx instrumented globally: the runner's add_many_spans requests (over HTTP here) must
+    # neither reach the application's exporter nor come back as spans of the attempt.
+    result, _ = fresh_interpreter(
+        """
+        import anyio
+        from opentelemetry import trace
+        from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+        from agl_async import InMemoryLightningStore
+        from agl_async.testing import serve_store
+        from agl_async.trainer import runner_loop
+        from traced_agents import async_agent
+
+        exporter = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        trace.set_tracer_provider(provider)
+        HTTPXClientInstrumentor().instrument()
+
+        class Stop:
+            def __init__(self): self.event = anyio.Event()
+            def is_set(self): return self.event.is_set()
+            async def wait(self): await self.event.wait()
+
+        async def main():
+            async with serve_store(InMemoryLightningStore()) as client:
+                rollout = await client.enqueue_rollout({"id": 7, "spans": 3, "sleep": 0})
+                stop = Stop()
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(runner_loop, client, 0, stop, async_agent)
+                    await client.wait_for_rollouts(rollout_ids=[rollout.rollout_id])
+                    stop.event.set()
+                return [s.name for s in await client.query_spans(rollout.rollout_id)]
+
+        stored = anyio.run(main)
+        urls = [str(s.attributes.get("http.url", "")) for s in exporter.get_finished_spans()]
+        calls = sorted({u.rsplit("/", 1)[-1] for u in urls if u})
+        print(json.dumps({"stored": stored, "traced_store_calls": calls,
+                          "agent_spans_exported": sorted(s.name for s in exporter.get_finished_spans()
+                                                         if not s.attributes.get("http.url"))}))
+        """
+    )
+    assert result["stored"] == ["step-0", "step-1", "agent", REWARD_SPAN_NAME]
+    assert "add_many_spans" not in result["traced_store_calls"]
+    assert "enqueue_rollout" in result["traced_store_calls"]  # the instrumentation is really on
+    assert result["agent_spans_exported"] == ["agent", "step-0", "step-1"]
