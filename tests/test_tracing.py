@@ -20,6 +20,7 @@ from typing import Any
 
 import anyio
 import pytest
+from conftest import BOTH_BACKENDS
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from traced_agents import CheckAtTerminal, agent_spans, async_agent, sync_agent, tasks
@@ -126,6 +127,11 @@ async def run_one_runner(store: LightningStore, agent: Any, ids: list[str]) -> N
             tg.start_soon(runner_loop, store, 0, event, agent)
             await store.wait_for_rollouts(rollout_ids=ids)
             event.set()
+
+
+@pytest.fixture(params=BOTH_BACKENDS)
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 @pytest.mark.anyio
