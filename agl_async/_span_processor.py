@@ -19,8 +19,10 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace import Span as SDKSpan
+from opentelemetry.trace import StatusCode
 
 from . import tracing
 from .store.base import LightningStore
@@ -30,19 +32,22 @@ __all__ = ["AttemptSpanProcessor", "AttemptSpans", "install_processor", "to_span
 
 logger = logging.getLogger("agl_async.tracing")
 
-_STATUS = {0: "unset", 1: "ok", 2: "error"}
+_UNSET, _OK = StatusCode.UNSET, StatusCode.OK
 # Instrumentation libraries skip their spans while this context key is true.
 _SUPPRESS_KEY: Any = getattr(otel_context, "_SUPPRESS_INSTRUMENTATION_KEY", None)
 
 
-def _value(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
-
-
 def _attributes(attributes: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A plain dict of an SDK span's attributes, sequences (tuples there) as lists."""
     if not attributes:
         return {}
-    return {key: _value(value) for key, value in attributes.items()}
+    # BoundedAttributes.copy() is a plain dict copy: several times faster than iterating the mapping.
+    copied = attributes.copy() if isinstance(attributes, BoundedAttributes) else attributes
+    out = copied if type(copied) is dict else dict(copied)
+    for key, value in out.items():
+        if type(value) is tuple:
+            out[key] = list(value)  # replacing a value while iterating is allowed (no resize)
+    return out
 
 
 def to_span(
@@ -54,6 +59,7 @@ def to_span(
     assert context is not None  # SDK spans always have one
     parent = span.parent
     status = span.status
+    code = status.status_code
     start, end = span.start_time, span.end_time
     return Span(
         rollout_id=rollout_id,
@@ -70,7 +76,7 @@ def to_span(
             {"name": event.name, "time": event.timestamp / 1e9, "attributes": _attributes(event.attributes)}
             for event in span.events
         ],
-        status_code=_STATUS.get(status.status_code.value, "unset"),  # type: ignore[arg-type]
+        status_code="unset" if code is _UNSET else "ok" if code is _OK else "error",
         status_message=status.description or None,
     )
 
