@@ -42,8 +42,8 @@ def _attributes(attributes: Mapping[str, Any] | None) -> dict[str, Any]:
     if not attributes:
         return {}
     # BoundedAttributes.copy() is a plain dict copy: several times faster than iterating the mapping.
-    copied = attributes.copy() if isinstance(attributes, BoundedAttributes) else attributes
-    out = copied if type(copied) is dict else dict(copied)
+    copied = attributes.copy() if isinstance(attributes, BoundedAttributes) else None
+    out = copied if type(copied) is dict else dict(attributes)  # always a new dict: we change it
     for key, value in out.items():
         if type(value) is tuple:
             out[key] = list(value)  # replacing a value while iterating is allowed (no resize)
