@@ -27,7 +27,8 @@ store server in another process (``http``: the spans go over HTTP with ``add_man
 request per batch). Three setups: ``off`` (no OpenTelemetry SDK provider: spans are no-ops),
 ``sdk`` (the application's SDK TracerProvider, the runner's tracer off), ``traced`` (the runner's
 tracer on). ``tracer_us_per_span`` = traced - sdk: what the runner's tracer adds to a span the SDK
-records anyway; ``sdk_us_per_span`` = sdk - off.
+records anyway; ``sdk_us_per_span`` = sdk - off. The setups alternate, and the least CPU time of
+the ``--repeat`` runs of each is used (other processes on the machine only ever add to it).
 """
 
 from __future__ import annotations
@@ -494,7 +495,8 @@ def tracer_cost(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             if server is not None:
                 server.close()
-        cpu = {setup: statistics.median(s["cpu_s"] for s in runs) for setup, runs in samples.items()}
+        # the least CPU time of the repetitions: interference from other processes only ever adds
+        cpu = {setup: min(s["cpu_s"] for s in runs) for setup, runs in samples.items()}
         out[store_kind] = {
             "cpu_us_per_span": {setup: round(1e6 * c / total_spans, 2) for setup, c in cpu.items()},
             "tracer_us_per_span": round(1e6 * (cpu["traced"] - cpu["sdk"]) / total_spans, 2),
