@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
+from ._net import free_port
 from .http.client import LightningStoreClient
 from .http.server import LightningStoreServer
 from .store.base import LightningStore
@@ -14,14 +14,6 @@ from .store.locked import LightningStoreLocked
 from .store.memory import InMemoryLightningStore
 
 __all__ = ["STORE_KINDS", "free_port", "open_store", "serve_store", "store_fixture"]
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free on ``host`` a moment ago (prefer ``port=0`` where possible)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @asynccontextmanager

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from agl_async import InMemoryLightningStore, LightningStore, LightningStoreLocked, Span
+from agl_async import Span
+from agl_async.testing import STORE_KINDS, store_fixture
 
 
 def _store_methods() -> list[str]:
@@ -61,7 +62,6 @@ def make_span(rollout_id: str, attempt_id: str, sequence_id: int = 1, **fields: 
 
 AGL_VARS = ("AGL_CURRENT_ROLE", "AGL_SERVER_HOST", "AGL_SERVER_PORT", "AGL_MANAGED_STORE", "AGL_SERVER_TOKEN")
 BOTH_BACKENDS = [pytest.param("asyncio", id="asyncio"), pytest.param("trio", id="trio")]
-STORE_KINDS = ["memory", "locked", "http"]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -83,20 +83,8 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture(params=STORE_KINDS)
-async def store(request: pytest.FixtureRequest, anyio_backend: str) -> AsyncIterator[LightningStore]:
-    kind = request.param
-    if kind == "memory":
-        yield InMemoryLightningStore()
-    elif kind == "locked":
-        yield LightningStoreLocked(InMemoryLightningStore())
-    else:
-        if anyio_backend != "asyncio":
-            pytest.skip("the HTTP store runs on asyncio (uvicorn)")
-        from agl_async.testing import serve_store  # the HTTP layer's test helper
-
-        async with serve_store(InMemoryLightningStore()) as client:
-            yield client
+#: Every store implementation, one suite for all (``agl_async.testing`` makes the fixture).
+store = store_fixture(*STORE_KINDS)
 
 
 def _alive(process: object) -> bool:

@@ -57,6 +57,8 @@ if TYPE_CHECKING:
     from starlette.requests import Request
     from starlette.responses import Response
 
+    from .app import StoreApp
+
 __all__ = [
     "JSON",
     "OTEL_EXTRA_HINT",
@@ -66,6 +68,7 @@ __all__ = [
     "decode_json",
     "decode_protobuf",
     "encode_response",
+    "install",
     "openapi_paths",
     "traces_endpoint",
     "write_spans",
@@ -504,25 +507,6 @@ def _status_body(code: int, message: str, media_type: str) -> bytes:
 
 
 # --------------------------------------------------------------------------------- the endpoint
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            size = int(declared)
-        except ValueError:
-            raise _Refused(400, f"invalid Content-Length {declared!r}") from None
-        if size > limit:
-            raise _Refused(413, f"request body of {size} bytes exceeds the limit of {limit}")
-    chunks = []
-    total = 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise _Refused(413, f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def _gunzip(body: bytes, limit: int) -> bytes:
     """Decompress every gzip member of ``body``, refusing more than ``limit`` bytes of output."""
     out = bytearray()
@@ -541,16 +525,18 @@ def _gunzip(body: bytes, limit: int) -> bytes:
     return bytes(out)
 
 
-def traces_endpoint(
-    store: LightningStore, *, authorized: Callable[[Request], bool], max_body_bytes: int
-) -> Callable[[Request], Awaitable[Response]]:
-    """The ``POST /v1/traces`` endpoint writing to ``store``: ``authorized(request)`` is the
-    server's bearer-token check, ``max_body_bytes`` its body limit (see the module docstring).
+def traces_endpoint(app: StoreApp) -> Callable[[Request], Awaitable[Response]]:
+    """The ``POST /v1/traces`` endpoint of ``app``: it writes to ``app.store``, with the app's
+    bearer-token check and body limit, and answers errors as OTLP does (see the module docstring).
 
     Cancellation: a request cancelled (server stopping) while its spans are written has either
     been written whole or not at all, as one ``add_many_spans`` call is."""
     from starlette.requests import ClientDisconnect
     from starlette.responses import Response
+
+    from .app import HTTPError
+
+    store, limit = app.store, app.max_body_bytes
 
     def refuse(status: int, message: str, media_type: str) -> Response:
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
@@ -560,8 +546,10 @@ def traces_endpoint(
     async def otlp_traces(request: Request) -> Response:
         content_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
         answer_type = PROTOBUF if content_type == PROTOBUF else JSON
-        if not authorized(request):
-            return refuse(401, "missing or wrong bearer token", answer_type)
+        try:
+            app.check_auth(request)
+        except HTTPError as exc:
+            return refuse(exc.status, exc.detail, answer_type)
         if content_type not in (PROTOBUF, JSON):
             shown = content_type or "none"
             return refuse(415, f"Content-Type {shown!r}: expected {PROTOBUF!r} or {JSON!r}", answer_type)
@@ -575,13 +563,15 @@ def traces_endpoint(
         if encoding not in ("identity", "", "gzip"):
             return refuse(415, f"Content-Encoding {encoding!r}: expected 'gzip' or none", answer_type)
         try:
-            body = await _read_body(request, max_body_bytes)
+            body = await app.read_body(request)  # the store routes' limit (413)
             if encoding == "gzip":
-                body = _gunzip(body, max_body_bytes)
+                body = _gunzip(body, limit)
             try:
                 decoded = decode_protobuf(body) if content_type == PROTOBUF else decode_json(body)
             except ValueError as exc:
                 raise _Refused(400, str(exc)) from None
+        except HTTPError as exc:
+            return refuse(exc.status, exc.detail, answer_type)
         except _Refused as exc:
             return refuse(exc.status, exc.message, answer_type)
         except ClientDisconnect:
@@ -590,6 +580,12 @@ def traces_endpoint(
         return Response(encode_response(decoded.rejected, answer_type), 200, media_type=answer_type)
 
     return otlp_traces
+
+
+def install(app: StoreApp) -> None:
+    """Serve ``POST /v1/traces`` on ``app`` (a row of the server's ``APP_EXTENSIONS``). The route
+    checks the bearer token itself, to answer a missing one as OTLP does."""
+    app.add_route(TRACES_PATH, traces_endpoint(app), methods=("POST",), auth=False)
 
 
 def openapi_paths() -> dict[str, Any]:

@@ -12,28 +12,36 @@ Error conventions, shared by every implementation (in-memory, locked, HTTP clien
   unknown id, and invalid arguments raise ``ValueError`` *before* anything is changed.
 
 Cancellation: cancelling a call to a store method never leaves a half-applied change; only
-``wait_for_rollouts`` (and the long-poll form of ``dequeue_rollout`` where offered) actually
-wait, and cancelling them changes nothing.
+``wait_for_rollouts`` and the long-poll form of ``dequeue_rollout`` actually wait. Cancelling
+``wait_for_rollouts`` changes nothing. Whether cancelling a waiting ``dequeue_rollout`` can lose a
+claim depends on where the store is, and every store says so in
+:attr:`LightningStore.long_poll_is_cancel_safe`: in-process stores claim without awaiting, so an
+abandoned wait claimed nothing; over HTTP the server may have claimed a rollout for a request
+that is being abandoned (it puts the claim back when it notices, but that is not guaranteed).
+The runner loop races a cancel-safe long poll against its stop event, and otherwise polls in
+short requests.
 """
 
 from __future__ import annotations
 
 import abc
 from collections.abc import Mapping, Sequence
-from typing import Any, Final, Literal
+from typing import Any, Literal, cast
 
-import msgspec
-
+from .._validate import as_enqueue_requests, check_seconds
 from ..types import (
+    UNSET,
     Attempt,
     AttemptedRollout,
     AttemptStatus,
+    EnqueueRolloutRequest,
     ResourcesUpdate,
     Rollout,
     RolloutConfig,
     RolloutMode,
     RolloutStatus,
     Span,
+    Unset,
     Worker,
     WorkerId,
     WorkerStatus,
@@ -42,49 +50,16 @@ from ..types import (
 __all__ = ["UNSET", "EnqueueRolloutRequest", "LightningStore", "Unset"]
 
 
-class Unset:
-    """Type of :data:`UNSET`, the marker for "leave this field as it is" in ``update_*`` calls.
-
-    It distinguishes an omitted argument from an explicit ``None``. There is exactly one instance;
-    it survives pickling as itself.
-    """
-
-    _instance: Unset | None = None
-
-    def __new__(cls) -> Unset:
-        if cls._instance is None:
-            cls._instance = super().__new__(cls)
-        return cls._instance
-
-    def __repr__(self) -> str:
-        return "UNSET"
-
-    def __bool__(self) -> bool:
-        return False
-
-    def __reduce__(self) -> str:
-        return "UNSET"
-
-
-UNSET: Final = Unset()
-
-
-class EnqueueRolloutRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """One entry of ``enqueue_many_rollouts``: the parameters of ``enqueue_rollout``."""
-
-    input: Any
-    mode: RolloutMode | None = None
-    resources_id: str | None = None
-    config: RolloutConfig | None = None
-    metadata: dict[str, Any] | None = None
-
-
 class LightningStore(abc.ABC):
     """The control plane: rollout queue, attempts, spans, resources and workers.
 
     Subclasses implement every abstract coroutine. The batched forms have default
     implementations in terms of the single ones; stores with a cheaper bulk path override them.
     """
+
+    #: Whether a ``dequeue_rollout(timeout=...)`` may be cancelled at any moment without a rollout
+    #: being claimed for nobody (see the module docstring). ``False`` unless a store states it.
+    long_poll_is_cancel_safe: bool = False
 
     # ------------------------------------------------------------------ rollouts and the queue
     @abc.abstractmethod
@@ -107,10 +82,11 @@ class LightningStore(abc.ABC):
     ) -> list[Rollout]:
         """Enqueue several rollouts, in order; each entry holds ``enqueue_rollout``'s parameters."""
         out = []
-        for request in _as_enqueue_requests(rollouts):
+        for request in as_enqueue_requests(rollouts):
+            mode = cast(RolloutMode | None, request.mode)  # a plain string: enqueue_rollout checks it
             out.append(
                 await self.enqueue_rollout(
-                    request.input, request.mode, request.resources_id, request.config, request.metadata
+                    request.input, mode, request.resources_id, request.config, request.metadata
                 )
             )
         return out
@@ -147,8 +123,7 @@ class LightningStore(abc.ABC):
         request, which saves a round trip per rollout for runners. When the update raises
         (``ValueError`` for an unknown id or status) nothing is dequeued.
         """
-        if timeout is not None and (isinstance(timeout, bool) or not timeout >= 0):
-            raise ValueError(f"timeout must be >= 0 or None, got {timeout!r}")  # before changing anything
+        check_seconds(timeout)  # before changing anything
         await self.update_attempt(rollout_id, attempt_id, status=status)
         return await self.dequeue_rollout(worker_id=worker_id, timeout=timeout)
 
@@ -322,21 +297,3 @@ class LightningStore(abc.ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook, not abstract
         """Release what the store holds (connections, files). A no-op for in-memory stores."""
-
-
-def _as_enqueue_requests(
-    rollouts: Sequence[EnqueueRolloutRequest | Mapping[str, Any]],
-) -> list[EnqueueRolloutRequest]:
-    """Accept request structs or plain mappings with ``enqueue_rollout``'s keyword names."""
-    out = []
-    for item in rollouts:
-        if isinstance(item, EnqueueRolloutRequest):
-            out.append(item)
-        elif isinstance(item, Mapping):
-            try:
-                out.append(EnqueueRolloutRequest(**item))
-            except TypeError as exc:
-                raise ValueError(f"invalid enqueue request {dict(item)!r}: {exc}") from None
-        else:
-            raise ValueError(f"enqueue requests must be EnqueueRolloutRequest or mappings, got {item!r}")
-    return out

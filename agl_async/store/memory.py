@@ -27,6 +27,7 @@ from typing import Any, Literal, TypeVar
 import anyio
 import msgspec
 
+from .._validate import as_config, as_enqueue_requests, as_resources, check_seconds, check_worker_id
 from ..types import (
     ATTEMPT_STATUSES,
     AUTO_SEQUENCE_ID,
@@ -47,7 +48,7 @@ from ..types import (
     WorkerId,
     WorkerStatus,
 )
-from .base import UNSET, EnqueueRolloutRequest, LightningStore, Unset, _as_enqueue_requests
+from .base import UNSET, EnqueueRolloutRequest, LightningStore, Unset
 
 __all__ = ["InMemoryLightningStore"]
 
@@ -145,6 +146,8 @@ class _Waiter:
 class InMemoryLightningStore(LightningStore):
     """A complete ``LightningStore`` kept in memory (the default store of a ``Trainer``)."""
 
+    long_poll_is_cancel_safe = True  # the claim never awaits: an abandoned wait claimed nothing
+
     def __init__(self) -> None:
         self._rollouts: dict[str, Rollout] = {}
         self._attempts: dict[str, list[Attempt]] = {}  # rollout_id -> attempts by sequence_id
@@ -210,7 +213,7 @@ class InMemoryLightningStore(LightningStore):
             raise ValueError(f"resources {resources_id!r} not found")
         if metadata is not None and not isinstance(metadata, dict):
             raise ValueError(f"metadata must be a dict or None, got {type(metadata).__name__}")
-        return _as_config(config)
+        return _config_copy(config)
 
     # ------------------------------------------------------------------ watchdog
     def _settle_deadlines(self, now: float | None = None) -> None:
@@ -377,7 +380,7 @@ class InMemoryLightningStore(LightningStore):
     def _create_rollout(
         self,
         input: Any,
-        mode: RolloutMode | None,
+        mode: str | None,
         resources_id: str | None,
         config: RolloutConfig | None,
         metadata: dict[str, Any] | None,
@@ -388,7 +391,7 @@ class InMemoryLightningStore(LightningStore):
             rollout_id=_new_id("ro"),
             input=input,
             start_time=now,
-            mode=mode,
+            mode=mode,  # type: ignore[arg-type]  # checked above
             resources_id=resources_id if resources_id is not None else self._latest_resources_id,
             config=cfg,
             metadata=dict(metadata) if metadata else {},
@@ -424,7 +427,7 @@ class InMemoryLightningStore(LightningStore):
         self, rollouts: Sequence[EnqueueRolloutRequest | Mapping[str, Any]]
     ) -> list[Rollout]:
         self._settle_deadlines()
-        requests = _as_enqueue_requests(rollouts)
+        requests = as_enqueue_requests(rollouts)
         for r in requests:  # validate all before creating any: nothing half-applied
             self._check_rollout_args(r.mode, r.resources_id, r.config, r.metadata, self._resources)
         now = time.time()
@@ -450,9 +453,8 @@ class InMemoryLightningStore(LightningStore):
     async def dequeue_rollout(
         self, worker_id: WorkerId | None = None, *, timeout: float | None = None
     ) -> AttemptedRollout | None:
-        if timeout is not None and (isinstance(timeout, bool) or not timeout >= 0):
-            raise ValueError(f"timeout must be >= 0 or None, got {timeout!r}")
-        _check_worker_id(worker_id)
+        check_seconds(timeout)
+        check_worker_id(worker_id)
         deadline = time.monotonic() + timeout if timeout else None
         while True:
             self._settle_deadlines()
@@ -503,7 +505,7 @@ class InMemoryLightningStore(LightningStore):
     async def dequeue_many_rollouts(
         self, *, limit: int = 1, worker_id: WorkerId | None = None
     ) -> list[AttemptedRollout]:
-        _check_worker_id(worker_id)
+        check_worker_id(worker_id)
         self._settle_deadlines()
         now = time.time()
         out = []
@@ -523,14 +525,14 @@ class InMemoryLightningStore(LightningStore):
         metadata: dict[str, Any] | None = None,
         worker_id: WorkerId | None = None,
     ) -> AttemptedRollout:
-        _check_worker_id(worker_id)
+        check_worker_id(worker_id)
         self._settle_deadlines()
         now = time.time()
         rollout = self._create_rollout(input, mode, resources_id, config, metadata, now)
         return self._attempted(rollout, self._new_attempt(rollout, worker_id, now))
 
     async def start_attempt(self, rollout_id: str, worker_id: WorkerId | None = None) -> AttemptedRollout:
-        _check_worker_id(worker_id)
+        check_worker_id(worker_id)
         self._settle_deadlines()
         rollout = self._rollout(rollout_id)
         now = time.time()
@@ -558,7 +560,7 @@ class InMemoryLightningStore(LightningStore):
             None if metadata is UNSET else metadata,
             self._resources,
         )
-        new_config = None if config is UNSET else _as_config(config)
+        new_config = None if config is UNSET else _config_copy(config)
         if not isinstance(input, Unset):
             rollout.input = input
         if not isinstance(mode, Unset):
@@ -594,7 +596,7 @@ class InMemoryLightningStore(LightningStore):
         if not isinstance(last_heartbeat_time, (Unset, int, float)) or isinstance(last_heartbeat_time, bool):
             raise ValueError(f"last_heartbeat_time must be a number, got {last_heartbeat_time!r}")
         if not isinstance(worker_id, Unset):
-            _check_worker_id(worker_id)
+            check_worker_id(worker_id)
         now = time.time()
         if not isinstance(metadata, Unset):
             attempt.metadata = dict(metadata) if metadata else {}
@@ -615,8 +617,7 @@ class InMemoryLightningStore(LightningStore):
     async def wait_for_rollouts(
         self, *, rollout_ids: list[str], timeout: float | None = None
     ) -> list[Rollout]:
-        if timeout is not None and timeout < 0:
-            raise ValueError(f"timeout must be >= 0 or None, got {timeout}")
+        check_seconds(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             self._settle_deadlines()
@@ -744,7 +745,7 @@ class InMemoryLightningStore(LightningStore):
 
     # ------------------------------------------------------------------ resources
     async def add_resources(self, resources: Mapping[str, Any]) -> ResourcesUpdate:
-        update = ResourcesUpdate(_new_id("rs"), _as_resources(resources))
+        update = ResourcesUpdate(_new_id("rs"), as_resources(resources))
         self._resources[update.resources_id] = update
         self._latest_resources_id = update.resources_id
         return _copy(update)
@@ -753,7 +754,7 @@ class InMemoryLightningStore(LightningStore):
         current = self._resources.get(resources_id)
         if current is None:
             raise ValueError(f"resources {resources_id!r} not found")
-        mapping = _as_resources(resources)
+        mapping = as_resources(resources)
         current.resources = mapping
         current.update_time = time.time()
         current.version += 1
@@ -787,8 +788,7 @@ class InMemoryLightningStore(LightningStore):
         self, worker_id: WorkerId, heartbeat_stats: dict[str, Any] | Unset = UNSET
     ) -> Worker:
         self._settle_deadlines()
-        if isinstance(worker_id, bool) or not isinstance(worker_id, (str, int)):
-            raise ValueError(f"worker_id must be a string or an integer, got {worker_id!r}")
+        check_worker_id(worker_id, optional=False)
         if not isinstance(heartbeat_stats, (Unset, dict)):
             raise ValueError(f"heartbeat_stats must be a dict, got {type(heartbeat_stats).__name__}")
         now = time.time()
@@ -827,29 +827,9 @@ class InMemoryLightningStore(LightningStore):
         }
 
 
-def _check_worker_id(worker_id: Any) -> None:
-    if worker_id is not None and (isinstance(worker_id, bool) or not isinstance(worker_id, (str, int))):
-        raise ValueError(f"worker_id must be a string, an integer or None, got {worker_id!r}")
-
-
 _DEFAULT_CONFIG = RolloutConfig()  # only ever copied (cheaper than constructing and validating)
 
 
-def _as_config(config: Any) -> RolloutConfig:
-    if config is None:
-        return _copy_config(_DEFAULT_CONFIG)
-    if isinstance(config, RolloutConfig):
-        config.__post_init__()  # fields may have been assigned after construction: check again
-        return _copy_config(config)
-    if isinstance(config, Mapping):
-        try:
-            return RolloutConfig(**config)
-        except TypeError as exc:
-            raise ValueError(f"invalid rollout config {dict(config)!r}: {exc}") from None
-    raise ValueError(f"config must be a RolloutConfig, a mapping or None, got {type(config).__name__}")
-
-
-def _as_resources(resources: Any) -> dict[str, Any]:
-    if not isinstance(resources, Mapping):
-        raise ValueError(f"resources must be a mapping of names to values, got {type(resources).__name__}")
-    return dict(resources)
+def _config_copy(config: Any) -> RolloutConfig:
+    """The store's own copy of a checked config (the default one for ``None``)."""
+    return _copy_config(as_config(config) or _DEFAULT_CONFIG)
