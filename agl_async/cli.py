@@ -14,7 +14,10 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .store.base import LightningStore
 
 __all__ = ["main"]
 
@@ -35,25 +38,39 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         return _traced_demo(args)
     from .examples.evolution import print_summary, run_demo
 
+    store = f", store={args.store}" if args.store else ""
     print(
         f"agl-async demo: evolution strategy on a toy linear task; mode={args.mode}, "
-        f"runners={args.runners}, epochs={args.epochs}, seed={args.seed}",
+        f"runners={args.runners}, epochs={args.epochs}, seed={args.seed}{store}",
         flush=True,
     )
-    history = run_demo(
-        mode=args.mode,
-        runners=args.runners,
-        epochs=args.epochs,
-        seed=args.seed,
-        latency=args.latency,
-        port=args.port,
-        progress=sys.stdout,
-    )
+    if args.store:
+        from .store.urls import open_store
+
+        try:
+            open_store(args.store)  # checks the URL only; the run opens the store itself
+        except ValueError as exc:
+            raise CLIError(f"--store: {exc}", 2) from None
+    try:
+        history = run_demo(
+            mode=args.mode,
+            runners=args.runners,
+            epochs=args.epochs,
+            seed=args.seed,
+            latency=args.latency,
+            port=args.port,
+            progress=sys.stdout,
+            store=args.store,
+        )
+    except ValueError as exc:  # e.g. --store holds a run with other options
+        raise CLIError(str(exc)) from None
     print_summary(history, sys.stdout)
     return 0
 
 
 def _traced_demo(args: argparse.Namespace) -> int:
+    if args.store:
+        raise CLIError("--traced runs on a store in memory: drop --store", 2)
     print(
         f"agl-async demo --traced: a traced agent against a local OpenAI-compatible mock; mode={args.mode}, "
         f"runners={args.runners}, seed={args.seed}",
@@ -78,20 +95,46 @@ def _traced_demo(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import anyio
 
-    anyio.run(_serve, args.host, args.port, args.token)
+    from .store.urls import open_store
+
+    try:
+        store = open_store(args.store)  # --store URL (issue 12)
+    except ValueError as exc:
+        raise CLIError(f"--store: {exc}", 2) from None
+    anyio.run(_serve, args.host, args.port, args.token, store, args.store)
     return 0
 
 
-async def _serve(host: str, port: int, token: str | None) -> None:
-    """Serve a fresh in-memory store until SIGINT/SIGTERM, then stop the server and return."""
+async def _open(store: LightningStore, url: str) -> None:
+    """One call, so that a store that cannot be opened is reported before serving."""
+    try:
+        await store.statistics()
+    except Exception as exc:
+        raise CLIError(f"cannot open the store {url}: {exc}") from None
+
+
+async def _serve(
+    host: str, port: int, token: str | None, store: LightningStore, url: str = "memory://"
+) -> None:
+    """Serve ``store`` until SIGINT/SIGTERM, then stop the server, close the store and return."""
+    import anyio
+
+    try:
+        await _open(store, url)
+        await _serve_store(host, port, token, store, url)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await store.close()
+
+
+async def _serve_store(host: str, port: int, token: str | None, store: LightningStore, url: str) -> None:
     import signal
 
     import anyio
 
     from .http.server import LightningStoreServer
-    from .store.memory import InMemoryLightningStore
 
-    server = LightningStoreServer(InMemoryLightningStore(), host, port, auth_token=token or "")
+    server = LightningStoreServer(store, host, port, auth_token=token or "")
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         try:
             await server.start()
@@ -99,7 +142,10 @@ async def _serve(host: str, port: int, token: str | None) -> None:
             raise CLIError(f"cannot serve on {host}:{port}: {exc}") from None
         try:
             auth = " (bearer token required)" if token else ""
-            print(f"agl-async: store server listening on {server.endpoint}{auth}; Ctrl-C to stop", flush=True)
+            print(
+                f"agl-async: store server listening on {server.endpoint}{auth}, store {url}; Ctrl-C to stop",
+                flush=True,
+            )
             async for signum in signals:
                 print(f"agl-async: {signal.Signals(signum).name} received, stopping the server", flush=True)
                 break
@@ -264,6 +310,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--port", type=int, default=None, help="--mode cs: server port (default: a free one)")
     demo.add_argument(
+        "--store",
+        default=None,
+        metavar="URL",
+        help=(
+            "the store (default: in memory). With a database, e.g. sqlite:///demo.db, the run is "
+            "resumable: interrupt it, run the same command again, and it continues where it stopped"
+        ),
+    )
+    demo.add_argument(
         "--traced",
         action="store_true",
         help="instead: a traced agent calling a local OpenAI-compatible mock; shows the spans that reach "
@@ -275,8 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="run a standalone store server for runners on other machines",
         description=(
-            "Serve a fresh in-memory LightningStore over HTTP until Ctrl-C (SIGINT) or SIGTERM, which "
-            "stop it cleanly (exit code 0). Point algorithms and 'agl-async runner' at it."
+            "Serve a LightningStore over HTTP until Ctrl-C (SIGINT) or SIGTERM, which stop it cleanly "
+            "(exit code 0). Point algorithms and 'agl-async runner' at it. The store is a fresh "
+            "in-memory one unless --store names a database, which outlives the server."
         ),
     )
     serve.add_argument(
@@ -287,6 +343,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--token",
         default=os.environ.get("AGL_SERVER_TOKEN"),
         help="require 'Authorization: Bearer TOKEN' on every request (default: env AGL_SERVER_TOKEN)",
+    )
+    serve.add_argument(
+        "--store",
+        default="memory://",
+        metavar="URL",
+        help=(
+            "the store to serve: memory:// (default), sqlite:///relative/path.db, "
+            "sqlite:////absolute/path.db or postgresql://user:password@host:port/dbname"
+        ),
     )
     serve.set_defaults(handler=_cmd_serve)
 

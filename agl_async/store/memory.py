@@ -18,7 +18,6 @@ to the event loop they wait on and are not carried over.
 from __future__ import annotations
 
 import heapq
-import os
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
@@ -48,6 +47,7 @@ from ..types import (
     WorkerId,
     WorkerStatus,
 )
+from ._rules import new_id, rollout_status_for
 from .base import UNSET, EnqueueRolloutRequest, LightningStore, Unset
 
 __all__ = ["InMemoryLightningStore"]
@@ -117,20 +117,6 @@ def _copy(obj: _S) -> _S:
     """
     copier = _COPIERS.get(type(obj))
     return copier(obj) if copier is not None else obj.__copy__()  # type: ignore[attr-defined,no-any-return]
-
-
-def _new_id(prefix: str) -> str:
-    return f"{prefix}-{os.urandom(8).hex()}"
-
-
-def _rollout_status_for(attempt: Attempt, config: RolloutConfig) -> RolloutStatus:
-    """The rollout status implied by its latest attempt's status (retry rules included)."""
-    status = attempt.status
-    if status in ("preparing", "running", "succeeded"):
-        return status
-    if status in config.retry_condition and attempt.sequence_id < config.max_attempts:
-        return "requeuing"
-    return "failed"
 
 
 class _Waiter:
@@ -304,13 +290,13 @@ class InMemoryLightningStore(LightningStore):
         if self._is_latest(attempt):
             rollout = self._rollouts[attempt.rollout_id]
             if rollout.status != "cancelled":
-                self._set_rollout_status(rollout, _rollout_status_for(attempt, rollout.config), now)
+                self._set_rollout_status(rollout, rollout_status_for(attempt, rollout.config), now)
 
     def _new_attempt(self, rollout: Rollout, worker_id: WorkerId | None, now: float) -> Attempt:
         attempts = self._attempts.setdefault(rollout.rollout_id, [])
         attempt = Attempt(
             rollout_id=rollout.rollout_id,
-            attempt_id=_new_id("at"),
+            attempt_id=new_id("at"),
             sequence_id=len(attempts) + 1,
             start_time=now,
             worker_id=worker_id,
@@ -388,7 +374,7 @@ class InMemoryLightningStore(LightningStore):
     ) -> Rollout:
         cfg = self._check_rollout_args(mode, resources_id, config, metadata, self._resources)
         rollout = Rollout(
-            rollout_id=_new_id("ro"),
+            rollout_id=new_id("ro"),
             input=input,
             start_time=now,
             mode=mode,  # type: ignore[arg-type]  # checked above
@@ -745,7 +731,7 @@ class InMemoryLightningStore(LightningStore):
 
     # ------------------------------------------------------------------ resources
     async def add_resources(self, resources: Mapping[str, Any]) -> ResourcesUpdate:
-        update = ResourcesUpdate(_new_id("rs"), as_resources(resources))
+        update = ResourcesUpdate(new_id("rs"), as_resources(resources))
         self._resources[update.resources_id] = update
         self._latest_resources_id = update.resources_id
         return _copy(update)
