@@ -27,16 +27,17 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def http_url(host: str, port: int, *, bound: bool = False) -> str:
-    """``http://host:port``. With ``bound``, ``host`` is the address a server bound, and the URL is
-    one that reaches it from this machine (see the module docstring)."""
+def http_url(host: str, port: int, *, bound: bool = False, scheme: str = "http") -> str:
+    """``http://host:port`` (``scheme`` ``"https"``: ``https://``). With ``bound``, ``host`` is the
+    address a server bound, and the URL is one that reaches it from this machine (see the module
+    docstring)."""
     if bound:
         host = _bind_host(host)
         if host in ("0.0.0.0", "::"):
             host = "127.0.0.1" if host == "0.0.0.0" else "::1"
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
-    return f"http://{host}:{port}"
+    return f"{scheme}://{host}:{port}"
 
 
 def bind_socket(

@@ -5,7 +5,13 @@ Only :mod:`argparse` is imported up front; each command imports what it needs wh
 
 Exit codes: 0 success (and a Ctrl-C / SIGTERM that stopped ``serve`` cleanly), 1 a runtime error
 (unreachable server, a failed run), 2 a usage error (bad arguments, an agent that does not
-import), 130 a Ctrl-C that interrupted ``demo`` or ``runner``.
+import, an unreadable token file, a non-loopback ``serve`` without a token), 130 a Ctrl-C that
+interrupted ``demo`` or ``runner``.
+
+Tokens: ``--token-file PATH`` (the file's content, surrounding whitespace and the trailing newline
+stripped), else ``--token``, else env ``AGL_SERVER_TOKEN``. A token on the command line is
+visible to every user of the host in the process list: prefer the file or the variable. No
+command prints or logs a token.
 """
 
 from __future__ import annotations
@@ -52,6 +58,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise CLIError(f"--store: {exc}", 2) from None
     try:
+        if args.dashboard:
+            import anyio
+
+            anyio.run(_demo_with_dashboard, args)
+            return 0
         history = run_demo(
             mode=args.mode,
             runners=args.runners,
@@ -69,8 +80,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _traced_demo(args: argparse.Namespace) -> int:
-    if args.store:
-        raise CLIError("--traced runs on a store in memory: drop --store", 2)
+    if args.store or args.dashboard:
+        raise CLIError("--traced runs on its own store in memory: drop --store / --dashboard", 2)
     print(
         f"agl-async demo --traced: a traced agent against a local OpenAI-compatible mock; mode={args.mode}, "
         f"runners={args.runners}, seed={args.seed}",
@@ -91,17 +102,129 @@ def _traced_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _demo_with_dashboard(args: argparse.Namespace) -> None:
+    """The demo on a store whose dashboard is served on 127.0.0.1 during the run (shm: by a server
+    started for it; cs: by the run's own store server) and after it, until Ctrl-C / SIGTERM."""
+    import signal
+
+    import anyio
+
+    from .examples.evolution import print_summary, run_demo_async
+    from .http.dashboard import dashboard_url
+    from .http.server import LightningStoreServer
+    from .store.urls import open_store
+
+    store = open_store(args.store or "memory://")
+    port = args.port if args.port is not None else 0
+    token = os.environ.get("AGL_SERVER_TOKEN") or None  # what the run's own server would require
+    server: LightningStoreServer | None = None
+    try:
+        if args.mode == "shm":
+            server = LightningStoreServer(store, "127.0.0.1", port, auth_token=token or "")
+            await _start(server)
+            port = server.port
+        elif port == 0:
+            from ._net import free_port
+
+            port = free_port()
+        print(f"agl-async: dashboard: {dashboard_url(f'http://127.0.0.1:{port}', token)}", flush=True)
+        history = await run_demo_async(  # Ctrl-C here interrupts the run, as without --dashboard
+            mode=args.mode,
+            runners=args.runners,
+            epochs=args.epochs,
+            seed=args.seed,
+            latency=args.latency,
+            port=port if args.mode == "cs" else None,
+            progress=sys.stdout,
+            store=store,
+        )
+        print_summary(history, sys.stdout)
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            if server is None:  # cs: the run's server has stopped; serve its store again
+                server = LightningStoreServer(store, "127.0.0.1", port, auth_token=token or "")
+                await _start(server)
+            print("agl-async: the run is over; the dashboard stays up until Ctrl-C", flush=True)
+            async for signum in signals:
+                print(f"agl-async: {signal.Signals(signum).name} received, stopping", flush=True)
+                break
+    finally:
+        with anyio.CancelScope(shield=True):
+            if server is not None:
+                await server.stop()
+            await store.close()
+
+
+async def _start(server: Any) -> None:
+    try:
+        await server.start()
+    except OSError as exc:
+        raise CLIError(f"cannot serve the dashboard: {exc}") from None
+
+
 # ------------------------------------------------------------------------------------------ serve
+def read_token(args: argparse.Namespace) -> str | None:
+    """The bearer token of ``serve`` / ``runner``: ``--token-file``, else ``--token``, else env
+    ``AGL_SERVER_TOKEN``; ``None`` when there is none. :class:`CLIError` (exit code 2) for a token
+    file that cannot be read, is empty, or holds a token spanning lines."""
+    path = getattr(args, "token_file", None)
+    if path is None:
+        token = args.token if args.token is not None else os.environ.get("AGL_SERVER_TOKEN")
+        return token or None
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+        mode = os.stat(path).st_mode
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise CLIError(f"cannot read --token-file {path!r}: {reason}", 2) from None
+    if not token:
+        raise CLIError(f"--token-file {path!r} is empty", 2)
+    if any(c in token for c in "\r\n\0"):
+        raise CLIError(f"--token-file {path!r} must hold one line (the token)", 2)
+    if mode & 0o077:
+        print(
+            f"agl-async: warning: --token-file {path!r} is accessible to other users "
+            f"(mode {mode & 0o777:o}); 'chmod 600' it",
+            file=sys.stderr,
+            flush=True,
+        )
+    return token
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import anyio
 
+    if args.ssl_keyfile and not args.ssl_certfile:
+        raise CLIError("--ssl-keyfile needs --ssl-certfile (the certificate it belongs to)", 2)
+    token = read_token(args)
+    from .http._security import UnauthenticatedBindError
+    from .http.server import LightningStoreServer
     from .store.urls import open_store
 
     try:
-        store = open_store(args.store)  # --store URL (issue 12)
+        store = open_store(args.store)  # --store URL (issue 12); connects on first use
     except ValueError as exc:
         raise CLIError(f"--store: {exc}", 2) from None
-    anyio.run(_serve, args.host, args.port, args.token, store, args.store)
+    tls: dict[str, Any] = {}
+    if args.ssl_certfile:
+        tls = {"ssl_certfile": args.ssl_certfile, "ssl_keyfile": args.ssl_keyfile}
+    if args.insecure:
+        tls["allow_unauthenticated"] = True
+    try:
+        server = LightningStoreServer(store, args.host, args.port, auth_token=token or "", **tls)
+    except UnauthenticatedBindError as exc:
+        raise CLIError(
+            f"refusing to serve the store on {exc.host!r} (not a loopback address) without a token: "
+            "anyone who can reach it could read and change the store. Pass --token-file PATH (or set "
+            "AGL_SERVER_TOKEN), or --insecure to serve without one anyway",
+            2,
+        ) from None
+    except ValueError as exc:  # an unusable certificate, ...
+        raise CLIError(str(exc), 2) from None
+    # The dashboard link carries the token, except one read from a file: that user keeps it off
+    # terminals and logs.
+    link_token = None if args.token_file else token
+    anyio.run(_serve, server, token, link_token, store, args.store)
     return 0
 
 
@@ -114,27 +237,27 @@ async def _open(store: LightningStore, url: str) -> None:
 
 
 async def _serve(
-    host: str, port: int, token: str | None, store: LightningStore, url: str = "memory://"
+    server: Any, token: str | None, link_token: str | None, store: LightningStore, url: str = "memory://"
 ) -> None:
     """Serve ``store`` until SIGINT/SIGTERM, then stop the server, close the store and return."""
     import anyio
 
     try:
         await _open(store, url)
-        await _serve_store(host, port, token, store, url)
+        await _serve_store(server, token, link_token, url)
     finally:
         with anyio.CancelScope(shield=True):
             await store.close()
 
 
-async def _serve_store(host: str, port: int, token: str | None, store: LightningStore, url: str) -> None:
+async def _serve_store(server: Any, token: str | None, link_token: str | None, url: str) -> None:
     import signal
 
     import anyio
 
-    from .http.server import LightningStoreServer
+    from .http.dashboard import dashboard_url
 
-    server = LightningStoreServer(store, host, port, auth_token=token or "")
+    host, port = server.host, server.port
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         try:
             await server.start()
@@ -146,6 +269,11 @@ async def _serve_store(host: str, port: int, token: str | None, store: Lightning
                 f"agl-async: store server listening on {server.endpoint}{auth}, store {url}; Ctrl-C to stop",
                 flush=True,
             )
+            # hook (issue 14): the dashboard's link, printed once to stdout, never logged (it holds the token)
+            link = dashboard_url(server.endpoint, link_token)
+            if token and not link_token:
+                link += " (open it with ?token=<the token in --token-file>)"
+            print(f"agl-async: dashboard: {link}", flush=True)
             async for signum in signals:
                 print(f"agl-async: {signal.Signals(signum).name} received, stopping the server", flush=True)
                 break
@@ -155,13 +283,13 @@ async def _serve_store(host: str, port: int, token: str | None, store: Lightning
 
 
 # ----------------------------------------------------------------------------------------- runner
-def _parse_server(url: str) -> tuple[str, int]:
-    """``http://host:port`` -> ``(host, port)``; ``ValueError`` saying what is wrong."""
+def _parse_server(url: str) -> tuple[str, str, int]:
+    """``http(s)://host:port`` -> ``(scheme, host, port)``; ``ValueError`` saying what is wrong."""
     from urllib.parse import urlsplit
 
     parts = urlsplit(url if "://" in url else f"http://{url}")
-    if parts.scheme != "http":
-        raise ValueError(f"--server must be an http:// URL, got {url!r}")
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"--server must be an http:// or https:// URL, got {url!r}")
     if not parts.hostname:
         raise ValueError(f"--server has no host: {url!r}")
     try:
@@ -169,8 +297,8 @@ def _parse_server(url: str) -> tuple[str, int]:
     except ValueError:
         raise ValueError(f"--server has an invalid port: {url!r}") from None
     if parts.path not in ("", "/"):
-        raise ValueError(f"--server must be http://host:port without a path, got {url!r}")
-    return parts.hostname, port if port is not None else DEFAULT_PORT
+        raise ValueError(f"--server must be {parts.scheme}://host:port without a path, got {url!r}")
+    return parts.scheme, parts.hostname, port if port is not None else DEFAULT_PORT
 
 
 def load_agent(spec: str) -> Any:
@@ -204,14 +332,16 @@ def load_agent(spec: str) -> Any:
     return obj
 
 
-async def _check_reachable(endpoint: str, token: str | None, timeout: float) -> None:
+async def _check_reachable(endpoint: str, token: str | None, timeout: float, verify: Any = True) -> None:
     """One ``statistics()`` call: raises :class:`CLIError` when the server cannot be used."""
     import anyio
 
     from .http.client import LightningStoreClient
 
     # No retries: an unreachable server is reported at once instead of after the retry backoff.
-    client = LightningStoreClient(endpoint, auth_token=token or "", connect_timeout=timeout, retry_delays=())
+    client = LightningStoreClient(
+        endpoint, auth_token=token or "", verify=verify, connect_timeout=timeout, retry_delays=()
+    )
     try:
         with anyio.fail_after(timeout):
             await client.statistics()
@@ -227,27 +357,39 @@ async def _check_reachable(endpoint: str, token: str | None, timeout: float) -> 
 
 def _cmd_runner(args: argparse.Namespace) -> int:
     try:
-        host, port = _parse_server(args.server)
+        scheme, host, port = _parse_server(args.server)
     except ValueError as exc:
         raise CLIError(str(exc), 2) from None
     if args.n < 1:
         raise CLIError(f"-n must be >= 1, got {args.n}", 2)
+    verify: bool | str = True
+    if args.ca_file is not None:
+        if scheme != "https":
+            raise CLIError(f"--ca-file verifies an https:// server, but --server is {args.server!r}", 2)
+        if not os.path.isfile(args.ca_file):
+            raise CLIError(f"--ca-file {args.ca_file!r} does not exist", 2)
+        verify = args.ca_file
+    token = read_token(args)
     agent = load_agent(args.agent)
 
     import anyio
 
-    endpoint = f"http://{host}:{port}"
-    token = args.token or None
-    if token:
-        # The runner processes' store clients take their token from the environment.
-        os.environ["AGL_SERVER_TOKEN"] = token
-    anyio.run(_check_reachable, endpoint, token, args.connect_timeout)
+    display_host = f"[{host}]" if ":" in host else host
+    endpoint = f"{scheme}://{display_host}:{port}"
+    anyio.run(_check_reachable, endpoint, token, args.connect_timeout, verify)
 
     from .execution.client_server import ClientServerExecutionStrategy
     from .trainer import Trainer
 
+    # The token and the CA path reach the runner processes inside their pickled store clients.
     strategy = ClientServerExecutionStrategy(
-        role="runner", server_host=host, server_port=port, n_runners=args.n
+        role="runner",
+        server_host=host,
+        server_port=port,
+        n_runners=args.n,
+        auth_token=token or "",
+        verify=verify,
+        tls=scheme == "https",
     )
     trainer = Trainer(strategy=strategy, max_rollouts=args.max_rollouts)
     print(f"agl-async: {args.n} runner(s) of {args.agent} attached to {endpoint}", flush=True)
@@ -265,6 +407,20 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def _token_options(parser: argparse.ArgumentParser, what: str) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--token-file",
+        metavar="PATH",
+        help=f"{what}, read from PATH (recommended: not visible in the process list)",
+    )
+    group.add_argument(
+        "--token",
+        help=f"{what} (visible to other users in the process list: prefer --token-file or env "
+        "AGL_SERVER_TOKEN, the default)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -308,7 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SEC",
         help="simulated work per rollout in seconds (default 0.005)",
     )
-    demo.add_argument("--port", type=int, default=None, help="--mode cs: server port (default: a free one)")
+    demo.add_argument(
+        "--port", type=int, default=None, help="store server / dashboard port (default: a free one)"
+    )
     demo.add_argument(
         "--store",
         default=None,
@@ -316,6 +474,14 @@ def build_parser() -> argparse.ArgumentParser:
         help=(
             "the store (default: in memory). With a database, e.g. sqlite:///demo.db, the run is "
             "resumable: interrupt it, run the same command again, and it continues where it stopped"
+        ),
+    )
+    demo.add_argument(
+        "--dashboard",
+        action="store_true",
+        help=(
+            "serve the live dashboard of the run on 127.0.0.1 and print its URL; it stays up after "
+            "the run until Ctrl-C (use --latency 0.2 to watch a slower run)"
         ),
     )
     demo.add_argument(
@@ -339,10 +505,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 = all)"
     )
     serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    _token_options(serve, "require 'Authorization: Bearer TOKEN' on every request")
     serve.add_argument(
-        "--token",
-        default=os.environ.get("AGL_SERVER_TOKEN"),
-        help="require 'Authorization: Bearer TOKEN' on every request (default: env AGL_SERVER_TOKEN)",
+        "--ssl-certfile",
+        metavar="PEM",
+        help="serve HTTPS with this certificate chain (PEM; may also hold the key)",
+    )
+    serve.add_argument("--ssl-keyfile", metavar="PEM", help="the certificate's private key (PEM)")
+    serve.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow binding a non-loopback --host without a token (anyone who reaches it can use the store)",
     )
     serve.add_argument(
         "--store",
@@ -364,7 +537,9 @@ def build_parser() -> argparse.ArgumentParser:
             "Runs until every runner has done --max-rollouts rollouts, or until Ctrl-C."
         ),
     )
-    runner.add_argument("--server", required=True, metavar="URL", help="store server, http://host:port")
+    runner.add_argument(
+        "--server", required=True, metavar="URL", help="store server, http://host:port or https://host:port"
+    )
     runner.add_argument(
         "--agent",
         required=True,
@@ -381,8 +556,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="M",
         help="stop each runner after M rollouts",
     )
+    _token_options(runner, "bearer token of the server")
     runner.add_argument(
-        "--token", default=os.environ.get("AGL_SERVER_TOKEN"), help="bearer token of the server"
+        "--ca-file",
+        metavar="PEM",
+        help="CA bundle that signed the https:// server's certificate (default: the system's trust store)",
     )
     runner.add_argument(
         "--connect-timeout",

@@ -145,3 +145,36 @@ def no_leftover_processes(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     assert left == [], f"processes left behind: {[(p.pid, _cmdline(p)) for p in left]}"
     if manager_before is None:
         assert aiomultiprocess.core._manager is None, "aiomultiprocess's manager was left running"
+
+
+# ---------------------------------------------------------------------------- TLS (trustme)
+class TLSFiles:
+    """PEM files of a throwaway CA (``trustme``) and a server certificate it signed.
+
+    ``ca``: the CA certificate (what a client passes as ``verify=``); ``cert`` / ``key``: the
+    server's certificate chain and private key; ``combined``: both in one file; ``other_ca``: a
+    CA that signed nothing here (a client trusting only it must refuse the server)."""
+
+    def __init__(self, directory: Any, *names: str) -> None:
+        import trustme
+
+        ca, other = trustme.CA(), trustme.CA()
+        issued = ca.issue_cert(*(names or ("127.0.0.1", "localhost", "::1")))
+        self.ca = directory / "ca.pem"
+        self.other_ca = directory / "other-ca.pem"
+        self.cert = directory / "server.pem"
+        self.key = directory / "server.key"
+        self.combined = directory / "server-and-key.pem"
+        ca.cert_pem.write_to_path(str(self.ca))
+        other.cert_pem.write_to_path(str(self.other_ca))
+        issued.private_key_pem.write_to_path(str(self.key))
+        issued.private_key_and_cert_chain_pem.write_to_path(str(self.combined))
+        with open(self.cert, "wb") as f:
+            for blob in issued.cert_chain_pems:
+                f.write(blob.bytes())
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
+    """A throwaway CA and a server certificate for 127.0.0.1 / localhost / ::1 (session-wide)."""
+    return TLSFiles(tmp_path_factory.mktemp("tls"))

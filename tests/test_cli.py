@@ -250,7 +250,7 @@ def test_runner_reports_an_agent_that_does_not_import(agent: str, message: str) 
 
 def test_runner_rejects_a_bad_server_url(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["runner", "--server", "ftp://host:1", "--agent", "x:y"]) == 2
-    assert "--server must be an http:// URL" in capsys.readouterr().err
+    assert "--server must be an http:// or https:// URL" in capsys.readouterr().err
 
 
 def test_agent_module_in_the_current_directory_is_found(tmp_path: Path) -> None:

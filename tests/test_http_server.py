@@ -128,11 +128,12 @@ async def _until_requests_in_flight(server: LightningStoreServer, n: int) -> Non
         await anyio.sleep(0.01)
 
 
-def test_non_loopback_bind_without_token_warns(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="agl_async"):
+def test_non_loopback_bind_without_token_is_refused(caplog: pytest.LogCaptureFixture) -> None:
+    """(More in tests/test_secure_defaults.py.) Refused, naming the host and both ways out."""
+    with pytest.raises(ValueError, match=r"'0\.0\.0\.0'") as info:
         LightningStoreServer(InMemoryLightningStore(), host="0.0.0.0", port=0, auth_token="")
-    assert any("0.0.0.0" in r.getMessage() and "token" in r.getMessage() for r in caplog.records)
-    caplog.clear()
+    for hint in ("auth_token", "AGL_SERVER_TOKEN", "allow_unauthenticated"):
+        assert hint in str(info.value)
     with caplog.at_level(logging.WARNING, logger="agl_async"):
         LightningStoreServer(InMemoryLightningStore(), host="0.0.0.0", port=0, auth_token="s3cret")
         LightningStoreServer(InMemoryLightningStore(), host="127.0.0.1", port=0, auth_token="")

@@ -394,3 +394,34 @@ async def test_values_that_are_not_json_are_refused_when_they_enter(db: Path, ca
         after = (await store.query_rollouts(), await store.query_attempts(rid), await store.statistics())
         assert after == before
         assert await store.query_spans(rid) == [] and await store.query_resources() == []
+
+
+# ---------------------------------------------------------------------------------- queries
+
+
+async def test_sort_by_start_time_reads_the_times_not_the_creation_order(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Several processes on one file (or a clock stepped back) create rollouts out of start-time
+    order: ``sort_by="start_time"`` orders by the recorded times, paged in SQL."""
+    import time
+    import types
+
+    from agl_async.store import sqlite as sqlite_module
+
+    clock = [100.0]
+    monkeypatch.setattr(
+        sqlite_module, "time", types.SimpleNamespace(time=lambda: clock[0], monotonic=time.monotonic)
+    )
+    async with SqliteLightningStore(db) as store:
+        a = await store.enqueue_rollout("a")
+        clock[0] = 200.0
+        b = await store.enqueue_rollout("b")
+        clock[0] = 150.0  # another process's clock, or an NTP step back
+        c = await store.enqueue_rollout("c")
+        by_start = await store.query_rollouts(sort_by="start_time")
+        assert [r.rollout_id for r in by_start] == [a.rollout_id, c.rollout_id, b.rollout_id]
+        newest = await store.query_rollouts(sort_by="start_time", sort_order="desc", limit=2)
+        assert [r.rollout_id for r in newest] == [b.rollout_id, c.rollout_id]
+        page = await store.query_rollouts(sort_by="start_time", sort_order="desc", limit=2, offset=2)
+        assert [r.rollout_id for r in page] == [a.rollout_id]

@@ -40,10 +40,19 @@ import anyio
 import msgspec
 
 from ..algorithm import Algorithm, reward_of
-from ..store.base import EnqueueRolloutRequest
+from ..store.base import EnqueueRolloutRequest, LightningStore
 from ..types import RolloutConfig
 
-__all__ = ["STATE_KEY", "EpochStats", "EvolutionStrategy", "agent", "make_tasks", "print_summary", "run_demo"]
+__all__ = [
+    "STATE_KEY",
+    "EpochStats",
+    "EvolutionStrategy",
+    "agent",
+    "make_tasks",
+    "print_summary",
+    "run_demo",
+    "run_demo_async",
+]
 
 #: Key of the algorithm's saved state in its resources snapshot (see "Resuming" above).
 STATE_KEY = "agl_async.examples.evolution/state"
@@ -377,6 +386,43 @@ def run_demo(
     a durable store (``sqlite:///demo.db``) an interrupted run continues where it stopped when it
     is started again with the same ``seed``; a larger ``epochs`` extends a finished one.
     """
+    trainer, algorithm, train, val = _setup(mode, runners, epochs, seed, latency, port, progress, store)
+    try:
+        trainer.fit(agent, train, val)
+    finally:
+        anyio.run(trainer.store.close)
+    return algorithm.history
+
+
+async def run_demo_async(
+    *,
+    mode: str = "shm",
+    runners: int = 4,
+    epochs: int = 12,
+    seed: int = 0,
+    latency: float = 0.005,
+    port: int | None = None,
+    progress: TextIO | None = sys.stdout,
+    store: LightningStore | str | None = None,
+) -> list[EpochStats]:
+    """:func:`run_demo` inside the caller's event loop, on ``store`` (a store or a store URL) when
+    given, so that the caller can serve it meanwhile (``agl-async demo --dashboard``). The store is
+    the caller's to close. Cancelling it stops the run."""
+    trainer, algorithm, train, val = _setup(mode, runners, epochs, seed, latency, port, progress, store)
+    await trainer.fit_async(agent, train, val)
+    return algorithm.history
+
+
+def _setup(
+    mode: str,
+    runners: int,
+    epochs: int,
+    seed: int,
+    latency: float,
+    port: int | None,
+    progress: TextIO | None,
+    store: LightningStore | str | None,
+) -> tuple[Any, EvolutionStrategy, list[Any], list[Any]]:
     from ..trainer import Trainer  # the trainer imports the execution layer: only when running
 
     strategy: dict[str, Any]
@@ -394,12 +440,7 @@ def run_demo(
         raise ValueError(f"unknown mode {mode!r}: expected 'shm' or 'cs'")
     train, val = make_tasks(seed, latency=latency)
     algorithm = EvolutionStrategy(epochs=epochs, seed=seed, progress=progress)
-    trainer = Trainer(strategy=strategy, algorithm=algorithm, store=store)
-    try:
-        trainer.fit(agent, train, val)
-    finally:
-        anyio.run(trainer.store.close)
-    return algorithm.history
+    return Trainer(strategy=strategy, algorithm=algorithm, store=store), algorithm, list(train), list(val)
 
 
 def _free_port() -> int:

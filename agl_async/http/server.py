@@ -41,7 +41,14 @@ Idempotency
     A mutating request may carry an ``Idempotency-Key`` header. The server remembers the answers
     to the last ``idempotency_cache_size`` keys (within ``idempotency_cache_bytes``); a retry with
     a known key gets the remembered answer (and a retry arriving while the first is still running
-    waits for it) instead of the change being applied twice.
+    waits for it) instead of the change being applied twice. A key is bound to its request
+    (method, path, body): reused for a different one it gets a 422 and changes nothing; auth (401)
+    and the body limit (413) are checked before anything is replayed.
+
+Across hosts (see docs/serving.md)
+    ``ssl_certfile`` / ``ssl_keyfile`` serve HTTPS (loaded when the server is made: a bad file is
+    a ``ValueError`` naming it). Binding an address that is not loopback without a token raises
+    ``ValueError`` unless ``allow_unauthenticated=True``. The token is never logged.
 """
 
 from __future__ import annotations
@@ -60,12 +67,13 @@ import anyio
 import msgspec
 from anyio.abc import TaskStatus
 
-from .._net import bind_socket, http_url, is_loopback
+from .._net import bind_socket, http_url
 from ..store.base import LightningStore
 from ..store.delegation import DelegatingStore
 from . import otlp
 from . import protocol as p
 from ._idempotency import IdempotencyCache
+from ._security import check_bind, check_certificate
 from ._serving import EmbeddedUvicorn, serve_on
 from .app import StoreApp
 
@@ -78,7 +86,11 @@ DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 #: Features installed on every server's application, one ``"module:function"`` row each: the
 #: function is called with the :class:`~agl_async.http.app.StoreApp` when the server is made
 #: (it adds routes and middleware; see :mod:`agl_async.http.app`). Imported only then.
-APP_EXTENSIONS: list[str] = ["agl_async.http.otlp:install"]  # POST /v1/traces
+APP_EXTENSIONS: list[str] = [
+    "agl_async.http.metrics:install",  # GET /metrics and the request-metrics middleware (issue 14)
+    "agl_async.http.dashboard:install",  # GET / and /v1/dashboard/... (issue 14)
+    "agl_async.http.otlp:install",  # POST /v1/traces (issue 11)
+]
 
 
 class LightningStoreServer(DelegatingStore):
@@ -86,7 +98,16 @@ class LightningStoreServer(DelegatingStore):
 
     ``auth_token`` (default: env ``AGL_SERVER_TOKEN``; ``""`` disables) makes every route but
     health require ``Authorization: Bearer <token>``. Binding a non-loopback address without a
-    token logs a warning on the ``agl_async`` logger. Bodies over ``max_body_bytes`` get a 413.
+    token raises ``ValueError`` (naming the host, ``auth_token`` / ``AGL_SERVER_TOKEN`` and
+    ``allow_unauthenticated``) unless ``allow_unauthenticated=True``. ``ssl_certfile`` /
+    ``ssl_keyfile`` (PEM; the key may sit in the certificate file) serve HTTPS. Bodies over
+    ``max_body_bytes`` get a 413.
+
+    ``dashboard`` serves the live dashboard at ``GET /`` (:mod:`agl_async.http.dashboard`; its
+    data routes take the bearer token or the dashboard's session cookie) and ``metrics`` the
+    Prometheus exposition at ``GET /metrics`` (:mod:`agl_async.http.metrics`, needs the
+    ``metrics`` extra); both on by default, off: 404. They are settings of the extensions in
+    :data:`APP_EXTENSIONS` (``app.options``).
     """
 
     def __init__(
@@ -96,11 +117,16 @@ class LightningStoreServer(DelegatingStore):
         port: int = 4747,
         *,
         auth_token: str | None = None,
+        ssl_certfile: str | os.PathLike[str] | None = None,
+        ssl_keyfile: str | os.PathLike[str] | None = None,
+        allow_unauthenticated: bool = False,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         graceful_timeout: float = 5.0,
         idempotency_cache_size: int = 8192,
         idempotency_cache_bytes: int = 64 * 1024 * 1024,
         log_level: str = "warning",
+        metrics: bool = True,
+        dashboard: bool = True,
     ) -> None:
         if not isinstance(store, LightningStore):
             raise TypeError(f"LightningStoreServer serves a LightningStore, got {type(store).__name__}")
@@ -123,19 +149,17 @@ class LightningStoreServer(DelegatingStore):
         self._task: asyncio.Task[None] | None = None
         self._exit_stack: contextlib.AsyncExitStack | None = None
         self._done: anyio.Event | None = None
-        if not is_loopback(host) and not self.auth_token:
-            logger.warning(
-                "LightningStoreServer binds %s (not a loopback address) without an auth token: anyone who "
-                "can reach port %s can read and change the store; pass auth_token= or set AGL_SERVER_TOKEN",
-                host,
-                port,
-            )
+        # secure defaults and HTTPS (http/_security.py)
+        check_bind(host, self.auth_token, allow_unauthenticated)
+        self.allow_unauthenticated = allow_unauthenticated
+        self.ssl_certfile, self.ssl_keyfile = check_certificate(ssl_certfile, ssl_keyfile)
         self.app = StoreApp(
             store,
             auth_token=self.auth_token,
             max_body_bytes=max_body_bytes,
             idempotency=IdempotencyCache(idempotency_cache_size, idempotency_cache_bytes),
             openapi=_openapi_bytes(),
+            options={"metrics": metrics, "dashboard": dashboard},
         )
         for extension in APP_EXTENSIONS:
             module, _, function = extension.partition(":")
@@ -159,7 +183,7 @@ class LightningStoreServer(DelegatingStore):
     @property
     def endpoint(self) -> str:
         """Base URL for ``LightningStoreClient`` (``localhost`` is reported as ``127.0.0.1``)."""
-        return http_url(self.host, self.port, bound=True)
+        return http_url(self.host, self.port, bound=True, scheme="https" if self.ssl_certfile else "http")
 
     @property
     def started(self) -> bool:
@@ -196,6 +220,8 @@ class LightningStoreServer(DelegatingStore):
                 graceful_timeout=self.graceful_timeout,
                 log_level=self.log_level,
                 on_server=self._set_server,
+                ssl_certfile=self.ssl_certfile,
+                ssl_keyfile=self.ssl_keyfile,
                 task_status=_Started(started),
             )
         finally:

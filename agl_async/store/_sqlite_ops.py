@@ -57,6 +57,7 @@ from ..types import (
     WorkerStatus,
 )
 from ._rules import new_id, rollout_status_for
+from .base import select_rollouts
 
 __all__ = ["Effects", "Transaction", "encode_json"]
 
@@ -76,6 +77,12 @@ _decode_attempt = msgspec.json.Decoder(Attempt).decode
 _decode_span = msgspec.json.Decoder(Span).decode
 _decode_resources = msgspec.json.Decoder(ResourcesUpdate).decode
 _decode_worker = msgspec.json.Decoder(Worker).decode
+
+
+#: ``query_rollouts(sort_by=...)`` fields that are columns of ``rollouts`` / kept in its ``data``
+#: only (a fixed table: nothing from the caller reaches the SQL text).
+_SORT_COLUMNS = frozenset({"rollout_id", "status"})
+_SORT_TIMES = {"start_time": "start_time", "end_time": "end_time"}
 
 
 def _config_copy(config: Any) -> RolloutConfig:
@@ -754,9 +761,17 @@ class Transaction:
         return None if row is None else row.rollout
 
     def query_rollouts(
-        self, status_in: Sequence[RolloutStatus] | None, rollout_id_in: Sequence[str] | None
+        self,
+        status_in: Sequence[RolloutStatus] | None,
+        rollout_id_in: Sequence[str] | None,
+        rollout_id_contains: str | None = None,
+        sort_by: str | None = None,
+        sort_order: str = "asc",
+        limit: int = -1,
+        offset: int = 0,
     ) -> list[Rollout]:
-        wanted = None if status_in is None else set(status_in)
+        """``LightningStore.query_rollouts`` (arguments checked by the caller): filtering, order
+        and paging in SQL (``LIMIT -1`` is SQLite's "no limit"); times are read from ``data``."""
         if rollout_id_in is not None:
             ids = [rid for rid in dict.fromkeys(rollout_id_in) if isinstance(rid, str)]
             found: dict[str, Rollout] = {}
@@ -766,15 +781,37 @@ class Transaction:
                     tuple(chunk),
                 ):
                     found[rid] = _decode_rollout(data)
-            rollouts = [found[rid] for rid in ids if rid in found]
-            return [r for r in rollouts if wanted is None or r.status in wanted]
-        if wanted is None:
-            cursor = self.conn.execute("SELECT data FROM rollouts ORDER BY id")
-        else:
-            statuses = tuple(s for s in wanted if isinstance(s, str))
-            cursor = self.conn.execute(
-                f"SELECT data FROM rollouts WHERE status IN ({_marks(len(statuses))}) ORDER BY id", statuses
+            return select_rollouts(
+                (found[rid] for rid in ids if rid in found),
+                status_in=status_in,
+                rollout_id_contains=rollout_id_contains,
+                sort_by=sort_by,
+                sort_order=sort_order,
+                limit=limit,
+                offset=offset,
             )
+        where: list[str] = []
+        params: list[Any] = []
+        if status_in is not None:
+            statuses = tuple(dict.fromkeys(s for s in status_in if isinstance(s, str)))
+            where.append(f"status IN ({_marks(len(statuses))})")
+            params += statuses
+        if rollout_id_contains is not None:
+            where.append("instr(rollout_id, ?) > 0")
+            params.append(rollout_id_contains)
+        direction = "DESC" if sort_order == "desc" else "ASC"
+        if sort_by is None:
+            order = "id"  # creation order, whatever sort_order says (as in every store)
+        elif sort_by in _SORT_COLUMNS:
+            order = f"{sort_by} {direction}, id {direction}"
+        else:  # a time, kept in data only; rollouts without one (end_time: unfinished) come last
+            value = f"json_extract(CAST(data AS TEXT), '$.{_SORT_TIMES[sort_by]}')"
+            order = f"{value} IS NULL, {value} {direction}, id {direction}"
+        sql = "SELECT data FROM rollouts"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += f" ORDER BY {order} LIMIT ? OFFSET ?"
+        cursor = self.conn.execute(sql, (*params, limit, offset))
         return [_decode_rollout(data) for (data,) in cursor]
 
     def query_attempts(self, rollout_id: str) -> list[Attempt]:

@@ -48,7 +48,15 @@ from ..types import (
     WorkerStatus,
 )
 from ._rules import new_id, rollout_status_for
-from .base import UNSET, EnqueueRolloutRequest, LightningStore, Unset
+from .base import (
+    UNSET,
+    EnqueueRolloutRequest,
+    LightningStore,
+    RolloutSortField,
+    Unset,
+    check_rollout_query,
+    select_rollouts,
+)
 
 __all__ = ["InMemoryLightningStore"]
 
@@ -149,6 +157,10 @@ class InMemoryLightningStore(LightningStore):
         self._waiters: dict[str, list[_Waiter]] = {}
         # Set (and dropped) whenever a rollout enters the queue: wakes long-polling dequeuers.
         self._queue_event: anyio.Event | None = None
+        # Creation order is start_time order (so query_rollouts(sort_by="start_time") needs no sort)
+        # as long as the clock never stepped back between two creations.
+        self._start_ordered = True
+        self._latest_start = -float("inf")
 
     # ------------------------------------------------------------------ pickling
     def __getstate__(self) -> dict[str, Any]:
@@ -383,6 +395,9 @@ class InMemoryLightningStore(LightningStore):
             metadata=dict(metadata) if metadata else {},
         )
         self._rollouts[rollout.rollout_id] = rollout
+        if now < self._latest_start:  # the clock stepped back: creation order is no longer start order
+            self._start_ordered = False
+        self._latest_start = now
         return rollout
 
     def _enqueue(self, rollout: Rollout) -> None:
@@ -653,17 +668,34 @@ class InMemoryLightningStore(LightningStore):
         *,
         status_in: Sequence[RolloutStatus] | None = None,
         rollout_id_in: Sequence[str] | None = None,
+        rollout_id_contains: str | None = None,
+        sort_by: RolloutSortField | None = None,
+        sort_order: Literal["asc", "desc"] = "asc",
+        limit: int = -1,
+        offset: int = 0,
     ) -> list[Rollout]:
+        check_rollout_query(rollout_id_contains, sort_by, sort_order, limit, offset)
         self._settle_deadlines()
         rollouts: Iterable[Rollout]
         if rollout_id_in is not None:
             rollouts = (self._rollouts[r] for r in dict.fromkeys(rollout_id_in) if r in self._rollouts)
+        elif sort_by == "start_time" and self._start_ordered:
+            # Already in that order (ties in creation order): walk it, no sort; "desc" from the end.
+            rollouts = reversed(self._rollouts.values()) if sort_order == "desc" else self._rollouts.values()
+            sort_by = None
         else:
             rollouts = self._rollouts.values()
-        if status_in is not None:
-            wanted = set(status_in)
-            rollouts = (r for r in rollouts if r.status in wanted)
-        return [_copy(r) for r in rollouts]
+        # Filter, order and page the store's own objects; copy only the page handed out.
+        page = select_rollouts(
+            rollouts,
+            status_in=status_in,
+            rollout_id_contains=rollout_id_contains,
+            sort_by=sort_by,
+            sort_order=sort_order,
+            limit=limit,
+            offset=offset,
+        )
+        return [_copy(r) for r in page]
 
     async def query_attempts(self, rollout_id: str) -> list[Attempt]:
         self._settle_deadlines()

@@ -68,7 +68,7 @@ from ..types import (
 )
 from ._sqlite_ops import Effects, Transaction
 from ._sqlite_schema import Synchronous, connect
-from .base import UNSET, EnqueueRolloutRequest, LightningStore, Unset
+from .base import UNSET, EnqueueRolloutRequest, LightningStore, RolloutSortField, Unset, check_rollout_query
 
 __all__ = ["SqliteLightningStore"]
 
@@ -417,8 +417,23 @@ class SqliteLightningStore(LightningStore):
         *,
         status_in: Sequence[RolloutStatus] | None = None,
         rollout_id_in: Sequence[str] | None = None,
+        rollout_id_contains: str | None = None,
+        sort_by: RolloutSortField | None = None,
+        sort_order: Literal["asc", "desc"] = "asc",
+        limit: int = -1,
+        offset: int = 0,
     ) -> list[Rollout]:
-        return await self._call(Transaction.query_rollouts, status_in, rollout_id_in)
+        check_rollout_query(rollout_id_contains, sort_by, sort_order, limit, offset)
+        return await self._call(
+            Transaction.query_rollouts,
+            status_in,
+            rollout_id_in,
+            rollout_id_contains,
+            sort_by,
+            sort_order,
+            limit,
+            offset,
+        )
 
     async def query_attempts(self, rollout_id: str) -> list[Attempt]:
         return await self._call(Transaction.query_attempts, rollout_id)
