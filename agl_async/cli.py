@@ -17,6 +17,7 @@ command prints or logs a token.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from collections.abc import Sequence
@@ -371,12 +372,19 @@ def _cmd_runner(args: argparse.Namespace) -> int:
         verify = args.ca_file
     token = read_token(args)
     agent = load_agent(args.agent)
+    if args.ray is not None:  # hook (issue 15): a usage error before anything is contacted
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise CLIError("--ray needs Ray: install the extra with pip install 'agl-async[ray]'", 2)
 
     import anyio
 
     display_host = f"[{host}]" if ":" in host else host
     endpoint = f"{scheme}://{display_host}:{port}"
     anyio.run(_check_reachable, endpoint, token, args.connect_timeout, verify)
+    if args.ray is not None:  # hook (issue 15): runner actors on a Ray cluster
+        return _run_ray_runners(args, agent, endpoint, token)
 
     from .execution.client_server import ClientServerExecutionStrategy
     from .trainer import Trainer
@@ -398,6 +406,53 @@ def _cmd_runner(args: argparse.Namespace) -> int:
     except (RuntimeError, OSError) as exc:
         raise CLIError(f"runners stopped: {exc}") from None
     print("agl-async: runners finished", flush=True)
+    return 0
+
+
+def _run_ray_runners(args: argparse.Namespace, agent: Any, endpoint: str, token: str | None) -> int:
+    """``runner --ray N``: N runner actors on the Ray cluster (see agl_async.execution.ray)."""
+    import anyio
+
+    try:
+        from .execution.ray import run_runner_actors
+    except ImportError as exc:
+        raise CLIError(str(exc), 2) from None
+    from .execution._sigint import cancel_on_sigint
+    from .trainer import Trainer
+
+    # The runner bundle exactly as `runner -n` would run it (--concurrency is passed on once the
+    # command has it); the token and the CA path travel to the actors' store clients.
+    trainer_options: dict[str, Any] = {"max_rollouts": args.max_rollouts}
+    if getattr(args, "concurrency", None) is not None:
+        trainer_options["concurrency"] = args.concurrency
+    _, runner = Trainer(**trainer_options)._bundles(agent, None, None)
+    options: dict[str, Any] = {}
+    if args.ray_num_cpus is not None:
+        options["num_cpus"] = args.ray_num_cpus
+    print(f"agl-async: placing {args.ray} runner actor(s) of {args.agent} against {endpoint}", flush=True)
+
+    async def main() -> bool:
+        return await cancel_on_sigint(
+            functools.partial(
+                run_runner_actors,
+                runner,
+                endpoint,
+                args.ray,
+                auth_token=token,
+                address=args.ray_address,
+                runner_options=options,
+                max_restarts=args.max_restarts,
+                verify=args.ca_file if args.ca_file is not None else True,
+            )
+        )
+
+    try:
+        interrupted = anyio.run(main)
+    except (RuntimeError, OSError, ConnectionError) as exc:
+        raise CLIError(f"runner actors stopped: {exc}") from None
+    if interrupted:
+        raise KeyboardInterrupt
+    print("agl-async: runner actors finished", flush=True)
     return 0
 
 
@@ -568,6 +623,27 @@ def build_parser() -> argparse.ArgumentParser:
         default=10.0,
         metavar="SEC",
         help="give up if the server does not answer within SEC seconds (default 10)",
+    )
+    ray = runner.add_argument_group("Ray (needs agl-async[ray])")
+    ray.add_argument(
+        "--ray",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="place N runner actors on a Ray cluster instead of local processes (the cluster at "
+        "--ray-address, else RAY_ADDRESS or the last `ray start` here, else a new local one); "
+        "--server must be reachable from its nodes",
+    )
+    ray.add_argument("--ray-address", default=None, metavar="ADDR", help="Ray cluster address")
+    ray.add_argument(
+        "--ray-num-cpus", type=float, default=None, metavar="C", help="CPUs reserved per runner actor"
+    )
+    ray.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        metavar="R",
+        help="restart a runner actor whose process dies up to R times (-1: always; default 0)",
     )
     runner.set_defaults(handler=_cmd_runner)
     return parser
