@@ -41,6 +41,8 @@ class CLIError(Exception):
 
 # ------------------------------------------------------------------------------------------- demo
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.traced:
+        return _traced_demo(args)
     from .examples.evolution import print_summary, run_demo
 
     store = f", store={args.store}" if args.store else ""
@@ -75,6 +77,29 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     except ValueError as exc:  # e.g. --store holds a run with other options
         raise CLIError(str(exc)) from None
     print_summary(history, sys.stdout)
+    return 0
+
+
+def _traced_demo(args: argparse.Namespace) -> int:
+    if args.store or args.dashboard:
+        raise CLIError("--traced runs on its own store in memory: drop --store / --dashboard", 2)
+    print(
+        f"agl-async demo --traced: a traced agent against a local OpenAI-compatible mock; mode={args.mode}, "
+        f"runners={args.runners}, seed={args.seed}",
+        flush=True,
+    )
+    try:
+        from .examples.traced import run_traced_demo
+    except ImportError as exc:  # opentelemetry-api itself is missing
+        raise CLIError(
+            f'--traced needs the OpenTelemetry SDK: pip install "agl-async[otel]" ({exc})', 2
+        ) from None
+    try:
+        run_traced_demo(
+            mode=args.mode, runners=args.runners, seed=args.seed, port=args.port, progress=sys.stdout
+        )
+    except RuntimeError as exc:
+        raise CLIError(str(exc), 2) from None
     return 0
 
 
@@ -540,6 +565,12 @@ def build_parser() -> argparse.ArgumentParser:
             "serve the live dashboard of the run on 127.0.0.1 and print its URL; it stays up after "
             "the run until Ctrl-C (use --latency 0.2 to watch a slower run)"
         ),
+    )
+    demo.add_argument(
+        "--traced",
+        action="store_true",
+        help="instead: a traced agent calling a local OpenAI-compatible mock; shows the spans that reach "
+        "the store (needs the otel extra)",
     )
     demo.set_defaults(handler=_cmd_demo)
 

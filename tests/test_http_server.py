@@ -197,7 +197,7 @@ async def test_openapi_document_lists_every_route() -> None:
         async with httpx.AsyncClient(base_url=server.endpoint) as http:
             doc = (await http.get("/v1/openapi.json")).json()
     assert doc["openapi"].startswith("3.")
-    assert set(doc["paths"]) == {spec.path for spec in ROUTES.values()} | {"/v1/health"}
+    assert set(doc["paths"]) == {spec.path for spec in ROUTES.values()} | {"/v1/health", "/v1/traces"}
     enqueue = doc["paths"]["/v1/enqueue_rollout"]["post"]
     assert "Idempotency-Key" in [param["name"] for param in enqueue["parameters"]]
     schema_ref = enqueue["requestBody"]["content"]["application/json"]["schema"]["$ref"]

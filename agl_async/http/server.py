@@ -29,7 +29,8 @@ Signals
 
 Wire protocol and errors
     One ``POST /v1/<method>`` per store method (see :mod:`agl_async.http.protocol`), plus
-    ``GET /v1/health`` (never authenticated) and ``GET /v1/openapi.json``. Every error is a JSON body
+    ``GET /v1/health`` (never authenticated), ``GET /v1/openapi.json`` and OTLP/HTTP trace export
+    at ``POST /v1/traces`` (:mod:`agl_async.http.otlp`, whose errors are OTLP's). Every error is a JSON body
     ``{"error": kind, "detail": message}``: 400 for malformed JSON and for the store's
     ``ValueError`` (the client re-raises it as ``ValueError`` with the same message), 401 for a
     missing/wrong bearer token, 404 unknown route, 405 wrong method, 413 body over
@@ -69,6 +70,7 @@ from anyio.abc import TaskStatus
 from .._net import bind_socket, http_url
 from ..store.base import LightningStore
 from ..store.delegation import DelegatingStore
+from . import otlp
 from . import protocol as p
 from ._idempotency import IdempotencyCache
 from ._security import check_bind, check_certificate
@@ -87,6 +89,7 @@ DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 APP_EXTENSIONS: list[str] = [
     "agl_async.http.metrics:install",  # GET /metrics and the request-metrics middleware (issue 14)
     "agl_async.http.dashboard:install",  # GET / and /v1/dashboard/... (issue 14)
+    "agl_async.http.otlp:install",  # POST /v1/traces (issue 11)
 ]
 
 
@@ -353,4 +356,6 @@ class _Started:
 
 @functools.cache
 def _openapi_bytes() -> bytes:
-    return msgspec.json.encode(p.openapi_document())
+    document = p.openapi_document()
+    document["paths"].update(otlp.openapi_paths())  # POST /v1/traces (agl_async.http.otlp)
+    return msgspec.json.encode(document)

@@ -29,6 +29,7 @@ import msgspec
 from .._validate import as_config, as_enqueue_requests, as_resources, check_seconds, check_worker_id
 from ..types import (
     ATTEMPT_STATUSES,
+    AUTO_SEQUENCE_ID,
     QUEUE_STATUSES,
     ROLLOUT_STATUSES,
     TERMINAL_ATTEMPT_STATUSES,
@@ -721,8 +722,11 @@ class InMemoryLightningStore(LightningStore):
         # Ownership passes to the store (no copy on this hot path): callers must not mutate a span
         # after adding it. Queries hand out copies.
         self._spans.setdefault(attempt.attempt_id, []).append(span)
-        if span.sequence_id >= self._span_seq.get(attempt.attempt_id, 1):
-            self._span_seq[attempt.attempt_id] = span.sequence_id + 1
+        seq, next_seq = span.sequence_id, self._span_seq.get(attempt.attempt_id, 1)
+        if seq == AUTO_SEQUENCE_ID:  # the store numbers it (OTLP ingestion, the runner's tracer)
+            span.sequence_id = seq = next_seq
+        if seq >= next_seq:
+            self._span_seq[attempt.attempt_id] = seq + 1
         self._heartbeat(attempt, now)
         return span
 
