@@ -54,7 +54,9 @@ import anyio
 
 from ._threads import run_in_daemon_thread
 from .execution.events import ExecutionEvent
+from .semconv import REWARD_SPAN_NAME
 from .store.base import LightningStore
+from .tracing import trace_attempt
 from .types import REWARD_KEY, AttemptedRollout, Span, WorkerId
 
 __all__ = [
@@ -68,9 +70,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("agl_async.runner")
-
-#: Name of the span the runner loop records for an agent's reward (attribute ``"reward"``).
-REWARD_SPAN_NAME = "agl_async.reward"
 
 #: An agent: ``agent(task_input, resources) -> reward`` (``float`` or ``None``), sync or async.
 Agent = Callable[[Any, dict[str, Any]], "float | Awaitable[float | None] | None"]
@@ -296,8 +295,11 @@ async def _run_attempt(
             # caught here: only a cancellation of this runner leaves the task group as an
             # exception (never an exception group around the agent's own error).
             try:
-                with anyio.move_on_after(max(deadline - time.monotonic(), 0.0)) as time_limit:
-                    reward = _as_reward(await call_agent(agent, rollout, resources))
+                # The agent's OpenTelemetry spans, written to the store on exit (agl_async.tracing),
+                # outside the time limit: a timed-out call's spans are written too.
+                async with trace_attempt(store, rollout_id, attempt_id):
+                    with anyio.move_on_after(max(deadline - time.monotonic(), 0.0)) as time_limit:
+                        reward = _as_reward(await call_agent(agent, rollout, resources))
                 timed_out = time_limit.cancelled_caught
             except anyio.get_cancelled_exc_class():
                 raise

@@ -33,6 +33,7 @@ from .runner import (
 )
 from .store.base import LightningStore
 from .store.memory import InMemoryLightningStore
+from .store.urls import open_store
 
 # The runner's names stay importable from here, where they were first.
 __all__ = ["DEFAULT_HEARTBEAT_INTERVAL", "REWARD_SPAN_NAME", "Agent", "Trainer", "run_rollout", "runner_loop"]
@@ -105,7 +106,8 @@ class Trainer:
     ``strategy``: an :class:`~agl_async.ExecutionStrategy`, the alias ``"shm"`` / ``"cs"``, or a
     dict ``{"type": "shm" | "cs", **options}``; ``None`` means shared-memory. ``n_runners`` sets
     the number of runners of a strategy made from an alias or dict (and must agree with one the
-    strategy sets itself); ``trainer.n_runners`` is the resolved number. ``store`` defaults to a fresh
+    strategy sets itself); ``trainer.n_runners`` is the resolved number. ``store`` (a store or a
+    store URL for :func:`~agl_async.open_store`) defaults to a fresh
     :class:`~agl_async.InMemoryLightningStore` (kept on ``trainer.store``, so results can be read
     after the run). ``algorithm`` ``None`` with a dataset means :class:`~agl_async.algorithm.Baseline`;
     with no dataset the algorithm side only waits for the stop event, so the run lasts until it is
@@ -123,7 +125,7 @@ class Trainer:
         self,
         strategy: ExecutionStrategy | str | Mapping[str, Any] | None = None,
         n_runners: int | None = None,
-        store: LightningStore | None = None,
+        store: LightningStore | str | None = None,
         algorithm: Algorithm | None = None,
         agent: Agent | None = None,
         train_dataset: Sequence[Any] | None = None,
@@ -141,8 +143,10 @@ class Trainer:
             raise ValueError(f"max_rollouts must be a non-negative integer or None, got {max_rollouts!r}")
         if initial_resources is not None and not isinstance(initial_resources, Mapping):
             raise ValueError(f"initial_resources must be a mapping, got {type(initial_resources).__name__}")
+        if isinstance(store, str):
+            store = open_store(store)  # a store URL (issue 12): memory://, sqlite:///..., postgresql://...
         if store is not None and not isinstance(store, LightningStore):
-            raise ValueError(f"store must be a LightningStore, got {type(store).__name__}")
+            raise ValueError(f"store must be a LightningStore or a store URL, got {type(store).__name__}")
         if algorithm is not None and not isinstance(algorithm, Algorithm):
             raise ValueError(f"algorithm must be an Algorithm, got {type(algorithm).__name__}")
         if algorithm is not None:

@@ -15,7 +15,7 @@ goes — is the request's fault: 400 ``malformed_json``). Every error is the JSO
 ``{"error": kind, "detail": message}`` (:class:`~agl_async.http.protocol.ErrorBody`). The kinds:
 ``malformed_json``, ``bad_request``, ``client_disconnected``, ``value_error`` (400);
 ``unauthorized`` (401); ``not_found`` (404); ``method_not_allowed`` (405); ``payload_too_large``
-(413); ``validation_error`` (422); ``internal_error`` (500).
+(413); ``validation_error``, ``idempotency_key_reused`` (422); ``internal_error`` (500).
 
 Adding a route that is not a store method (e.g. ``POST /v1/traces``, ``GET /metrics``, a dashboard)::
 
@@ -29,7 +29,11 @@ Adding a route that is not a store method (e.g. ``POST /v1/traces``, ``GET /metr
 and a middleware (an ASGI app factory, e.g. request metrics) with ``app.add_middleware(factory)``; it
 wraps every request, store routes included. Both are done before the server starts; a module that
 provides a feature exposes an ``install(app)`` function and is named in the server's
-:data:`~agl_async.http.server.APP_EXTENSIONS`.
+:data:`~agl_async.http.server.APP_EXTENSIONS`. What an extension may read: ``app.store``,
+``app.auth_token`` (the server's token, ``None`` without one), ``app.options`` (the server's
+per-server settings of its extensions, e.g. ``metrics=`` and ``dashboard=``: a feature turned off
+there installs nothing) and ``app.routes`` (every route served, for labelling requests by route);
+it may keep its per-server objects in ``app.extensions[name]`` for inspection.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
+from starlette.routing import BaseRoute
 from starlette.routing import Route as StarletteRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -52,7 +57,7 @@ from .._validate import check_seconds
 from ..store.base import LightningStore
 from ..types import WorkerId
 from . import protocol as p
-from ._idempotency import IdempotencyCache
+from ._idempotency import IdempotencyCache, IdempotencyKeyReused, fingerprint
 
 __all__ = ["JSON", "Endpoint", "HTTPError", "StoreApp"]
 
@@ -61,6 +66,11 @@ logger = logging.getLogger("agl_async")
 JSON = "application/json"
 _MAX_KEY_LENGTH = 200
 _encoder = msgspec.json.Encoder()
+
+
+def _always(status: int) -> bool:
+    return True
+
 
 #: A route's handler: a request in, a response out (or :class:`HTTPError` raised).
 Endpoint = Callable[[Request], Awaitable[Response]]
@@ -112,9 +122,15 @@ class StoreApp:
         max_body_bytes: int,
         idempotency: IdempotencyCache,
         openapi: bytes,
+        options: Mapping[str, Any] | None = None,
     ) -> None:
         self.store = store
+        self.auth_token = auth_token or None
         self.max_body_bytes = max_body_bytes
+        #: Per-server settings of the extensions (see the module docstring).
+        self.options: dict[str, Any] = dict(options or {})
+        #: What installed extensions keep for this application, by name (for inspection).
+        self.extensions: dict[str, Any] = {}
         self._auth_header = f"Bearer {auth_token}".encode() if auth_token else None
         self._idempotency = idempotency
         self._openapi = openapi
@@ -141,6 +157,11 @@ class StoreApp:
         is checked before the endpoint runs; :class:`HTTPError` and any other exception take the
         one error path."""
         self._starlette.router.routes.append(self._route(path, endpoint, methods, auth=auth))
+
+    @property
+    def routes(self) -> list[BaseRoute]:
+        """Every route served (store routes, health, OpenAPI, added routes), in matching order."""
+        return list(self._starlette.router.routes)
 
     def add_middleware(self, middleware: Callable[[ASGIApp], ASGIApp]) -> None:
         """Wrap the whole application (store routes included) in ``middleware(app)``."""
@@ -249,9 +270,8 @@ class StoreApp:
         handler = self._special(spec.name) if spec.special else self._generic(spec.name)
         cache = self._idempotency
 
-        async def run(request: Request) -> tuple[int, bytes]:
+        async def run(body: bytes, request: Request) -> tuple[int, bytes]:
             try:
-                body = await self.read_body(request)
                 try:
                     args = decoder.decode(body or b"{}")
                 except msgspec.ValidationError as exc:
@@ -267,15 +287,20 @@ class StoreApp:
             if self._auth_header is not None:
                 self.check_auth(request)
             key = request.headers.get(p.IDEMPOTENCY_HEADER) if spec.mutating else None
-            if not key:
-                status, content = await run(request)
-                return Response(content, status, media_type=JSON, headers=self._run_over_headers)
-            if len(key) > _MAX_KEY_LENGTH:
+            if key and len(key) > _MAX_KEY_LENGTH:
                 detail = f"{p.IDEMPOTENCY_HEADER} longer than {_MAX_KEY_LENGTH} characters"
                 raise HTTPError(400, "bad_request", detail)
-            status, content, replayed = await cache.answer(
-                f"{spec.name}:{key}", lambda: run(request), keep=lambda status: status != 413
-            )
+            # Read (within the limit: 413) before any remembered answer may be replayed.
+            body = await self.read_body(request)
+            if not key:
+                status, content = await run(body, request)
+                return Response(content, status, media_type=JSON, headers=self._run_over_headers)
+            try:
+                status, content, replayed = await cache.answer(
+                    key, fingerprint("POST", spec.path, body), lambda: run(body, request), keep=_always
+                )
+            except IdempotencyKeyReused as exc:
+                raise HTTPError(422, "idempotency_key_reused", str(exc)) from None
             headers = {"idempotent-replayed": "true"} if replayed else None
             if self._run_over_headers is not None:
                 headers = {**(headers or {}), **self._run_over_headers}

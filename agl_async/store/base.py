@@ -25,8 +25,10 @@ short requests.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
-from typing import Any, Literal, cast
+import itertools
+from collections.abc import Iterable, Mapping, Sequence
+from operator import attrgetter
+from typing import Any, Literal, cast, get_args
 
 from .._validate import as_enqueue_requests, check_limit, check_seconds
 from ..types import (
@@ -47,7 +49,21 @@ from ..types import (
     WorkerStatus,
 )
 
-__all__ = ["UNSET", "EnqueueRolloutRequest", "LightningStore", "Unset"]
+__all__ = [
+    "ROLLOUT_SORT_FIELDS",
+    "UNSET",
+    "EnqueueRolloutRequest",
+    "LightningStore",
+    "RolloutSortField",
+    "Unset",
+    "check_rollout_query",
+    "select_rollouts",
+]
+
+
+#: A field ``query_rollouts(sort_by=...)`` orders by.
+RolloutSortField = Literal["rollout_id", "start_time", "end_time", "status"]
+ROLLOUT_SORT_FIELDS: tuple[str, ...] = get_args(RolloutSortField)
 
 
 class LightningStore(abc.ABC):
@@ -231,8 +247,23 @@ class LightningStore(abc.ABC):
         *,
         status_in: Sequence[RolloutStatus] | None = None,
         rollout_id_in: Sequence[str] | None = None,
+        rollout_id_contains: str | None = None,
+        sort_by: RolloutSortField | None = None,
+        sort_order: Literal["asc", "desc"] = "asc",
+        limit: int = -1,
+        offset: int = 0,
     ) -> list[Rollout]:
-        """Rollouts in creation order, filtered by status and/or id when given."""
+        """Rollouts in creation order, filtered by status and/or id when given.
+
+        The filters combine with "and": ``status_in`` (statuses), ``rollout_id_in`` (ids) and
+        ``rollout_id_contains`` (a substring of the id). ``sort_by`` (one of
+        :data:`ROLLOUT_SORT_FIELDS`) orders by that field, ``sort_order="desc"`` being the exact
+        reverse of ``"asc"``; ties keep creation order (reversed for ``desc``) and rollouts without
+        a value (``end_time`` of an unfinished one) come last in both orders. ``offset`` skips
+        that many matches, ``limit`` returns at most that many (``-1``: all). The names and
+        meaning are Agent-Lightning 0.3's (its ``filter_logic="or"`` is not offered); stores
+        that have nothing better can use :func:`select_rollouts`. Bad values: ``ValueError``.
+        """
 
     @abc.abstractmethod
     async def query_attempts(self, rollout_id: str) -> list[Attempt]:
@@ -245,10 +276,14 @@ class LightningStore(abc.ABC):
     @abc.abstractmethod
     async def add_span(self, span: Span) -> Span | None:
         """Store a span; it counts as a heartbeat of its attempt (a ``preparing`` or
-        ``unresponsive`` attempt becomes ``running``). Unknown rollout/attempt: ``ValueError``."""
+        ``unresponsive`` attempt becomes ``running``). Unknown rollout/attempt: ``ValueError``.
+
+        A span whose ``sequence_id`` is :data:`~agl_async.types.AUTO_SEQUENCE_ID` (0) gets the
+        attempt's next sequence id from the store (as :meth:`get_next_span_sequence_id` would
+        issue it), set on the returned span; any other value is kept as given."""
 
     async def add_many_spans(self, spans: Sequence[Span]) -> list[Span]:
-        """Store several spans, in order."""
+        """Store several spans, in order (sequence ids to assign are assigned in that order)."""
         out = []
         for span in spans:
             stored = await self.add_span(span)
@@ -305,3 +340,55 @@ class LightningStore(abc.ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook, not abstract
         """Release what the store holds (connections, files). A no-op for in-memory stores."""
+
+
+def check_rollout_query(
+    rollout_id_contains: str | None, sort_by: str | None, sort_order: str, limit: int, offset: int
+) -> None:
+    """``ValueError`` for a ``query_rollouts`` argument out of its domain (before any work)."""
+    if rollout_id_contains is not None and not isinstance(rollout_id_contains, str):
+        raise ValueError(f"rollout_id_contains must be a string or None, got {rollout_id_contains!r}")
+    if sort_by is not None and sort_by not in ROLLOUT_SORT_FIELDS:
+        raise ValueError(f"sort_by must be one of {list(ROLLOUT_SORT_FIELDS)} or None, got {sort_by!r}")
+    if sort_order not in ("asc", "desc"):
+        raise ValueError(f"sort_order must be 'asc' or 'desc', got {sort_order!r}")
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < -1:
+        raise ValueError(f"limit must be an integer >= 0, or -1 for no limit, got {limit!r}")
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"offset must be an integer >= 0, got {offset!r}")
+
+
+def select_rollouts(
+    rollouts: Iterable[Rollout],
+    *,
+    status_in: Sequence[str] | None = None,
+    rollout_id_contains: str | None = None,
+    sort_by: str | None = None,
+    sort_order: str = "asc",
+    limit: int = -1,
+    offset: int = 0,
+) -> list[Rollout]:
+    """``query_rollouts``' filtering, ordering and paging applied to ``rollouts`` (given in
+    creation order, already narrowed by ``rollout_id_in`` if asked): what a store without a
+    query engine of its own does. Returns the very objects given (copy them if they are yours)."""
+    check_rollout_query(rollout_id_contains, sort_by, sort_order, limit, offset)
+    wanted = None if status_in is None else frozenset(status_in)
+    matches: Iterable[Rollout] = rollouts
+    if wanted is not None:
+        matches = (r for r in matches if r.status in wanted)
+    if rollout_id_contains is not None:
+        needle = rollout_id_contains
+        matches = (r for r in matches if needle in r.rollout_id)
+    if sort_by is not None:
+        key = attrgetter(sort_by)
+        present: list[Rollout] = []
+        missing: list[Rollout] = []
+        for r in matches:
+            (missing if key(r) is None else present).append(r)
+        present.sort(key=key)  # stable: ties stay in creation order
+        if sort_order == "desc":
+            present.reverse()
+            missing.reverse()
+        matches = present + missing
+    stop = None if limit == -1 else offset + limit
+    return list(itertools.islice(matches, offset, stop))

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import heapq
 import logging
-import os
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
@@ -40,6 +39,7 @@ from .._validate import (
 )
 from ..types import (
     ATTEMPT_STATUSES,
+    AUTO_SEQUENCE_ID,
     QUEUE_STATUSES,
     REWARD_KEY,
     ROLLOUT_STATUSES,
@@ -58,7 +58,16 @@ from ..types import (
     WorkerId,
     WorkerStatus,
 )
-from .base import UNSET, EnqueueRolloutRequest, LightningStore, Unset
+from ._rules import new_id, rollout_status_for
+from .base import (
+    UNSET,
+    EnqueueRolloutRequest,
+    LightningStore,
+    RolloutSortField,
+    Unset,
+    check_rollout_query,
+    select_rollouts,
+)
 
 __all__ = ["InMemoryLightningStore"]
 
@@ -131,20 +140,6 @@ def _copy(obj: _S) -> _S:
     return copier(obj) if copier is not None else obj.__copy__()  # type: ignore[attr-defined,no-any-return]
 
 
-def _new_id(prefix: str) -> str:
-    return f"{prefix}-{os.urandom(8).hex()}"
-
-
-def _rollout_status_for(attempt: Attempt, config: RolloutConfig) -> RolloutStatus:
-    """The rollout status implied by its latest attempt's status (retry rules included)."""
-    status = attempt.status
-    if status in ("preparing", "running", "succeeded"):
-        return status
-    if status in config.retry_condition and attempt.sequence_id < config.max_attempts:
-        return "requeuing"
-    return "failed"
-
-
 class _Waiter:
     """One ``wait_for_rollouts`` call: the ids it still waits for and the event that ends it."""
 
@@ -176,6 +171,10 @@ class InMemoryLightningStore(LightningStore):
         self._waiters: dict[str, list[_Waiter]] = {}
         # Set (and dropped) whenever a rollout enters the queue: wakes long-polling dequeuers.
         self._queue_event: anyio.Event | None = None
+        # Creation order is start_time order (so query_rollouts(sort_by="start_time") needs no sort)
+        # as long as the clock never stepped back between two creations.
+        self._start_ordered = True
+        self._latest_start = -float("inf")
 
     # ------------------------------------------------------------------ pickling
     def __getstate__(self) -> dict[str, Any]:
@@ -326,7 +325,7 @@ class InMemoryLightningStore(LightningStore):
         if self._is_latest(attempt):
             rollout = self._rollouts[attempt.rollout_id]
             if rollout.status not in TERMINAL_ROLLOUT_STATUSES:
-                self._set_rollout_status(rollout, _rollout_status_for(attempt, rollout.config), now)
+                self._set_rollout_status(rollout, rollout_status_for(attempt, rollout.config), now)
             elif status != previous:
                 # Terminal is final: only an explicit update_rollout / start_attempt moves it on.
                 logger.warning(
@@ -341,7 +340,7 @@ class InMemoryLightningStore(LightningStore):
         attempts = self._attempts.setdefault(rollout.rollout_id, [])
         attempt = Attempt(
             rollout_id=rollout.rollout_id,
-            attempt_id=_new_id("at"),
+            attempt_id=new_id("at"),
             sequence_id=len(attempts) + 1,
             start_time=now,
             worker_id=worker_id,
@@ -436,7 +435,7 @@ class InMemoryLightningStore(LightningStore):
             mode, resources_id, config, metadata, self._resources, input
         )
         rollout = Rollout(
-            rollout_id=_new_id("ro"),
+            rollout_id=new_id("ro"),
             input=input,
             start_time=now,
             mode=mode,  # type: ignore[arg-type]  # checked above
@@ -445,6 +444,9 @@ class InMemoryLightningStore(LightningStore):
             metadata=dict(metadata) if metadata else {},
         )
         self._rollouts[rollout.rollout_id] = rollout
+        if now < self._latest_start:  # the clock stepped back: creation order is no longer start order
+            self._start_ordered = False
+        self._latest_start = now
         return rollout
 
     def _enqueue(self, rollout: Rollout) -> None:
@@ -741,17 +743,34 @@ class InMemoryLightningStore(LightningStore):
         *,
         status_in: Sequence[RolloutStatus] | None = None,
         rollout_id_in: Sequence[str] | None = None,
+        rollout_id_contains: str | None = None,
+        sort_by: RolloutSortField | None = None,
+        sort_order: Literal["asc", "desc"] = "asc",
+        limit: int = -1,
+        offset: int = 0,
     ) -> list[Rollout]:
+        check_rollout_query(rollout_id_contains, sort_by, sort_order, limit, offset)
         self._settle_deadlines()
         rollouts: Iterable[Rollout]
         if rollout_id_in is not None:
             rollouts = (self._rollouts[r] for r in dict.fromkeys(rollout_id_in) if r in self._rollouts)
+        elif sort_by == "start_time" and self._start_ordered:
+            # Already in that order (ties in creation order): walk it, no sort; "desc" from the end.
+            rollouts = reversed(self._rollouts.values()) if sort_order == "desc" else self._rollouts.values()
+            sort_by = None
         else:
             rollouts = self._rollouts.values()
-        if status_in is not None:
-            wanted = set(status_in)
-            rollouts = (r for r in rollouts if r.status in wanted)
-        return [_copy(r) for r in rollouts]
+        # Filter, order and page the store's own objects; copy only the page handed out.
+        page = select_rollouts(
+            rollouts,
+            status_in=status_in,
+            rollout_id_contains=rollout_id_contains,
+            sort_by=sort_by,
+            sort_order=sort_order,
+            limit=limit,
+            offset=offset,
+        )
+        return [_copy(r) for r in page]
 
     async def query_attempts(self, rollout_id: str) -> list[Attempt]:
         self._settle_deadlines()
@@ -779,8 +798,11 @@ class InMemoryLightningStore(LightningStore):
         # Ownership passes to the store (no copy on this hot path): callers must not mutate a span
         # after adding it. Queries hand out copies.
         self._spans.setdefault(attempt.attempt_id, []).append(span)
-        if span.sequence_id >= self._span_seq.get(attempt.attempt_id, 1):
-            self._span_seq[attempt.attempt_id] = span.sequence_id + 1
+        seq, next_seq = span.sequence_id, self._span_seq.get(attempt.attempt_id, 1)
+        if seq == AUTO_SEQUENCE_ID:  # the store numbers it (OTLP ingestion, the runner's tracer)
+            span.sequence_id = seq = next_seq
+        if seq >= next_seq:
+            self._span_seq[attempt.attempt_id] = seq + 1
         self._heartbeat(attempt, now)
         return span
 
@@ -817,7 +839,7 @@ class InMemoryLightningStore(LightningStore):
 
     # ------------------------------------------------------------------ resources
     async def add_resources(self, resources: Mapping[str, Any]) -> ResourcesUpdate:
-        update = ResourcesUpdate(_new_id("rs"), as_resources(resources))
+        update = ResourcesUpdate(new_id("rs"), as_resources(resources))
         self._resources[update.resources_id] = update
         self._latest_resources_id = update.resources_id
         return _copy(update)
