@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from .._validate import as_config, as_resources, check_worker_id
+from .._validate import as_config, as_resources, check_json_value, check_worker_id
 from ..types import (
     ATTEMPT_STATUSES,
     AUTO_SEQUENCE_ID,
@@ -524,8 +524,10 @@ class Transaction:
         if metadata is not None:
             if not isinstance(metadata, dict):
                 raise ValueError(f"metadata must be a dict or None, got {type(metadata).__name__}")
+            check_json_value(metadata, "metadata")  # [issue 16] the JSON rule, shared (_validate)
             encode_json(metadata, "rollout metadata")
         if not isinstance(input, Unset):
+            check_json_value(input, "input")  # [issue 16] the JSON rule, shared (_validate)
             encode_json(input, "rollout input")
         return _config_copy(config)
 
@@ -699,6 +701,7 @@ class Transaction:
         if not isinstance(metadata, (Unset, dict)) and metadata is not None:
             raise ValueError(f"metadata must be a dict or None, got {type(metadata).__name__}")
         if isinstance(metadata, dict):
+            check_json_value(metadata, "metadata")  # [issue 16] the JSON rule, shared (_validate)
             encode_json(metadata, "attempt metadata")
         if not isinstance(last_heartbeat_time, (Unset, int, float)) or isinstance(last_heartbeat_time, bool):
             raise ValueError(f"last_heartbeat_time must be a number, got {last_heartbeat_time!r}")
@@ -941,11 +944,11 @@ class Transaction:
         return None if row is None else row.worker
 
     def update_worker(self, worker_id: WorkerId, heartbeat_stats: dict[str, Any] | Unset) -> Worker:
-        if isinstance(worker_id, bool) or not isinstance(worker_id, (str, int)):
-            raise ValueError(f"worker_id must be a string or an integer, got {worker_id!r}")
+        check_worker_id(worker_id, optional=False)  # [issue 16] shared (_validate): encodable too
         if not isinstance(heartbeat_stats, (Unset, dict)):
             raise ValueError(f"heartbeat_stats must be a dict, got {type(heartbeat_stats).__name__}")
         if isinstance(heartbeat_stats, dict):
+            check_json_value(heartbeat_stats, "heartbeat_stats")  # [issue 16] the JSON rule (_validate)
             encode_json(heartbeat_stats, "heartbeat_stats")
         now = self.now
         wrow = self._worker_row(worker_id)

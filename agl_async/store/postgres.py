@@ -64,7 +64,15 @@ import anyio
 import msgspec
 
 from .._net import is_loopback
-from .._validate import as_config, as_enqueue_requests, as_resources, check_seconds, check_worker_id
+from .._validate import (
+    as_config,
+    as_enqueue_requests,
+    as_resources,
+    check_json_value,
+    check_limit,
+    check_seconds,
+    check_worker_id,
+)
 from ..types import (
     ATTEMPT_STATUSES,
     QUEUE_STATUSES,
@@ -745,6 +753,8 @@ class PostgresLightningStore(LightningStore):
             raise ValueError(f"resources {resources_id!r} not found")
         if metadata is not None and not isinstance(metadata, dict):
             raise ValueError(f"metadata must be a dict or None, got {type(metadata).__name__}")
+        check_json_value(input, "input")  # [issue 16] the JSON rule, shared (_validate)
+        check_json_value(metadata, "metadata")
         cfg = _as_config(config)
         return (
             _json.encode(input, "rollout input"),
@@ -897,9 +907,8 @@ class PostgresLightningStore(LightningStore):
         self, *, limit: int = 1, worker_id: WorkerId | None = None
     ) -> list[AttemptedRollout]:
         check_worker_id(worker_id)
-        if isinstance(limit, bool) or not isinstance(limit, int):
-            raise ValueError(f"limit must be an integer, got {limit!r}")
-        if limit <= 0:
+        check_limit(limit)  # [issue 16] an integer >= 0, shared (_validate)
+        if limit == 0:
             return []
         return await self._claim(limit, worker_id, idle_if_empty=False)
 
@@ -994,6 +1003,10 @@ class PostgresLightningStore(LightningStore):
         if new_resources is not None and not isinstance(new_resources, str):
             raise ValueError(f"resources {new_resources!r} not found")
         new_config = None if isinstance(config, Unset) else _as_config(config)
+        if not isinstance(input, Unset):
+            check_json_value(input, "input")  # [issue 16] the JSON rule, shared (_validate)
+        if not isinstance(metadata, Unset):
+            check_json_value(metadata, "metadata")
         input_json = None if isinstance(input, Unset) else _json.encode(input, "rollout input")
         new_metadata = None if isinstance(metadata, Unset) else (dict(metadata) if metadata else {})
         metadata_json = None if new_metadata is None else _json.encode(new_metadata, "rollout metadata")
@@ -1102,6 +1115,7 @@ class PostgresLightningStore(LightningStore):
             check_worker_id(worker_id)
         metadata_json = None
         if not isinstance(metadata, Unset):
+            check_json_value(metadata, "metadata")  # [issue 16] the JSON rule, shared (_validate)
             metadata_json = _json.encode(dict(metadata) if metadata else {}, "attempt metadata")
 
         async def run(tx: _Tx) -> Attempt:
@@ -1408,6 +1422,7 @@ class PostgresLightningStore(LightningStore):
             raise ValueError(f"heartbeat_stats must be a dict, got {type(heartbeat_stats).__name__}")
         stats = None
         if not isinstance(heartbeat_stats, Unset):
+            check_json_value(heartbeat_stats, "heartbeat_stats")  # [issue 16] the JSON rule (_validate)
             stats = _json.encode(dict(heartbeat_stats), "heartbeat_stats")
         await self._rt()
         rec = await self._autocommit(

@@ -51,7 +51,7 @@ import anyio
 import anyio.to_thread
 from anyio.lowlevel import RunVar
 
-from .._validate import as_enqueue_requests, check_worker_id
+from .._validate import as_enqueue_requests, check_limit, check_worker_id
 from ..types import (
     Attempt,
     AttemptedRollout,
@@ -331,7 +331,8 @@ class SqliteLightningStore(LightningStore):
         self, *, limit: int = 1, worker_id: WorkerId | None = None
     ) -> list[AttemptedRollout]:
         check_worker_id(worker_id)
-        return await self._call(Transaction.dequeue, worker_id, max(limit, 0), False)
+        check_limit(limit)  # [issue 16] an integer >= 0, shared (_validate)
+        return await self._call(Transaction.dequeue, worker_id, limit, False)
 
     async def start_rollout(
         self,
