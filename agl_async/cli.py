@@ -35,7 +35,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     print(
         f"agl-async demo: evolution strategy on a toy linear task; mode={args.mode}, "
-        f"runners={args.runners}, epochs={args.epochs}, seed={args.seed}",
+        f"runners={args.runners}, concurrency={args.concurrency}, epochs={args.epochs}, seed={args.seed}",
         flush=True,
     )
     history = run_demo(
@@ -46,6 +46,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         latency=args.latency,
         port=args.port,
         progress=sys.stdout,
+        concurrency=args.concurrency,
     )
     print_summary(history, sys.stdout)
     return 0
@@ -180,8 +181,9 @@ def _cmd_runner(args: argparse.Namespace) -> int:
     strategy = ClientServerExecutionStrategy(
         role="runner", server_host=host, server_port=port, n_runners=args.n
     )
-    trainer = Trainer(strategy=strategy, max_rollouts=args.max_rollouts)
-    print(f"agl-async: {args.n} runner(s) of {args.agent} attached to {endpoint}", flush=True)
+    trainer = Trainer(strategy=strategy, max_rollouts=args.max_rollouts, concurrency=args.concurrency)
+    slots = f" x {args.concurrency} concurrent rollouts" if args.concurrency > 1 else ""
+    print(f"agl-async: {args.n} runner(s){slots} of {args.agent} attached to {endpoint}", flush=True)
     try:
         trainer.fit(agent)
     except (RuntimeError, OSError) as exc:
@@ -230,6 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="shm: all in this process (default); cs: store over HTTP on 127.0.0.1, runner processes",
     )
     demo.add_argument("--runners", type=_positive_int, default=4, metavar="N", help="runners (default 4)")
+    demo.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        default=1,
+        metavar="C",
+        help="rollouts each runner works on at once (default 1)",
+    )
     demo.add_argument("--epochs", type=_positive_int, default=12, metavar="E", help="epochs (default 12)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the tasks and the search (default 0)")
     demo.add_argument(
@@ -266,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="attach runner processes to a store server",
         description=(
             "Attach N runners to the store server at --server: each dequeues rollouts, calls the "
-            "agent(task_input, resources) and records its reward. N > 1 starts N worker processes. "
+            "agent(task_input, resources) and records its reward, up to C rollouts at once "
+            "(--concurrency). N > 1 starts N worker processes. "
             "Runs until every runner has done --max-rollouts rollouts, or until Ctrl-C."
         ),
     )
@@ -281,11 +291,19 @@ def build_parser() -> argparse.ArgumentParser:
         "-n", "--n-runners", dest="n", type=int, default=1, metavar="N", help="runners (default 1)"
     )
     runner.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        default=1,
+        metavar="C",
+        help="rollouts each runner works on at once (default 1): N x C in flight; "
+        "I/O-bound agents: raise C; CPU-bound agents: raise N",
+    )
+    runner.add_argument(
         "--max-rollouts",
         type=_positive_int,
         default=None,
         metavar="M",
-        help="stop each runner after M rollouts",
+        help="stop each runner after M rollouts (all its concurrent ones together)",
     )
     runner.add_argument(
         "--token", default=os.environ.get("AGL_SERVER_TOKEN"), help="bearer token of the server"

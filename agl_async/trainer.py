@@ -4,7 +4,8 @@ The trainer builds two *bundles* and hands them to the strategy:
 
 * the algorithm bundle publishes ``initial_resources`` (before anything else), sets the
   algorithm's ``store`` and awaits :meth:`Algorithm.run <agl_async.algorithm.Algorithm.run>`;
-* each runner bundle runs :func:`runner_loop`: dequeue a rollout, mark its attempt ``running``,
+* each runner bundle runs ``concurrency`` slots (:func:`agl_async.concurrency.run_slots`), each
+  the loop of :func:`runner_loop`: dequeue a rollout, mark its attempt ``running``,
   call the agent with the rollout's input and resources, record the reward (a span named
   :data:`REWARD_SPAN_NAME` and ``rollout.metadata["reward"]``), then mark the attempt
   ``succeeded`` — or ``failed`` with the error and its traceback in the attempt's metadata.
@@ -37,6 +38,8 @@ import anyio.to_thread
 
 from .algorithm import REWARD_KEY, Algorithm, Baseline
 from .execution.base import ExecutionStrategy, resolve_strategy
+from .rollout_context import RolloutContext  # [context hook]
+from .rollout_context import _current as _current_rollout  # [context hook]
 from .store.base import LightningStore
 from .store.locked import LightningStoreLocked
 from .store.memory import InMemoryLightningStore
@@ -238,11 +241,13 @@ async def _execute(
         async with anyio.create_task_group() as tg:
             if interval > 0:
                 tg.start_soon(_heartbeat, store, worker_id, rollout_id, attempt_id, interval)
+            context = _current_rollout.set(RolloutContext(store, rollout, worker_id))  # [context hook]
             try:
                 reward = _as_reward(await _call_agent(agent, rollout.input, resources))
             except Exception as exc:
                 error, error_traceback = exc, traceback.format_exc()
             finally:
+                _current_rollout.reset(context)  # [context hook]
                 tg.cancel_scope.cancel()
     except BaseException:
         # Cancelled (or interrupted) while the agent ran: do not leave the attempt "running".
@@ -333,19 +338,28 @@ async def runner_loop(
 
 
 class _RunnerBundle:
-    """``runner(store, worker_id, event)`` for the strategy; picklable when the agent is."""
+    """``runner(store, worker_id, event)`` for the strategy; picklable when the agent is.
 
-    def __init__(self, agent: Agent, max_rollouts: int | None, heartbeat_interval: float) -> None:
+    Runs :func:`agl_async.concurrency.run_slots`: ``concurrency`` slots, each with a worker id of
+    its own (unique across processes and hosts)."""
+
+    def __init__(
+        self, agent: Agent, max_rollouts: int | None, heartbeat_interval: float, concurrency: int = 1
+    ) -> None:
         self.agent = agent
         self.max_rollouts = max_rollouts
         self.heartbeat_interval = heartbeat_interval
+        self.concurrency = concurrency
 
     async def __call__(self, store: LightningStore, worker_id: int, event: StopEvent) -> None:
-        await runner_loop(
+        from .concurrency import run_slots  # [concurrency hook] (imports this module)
+
+        await run_slots(
             store,
             worker_id,
             event,
             self.agent,
+            concurrency=self.concurrency,
             max_rollouts=self.max_rollouts,
             heartbeat_interval=self.heartbeat_interval,
         )
@@ -425,9 +439,11 @@ class Trainer:
     after the run). ``algorithm`` ``None`` with a dataset means :class:`~agl_async.algorithm.Baseline`;
     with no dataset the algorithm side only waits for the stop event, so the run lasts until it is
     stopped (Ctrl-C, cancellation): for runners serving an algorithm elsewhere.
-    ``max_rollouts`` caps the rollouts of *each* runner. ``initial_resources`` (a mapping of JSON
-    values) is published with ``add_resources`` before the algorithm starts. ``heartbeat_interval``:
-    seconds between runner heartbeats while an agent call runs.
+    ``max_rollouts`` caps the rollouts of *each* runner. ``concurrency``: rollouts each runner
+    works on at once (:mod:`agl_async.concurrency`), so ``n_runners x concurrency`` are in
+    flight. ``initial_resources`` (a mapping of JSON values) is published with ``add_resources``
+    before the algorithm starts. ``heartbeat_interval``: seconds between runner heartbeats while an
+    agent call runs.
 
     Shutdown and errors are the strategy's: the run ends when the algorithm returns (runners finish
     their current rollout within the grace period); an exception in a bundle stops the run and is
@@ -445,9 +461,13 @@ class Trainer:
         val_dataset: Sequence[Any] | None = None,
         max_rollouts: int | None = None,
         initial_resources: Mapping[str, Any] | None = None,
+        concurrency: int = 1,
         *,
         heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
     ) -> None:
+        from .concurrency import check_concurrency  # [concurrency hook]
+
+        self.concurrency = check_concurrency(concurrency)
         if n_runners is not None and (
             isinstance(n_runners, bool) or not isinstance(n_runners, int) or n_runners < 1
         ):
@@ -485,7 +505,7 @@ class Trainer:
             algorithm = Baseline()
         return (
             _AlgorithmBundle(algorithm, train_dataset, val_dataset, self.initial_resources),
-            _RunnerBundle(agent, self.max_rollouts, self.heartbeat_interval),
+            _RunnerBundle(agent, self.max_rollouts, self.heartbeat_interval, self.concurrency),
         )
 
     def fit(

@@ -264,12 +264,14 @@ def run_demo(
     latency: float = 0.005,
     port: int | None = None,
     progress: TextIO | None = sys.stdout,
+    concurrency: int = 1,
 ) -> list[EpochStats]:
     """Run the example end to end (blocking) and return the per-epoch statistics.
 
     ``mode="shm"``: in-memory store, every bundle a task of this process, no ports. ``mode="cs"``:
     the store served over HTTP on 127.0.0.1:``port`` (a free port when ``None``) and ``runners``
-    runner processes.
+    runner processes. ``concurrency``: rollouts each runner works on at once (``runners x
+    concurrency`` in flight).
     """
     from ..trainer import Trainer  # the trainer imports the execution layer: only when running
 
@@ -288,7 +290,7 @@ def run_demo(
         raise ValueError(f"unknown mode {mode!r}: expected 'shm' or 'cs'")
     train, val = make_tasks(seed, latency=latency)
     algorithm = EvolutionStrategy(epochs=epochs, seed=seed, progress=progress)
-    Trainer(strategy=strategy, algorithm=algorithm).fit(agent, train, val)
+    Trainer(strategy=strategy, algorithm=algorithm, concurrency=concurrency).fit(agent, train, val)
     return algorithm.history
 
 

@@ -1,0 +1,192 @@
+"""Runner concurrency: one runner works on up to ``concurrency`` rollouts at once.
+
+:func:`run_slots` is what a runner bundle runs: ``concurrency`` *slots*, each its own loop of
+claim → agent → record (the runner loop of :mod:`agl_async.trainer`, one rollout at a time) with
+its own worker id, all tasks of one task group on the runner's event loop. Async agents run
+concurrently on that loop; sync agents each in a worker thread (anyio's default thread limiter is
+raised by ``concurrency`` while the slots run, so that ``concurrency`` sync agents really run at
+once, and lowered again when they stop).
+
+Worker ids
+    Every slot records a worker id of its own, unique in the store across slots, runners,
+    processes and hosts: ``"<host>:<pid>:<random>/<runner>.<slot>"``, where the prefix is drawn
+    anew by each :func:`run_slots` call (so two ``agl-async runner`` commands on one host, or a
+    process that runs twice against one store, never share an id). The runner bundle's own
+    ``worker_id`` argument stays ``0 … n_runners-1``, as the strategies hand it out.
+
+``max_rollouts``
+    Caps the rollouts of the *runner*, all its slots together: a slot takes a ticket before it
+    claims a rollout and gives it back when the claim ends without one.
+
+Stopping and cancellation (every slot, as for one runner loop)
+    Each slot checks the stop event between rollouts and while it waits for work, and always runs
+    a claimed rollout to the end (the strategy's grace period). Cancelling :func:`run_slots`
+    cancels every slot; each one that holds a running attempt records it ``failed`` with
+    ``error = "cancelled"`` under a shielded, bounded scope before the cancellation propagates, so
+    no attempt is left ``running``; a sync agent's worker thread is abandoned, not interrupted.
+    Heartbeats run per attempt, so every slot's attempt stays alive on its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import anyio.to_thread
+
+from .store.base import LightningStore
+from .trainer import (
+    _LONG_POLL_TIMEOUT,
+    DEFAULT_HEARTBEAT_INTERVAL,
+    Agent,
+    StopEvent,
+    _execute,
+    _is_async_callable,
+    _next_rollout,
+    _supports_long_poll,
+)
+from .types import AttemptedRollout
+
+__all__ = ["check_concurrency", "new_worker_prefix", "run_slots", "slot_worker_id"]
+
+logger = logging.getLogger(__name__)
+
+
+def check_concurrency(value: Any) -> int:
+    """``value`` as a concurrency (a positive integer); ``ValueError`` saying what is wrong."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"concurrency must be a positive integer (rollouts per runner), got {value!r}")
+    return value
+
+
+def new_worker_prefix() -> str:
+    """A prefix no other runner shares: host name, process id and 24 random bits."""
+    host = socket.gethostname() or "host"
+    return f"{host}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+def slot_worker_id(prefix: str, runner: int, slot: int) -> str:
+    """The worker id slot ``slot`` of runner ``runner`` records in the store."""
+    return f"{prefix}/{runner}.{slot}"
+
+
+class _Budget:
+    """``max_rollouts`` shared by the slots of one runner (all on one event loop: no lock)."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.taken = 0  # claims in progress + rollouts run
+        self.done = 0
+
+    def take(self) -> bool:
+        if self.limit is not None and self.taken >= self.limit:
+            return False
+        self.taken += 1
+        return True
+
+    def refund(self) -> None:
+        self.taken -= 1
+
+
+@asynccontextmanager
+async def _thread_tokens(extra: int) -> AsyncIterator[None]:
+    """Raise anyio's default thread limiter by ``extra`` tokens for the duration (tokens added by
+    concurrent callers add up, and each takes back only its own)."""
+    if extra <= 0:
+        yield
+        return
+    limiter = anyio.to_thread.current_default_thread_limiter()
+    limiter.total_tokens += extra
+    try:
+        yield
+    finally:
+        limiter.total_tokens = max(1, limiter.total_tokens - extra)
+
+
+async def _claim(
+    store: LightningStore, worker_id: str, event: StopEvent, long_poll: bool, budget: _Budget
+) -> AttemptedRollout | None:
+    if not budget.take():
+        return None
+    rollout = await _next_rollout(store, worker_id, event, long_poll)
+    if rollout is None:
+        budget.refund()
+    return rollout
+
+
+async def _slot(
+    store: LightningStore,
+    worker_id: str,
+    event: StopEvent,
+    agent: Agent,
+    budget: _Budget,
+    long_poll: bool,
+    heartbeat_interval: float,
+) -> None:
+    """One slot: the runner loop (claim, run, record; end + claim in one call when it can)."""
+    await store.update_worker(worker_id, heartbeat_stats={"time": time.time()})
+    rollout = await _claim(store, worker_id, event, long_poll, budget)
+    while rollout is not None:
+        succeeded, _ = await _execute(store, worker_id, rollout, agent, heartbeat_interval)
+        budget.done += 1
+        if succeeded and not event.is_set() and budget.take():
+            # One call (one round trip over HTTP) ends this attempt and claims the next rollout.
+            rollout = await store.finish_and_dequeue(
+                rollout.rollout_id,
+                rollout.attempt.attempt_id,
+                "succeeded",
+                worker_id=worker_id,
+                timeout=_LONG_POLL_TIMEOUT if long_poll else None,
+            )
+            if rollout is None:
+                rollout = await _next_rollout(store, worker_id, event, long_poll)
+                if rollout is None:
+                    budget.refund()
+            continue
+        if succeeded:
+            await store.update_attempt(rollout.rollout_id, rollout.attempt.attempt_id, status="succeeded")
+        rollout = None if event.is_set() else await _claim(store, worker_id, event, long_poll, budget)
+
+
+async def run_slots(
+    store: LightningStore,
+    runner: int,
+    event: StopEvent,
+    agent: Agent,
+    *,
+    concurrency: int = 1,
+    max_rollouts: int | None = None,
+    heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+    worker_prefix: str | None = None,
+) -> int:
+    """Run runner number ``runner`` as ``concurrency`` slots until ``event`` is set or
+    ``max_rollouts`` rollouts (of the whole runner) are done; returns how many it ran.
+
+    ``worker_prefix`` (default: :func:`new_worker_prefix`) starts every worker id it records.
+    Bad ``concurrency`` / ``max_rollouts`` are a ``ValueError`` before anything runs. See the
+    module docstring for stopping and cancellation.
+    """
+    concurrency = check_concurrency(concurrency)
+    if max_rollouts is not None and (
+        isinstance(max_rollouts, bool) or not isinstance(max_rollouts, int) or max_rollouts < 0
+    ):
+        raise ValueError(f"max_rollouts must be a non-negative integer or None, got {max_rollouts!r}")
+    prefix = worker_prefix if worker_prefix is not None else new_worker_prefix()
+    budget = _Budget(max_rollouts)
+    if max_rollouts == 0:
+        return 0
+    long_poll = _supports_long_poll(store)
+    threads = 0 if _is_async_callable(agent) else concurrency
+    async with _thread_tokens(threads), anyio.create_task_group() as tg:
+        for slot in range(concurrency):
+            worker_id = slot_worker_id(prefix, runner, slot)
+            tg.start_soon(_slot, store, worker_id, event, agent, budget, long_poll, heartbeat_interval)
+    logger.debug("runner %s: %d slots stopped after %d rollouts", prefix, concurrency, budget.done)
+    return budget.done
