@@ -36,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal, TypeVar
 
@@ -60,6 +60,7 @@ from ..types import (
     WorkerStatus,
 )
 from . import protocol as p
+from .transport import TRANSPORTS, TransportName, make_transport, resolve_transport  # [transport seam]
 
 __all__ = ["DEFAULT_RETRY_DELAYS", "LightningStoreClient", "StoreAuthError", "StoreConnectionError"]
 
@@ -124,6 +125,9 @@ class LightningStoreClient(LightningStore):
     token. ``request_timeout`` bounds each request that does not wait by design;
     ``connect_timeout`` each connection attempt; ``retry_delays`` the retries (see the module
     docstring). ``max_connections`` caps the pool (concurrent requests of this client).
+    ``transport``: what carries the requests under httpx's API — ``"auto"`` (aiohttp's pool on
+    asyncio for ``http://``, else httpx's), ``"httpx"`` or ``"aiohttp"``
+    (:mod:`agl_async.http.transport`).
     """
 
     def __init__(
@@ -135,7 +139,11 @@ class LightningStoreClient(LightningStore):
         connect_timeout: float = 5.0,
         retry_delays: Sequence[float] = DEFAULT_RETRY_DELAYS,
         max_connections: int = 100,
+        transport: TransportName = "auto",
     ) -> None:
+        if transport not in TRANSPORTS:  # [transport seam]
+            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}; got {transport!r}")
+        self.transport: TransportName = transport
         if not isinstance(endpoint, str) or not endpoint.startswith(("http://", "https://")):
             raise ValueError(
                 f"endpoint must be an http(s) URL such as 'http://127.0.0.1:4747', got {endpoint!r}"
@@ -149,6 +157,7 @@ class LightningStoreClient(LightningStore):
         self.retry_delays = tuple(float(d) for d in retry_delays)
         self.max_connections = int(max_connections)
         self._http: httpx.AsyncClient | None = None
+        self._send: Callable[[httpx.Request], Awaitable[httpx.Response]] = _not_connected
         self._http_owner: tuple[int, object] | None = None
         self._headers = {"content-type": "application/json"}
         if self.auth_token:
@@ -168,6 +177,7 @@ class LightningStoreClient(LightningStore):
             "connect_timeout": self.connect_timeout,
             "retry_delays": self.retry_delays,
             "max_connections": self.max_connections,
+            "transport": self.transport,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -178,6 +188,7 @@ class LightningStoreClient(LightningStore):
             connect_timeout=state["connect_timeout"],
             retry_delays=state["retry_delays"],
             max_connections=state["max_connections"],
+            transport=state.get("transport", "auto"),
         )
 
     # ------------------------------------------------------------------ connection pool
@@ -189,6 +200,10 @@ class LightningStoreClient(LightningStore):
             or self._http_owner[0] != owner[0]
             or (self._http_owner[1] is not owner[1])
         ):
+            # [transport seam] aiohttp's pool on asyncio for http:// (agl_async.http.transport)
+            transport = None
+            if resolve_transport(self.transport, self.endpoint) == "aiohttp":
+                transport = make_transport("aiohttp", max_connections=self.max_connections)
             self._http = httpx.AsyncClient(
                 base_url=self.endpoint,
                 headers=self._headers,
@@ -200,8 +215,12 @@ class LightningStoreClient(LightningStore):
                 # TLS settings only matter for https; for http, skip loading the CA bundle (20-200 ms
                 # of every runner process's start-up, measured by benchmarks/report.py figure 3)
                 verify=not self.endpoint.lower().startswith("http:"),
+                transport=transport,
             )
             self._http_owner = owner
+            # [transport seam] our own transport returns complete responses: requests skip
+            # AsyncClient.send (auth, redirects, cookies, hooks: ~40% of the client's CPU per call)
+            self._send = self._http.send if transport is None else transport.handle_async_request
         return self._http
 
     async def close(self) -> None:
@@ -245,7 +264,8 @@ class LightningStoreClient(LightningStore):
             timeout = httpx.Timeout(self.request_timeout + wait, connect=self.connect_timeout).as_dict()
         else:
             timeout = self._timeout
-        http = self._client()
+        self._client()
+        send = self._send
         url = self._urls[name]
         delays = iter(self.retry_delays)
         tries = 0
@@ -258,7 +278,7 @@ class LightningStoreClient(LightningStore):
                 "POST", url, content=content, headers=headers, extensions={"timeout": timeout}
             )
             try:
-                response = await http.send(request)
+                response = await send(request)
                 break
             except _RETRYABLE as exc:
                 delay = next(delays, None)
@@ -545,6 +565,10 @@ class LightningStoreClient(LightningStore):
     async def statistics(self) -> dict[str, Any]:
         result: dict[str, Any] = await self._call("statistics", p.NoArgs())
         return result
+
+
+async def _not_connected(request: httpx.Request) -> httpx.Response:
+    raise RuntimeError("LightningStoreClient: _client() must run before a request is sent")
 
 
 def _wait_of(timeout: float | None, *, none_waits: bool) -> float | None:
