@@ -45,11 +45,10 @@ from __future__ import annotations
 
 import argparse
 import array
-import asyncio
 import datetime as dt
+import itertools
 import json
 import os
-import random
 import signal
 import socket
 import statistics
@@ -351,7 +350,7 @@ class Sampler:
         series = self.series
         if not series:
             return 0.0
-        for (t0, c0), (t1, c1) in zip(series, series[1:], strict=False):
+        for (t0, c0), (t1, c1) in itertools.pairwise(series):
             if t0 <= when <= t1:
                 return c0 + (c1 - c0) * (when - t0) / max(t1 - t0, 1e-9)
         return series[0][1] if when < series[0][0] else series[-1][1]
@@ -408,11 +407,26 @@ class System:
 
     def server_argv(self, port: int) -> list[str]:
         if self.key == "ours":
-            return [self.python, "-m", "agl_async.cli", "serve", "--host", "127.0.0.1", "--port", str(port)] + [
+            return [
+                self.python,
+                "-m",
+                "agl_async.cli",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
                 "--token",
                 "",
             ]
-        return [self.python, "-m", "agentlightning.cli.store", "--host", "127.0.0.1", "--port", str(port)] + [
+        return [
+            self.python,
+            "-m",
+            "agentlightning.cli.store",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
             "--log-level",
             "WARNING",
         ]
@@ -420,13 +434,21 @@ class System:
     def trainer_argv(self, url: str, shape: W.Shape, config: dict[str, Any], latency_dir: str) -> list[str]:
         common = ["trainer", "--url", url, "--shape", json.dumps(shape.args()), "--latency-dir", latency_dir]
         if self.key == "ours":
-            return [self.python, str(Path(__file__)), *common] + [
+            return [
+                self.python,
+                str(Path(__file__)),
+                *common,
                 "--processes",
                 str(config["processes"]),
                 "--concurrency",
                 str(config["concurrency"]),
             ]
-        return [self.python, str(PEER_SCRIPT), *common, "--runners", str(config["runners"])] + [
+        return [
+            self.python,
+            str(PEER_SCRIPT),
+            *common,
+            "--runners",
+            str(config["runners"]),
             "--poll-interval",
             str(config["poll"]),
         ]
@@ -526,7 +548,8 @@ def run_one(system: System, shape: W.Shape, config: dict[str, Any], log: Any) ->
     }
     log(
         f"  {system.key:4} {shape.name:11} {_config_label(system.key, config):22} "
-        f"{rate:7.1f} rollouts/s  eff {sample['efficiency']:.2f}  cpu {sample['cpu_ms_per_rollout']:6.1f} ms/r  "
+        f"{rate:7.1f} rollouts/s  eff {sample['efficiency']:.2f}  "
+        f"cpu {sample['cpu_ms_per_rollout']:6.1f} ms/r  "
         f"p50/p99 {latency.get('p50_ms', float('nan')):.1f}/{latency.get('p99_ms', float('nan')):.1f} ms  "
         f"rss srv {sample['server_peak_rss_mib']:.0f} run {sample['runners_peak_rss_mib']:.0f} MiB  "
         f"not ok {sample['not_ok']}  load {sample['load_before'][0]:.1f}->{sample['load_after'][0]:.1f}"
@@ -575,7 +598,9 @@ def main() -> None:
     trainer.add_argument("--latency-dir")
     parser.add_argument("--peer", default=os.environ.get("AGL_PEER_PYTHON"), help="Agent-Lightning's python")
     parser.add_argument("--quick", action="store_true", help="small shapes, one configuration each (< 3 min)")
-    parser.add_argument("--scan", action="store_true", help="also raise the in-flight count until the rate stops growing")
+    parser.add_argument(
+        "--scan", action="store_true", help="also raise the in-flight count until the rate stops growing"
+    )
     parser.add_argument("--only", help="comma-separated shape names to run")
     parser.add_argument("--repeat", type=int, default=1)
     args = parser.parse_args()
@@ -598,7 +623,13 @@ def main() -> None:
     results: list[dict[str, Any]] = []
     for rep in range(args.repeat):
         for key, shape, config in runs:
-            entry = {"system": key, "shape": shape.name, "shape_args": shape.args(), "config": config, "rep": rep}
+            entry = {
+                "system": key,
+                "shape": shape.name,
+                "shape_args": shape.args(),
+                "config": config,
+                "rep": rep,
+            }
             try:
                 entry["sample"] = run_one(systems[key], shape, config, log)
             except Exception as exc:  # a failed run is reported, not fatal

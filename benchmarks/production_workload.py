@@ -249,7 +249,9 @@ async def _check(adapter: Adapter, rollout_id: str, status: str, task: str, out:
             out.agent_seconds += float(a["bench.agent_seconds"])
 
 
-async def _wait_all(adapter: Adapter, pending: dict[str, str], poll: float, stall: float, out: Outcome) -> None:
+async def _wait_all(
+    adapter: Adapter, pending: dict[str, str], poll: float, stall: float, out: Outcome
+) -> None:
     """Check every rollout of ``pending`` (id -> task) as it finishes; stop when none is left or
     nothing happened for ``stall`` seconds (the rest counts as lost)."""
     while pending:

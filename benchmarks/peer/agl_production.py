@@ -28,11 +28,11 @@ from typing import Any
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/ (standard library only)
 
-import agentlightning as agl  # noqa: E402
-import production_workload as W  # noqa: E402
-from agentlightning.store.client_server import LightningStoreClient  # noqa: E402
-from agentlightning.types import EnqueueRolloutRequest  # noqa: E402
-from agentlightning.utils.otel import get_tracer  # noqa: E402
+import agentlightning as agl
+import production_workload as W
+from agentlightning.store.client_server import LightningStoreClient
+from agentlightning.types import EnqueueRolloutRequest
+from agentlightning.utils.otel import get_tracer
 
 RESULT: dict[str, Any] = {}
 LATENCY: W.LatencyLog | None = None
