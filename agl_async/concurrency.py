@@ -18,6 +18,18 @@ Worker ids
     Caps the rollouts of the *runner*, all its slots together: a slot takes a ticket before it
     claims a rollout and gives it back when the claim ends without one.
 
+Waiting for work
+    A slot that finds the queue empty does not long-poll the store on its own: one slot of the
+    runner waits in the store's long poll, the others wait for that poll to end and then look at
+    the queue again (:class:`_Claims`). An idle runner keeps one request waiting on the server,
+    whatever its concurrency; a busy slot still ends its attempt and claims the next queued rollout
+    in one call (``finish_and_dequeue``).
+
+Errors
+    An error of the store itself (the server is gone, say) in any slot ends the runner: the other
+    slots are cancelled (recording their attempts as below) and :func:`run_slots` raises that
+    error as itself. Errors of the agent are recorded on the attempt and never raised.
+
 Stopping and cancellation (every slot, as for one runner loop)
     Each slot checks the stop event between rollouts and while it waits for work, and always runs
     a claimed rollout to the end (the strategy's grace period). Cancelling :func:`run_slots`
@@ -43,7 +55,6 @@ import anyio.to_thread
 
 from .store.base import LightningStore
 from .trainer import (
-    _LONG_POLL_TIMEOUT,
     DEFAULT_HEARTBEAT_INTERVAL,
     Agent,
     StopEvent,
@@ -110,12 +121,85 @@ async def _thread_tokens(extra: int) -> AsyncIterator[None]:
         limiter.total_tokens = max(1, limiter.total_tokens - extra)
 
 
+class _Mirror:
+    """The run's stop event as seen by one runner's slots: one task waits on the real event (a
+    pipe read, for a cross-process event) and sets a local one, which any number of slots check
+    and wait on for free."""
+
+    def __init__(self) -> None:
+        self.local = anyio.Event()
+
+    def is_set(self) -> bool:
+        return self.local.is_set()
+
+    async def wait(self) -> None:
+        await self.local.wait()
+
+    async def follow(self, event: StopEvent) -> None:
+        await event.wait()
+        self.local.set()
+
+
+class _Claims:
+    """Idle slots of one runner share a single long poll.
+
+    A slot that finds the queue empty either becomes the one that waits in the store's long poll,
+    or, when another slot already does, waits here until that poll ends (a rollout was claimed:
+    there may be more; or the poll was given up: someone must take it over), then looks again.
+    So a runner with C idle slots keeps one request waiting on the server, not C.
+    """
+
+    def __init__(self) -> None:
+        self.polling = False
+        self.changed = anyio.Event()
+
+    def notify(self) -> None:
+        self.changed.set()
+        self.changed = anyio.Event()
+
+
+async def _wait_either(first: anyio.Event, stop: _Mirror) -> None:
+    if stop.is_set():
+        return
+    async with anyio.create_task_group() as tg:
+
+        async def on_stop() -> None:
+            await stop.wait()
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(on_stop)
+        await first.wait()
+        tg.cancel_scope.cancel()
+
+
+async def _next_shared(
+    store: LightningStore, worker_id: str, stop: _Mirror, long_poll: bool, claims: _Claims
+) -> AttemptedRollout | None:
+    """:func:`~agl_async.trainer._next_rollout` for a slot: a quick look at the queue, then either
+    the runner's one long poll or a wait for it to end; ``None`` once the run stops."""
+    if not long_poll:
+        return await _next_rollout(store, worker_id, stop, long_poll)
+    while not stop.is_set():
+        rollout = await store.dequeue_rollout(worker_id=worker_id)
+        if rollout is not None:
+            return rollout
+        if not claims.polling:
+            claims.polling = True
+            try:
+                return await _next_rollout(store, worker_id, stop, long_poll)
+            finally:
+                claims.polling = False
+                claims.notify()
+        await _wait_either(claims.changed, stop)
+    return None
+
+
 async def _claim(
-    store: LightningStore, worker_id: str, event: StopEvent, long_poll: bool, budget: _Budget
+    store: LightningStore, worker_id: str, stop: _Mirror, long_poll: bool, budget: _Budget, claims: _Claims
 ) -> AttemptedRollout | None:
     if not budget.take():
         return None
-    rollout = await _next_rollout(store, worker_id, event, long_poll)
+    rollout = await _next_shared(store, worker_id, stop, long_poll, claims)
     if rollout is None:
         budget.refund()
     return rollout
@@ -124,35 +208,33 @@ async def _claim(
 async def _slot(
     store: LightningStore,
     worker_id: str,
-    event: StopEvent,
+    stop: _Mirror,
     agent: Agent,
     budget: _Budget,
     long_poll: bool,
     heartbeat_interval: float,
+    claims: _Claims,
 ) -> None:
     """One slot: the runner loop (claim, run, record; end + claim in one call when it can)."""
     await store.update_worker(worker_id, heartbeat_stats={"time": time.time()})
-    rollout = await _claim(store, worker_id, event, long_poll, budget)
+    rollout = await _claim(store, worker_id, stop, long_poll, budget, claims)
     while rollout is not None:
         succeeded, _ = await _execute(store, worker_id, rollout, agent, heartbeat_interval)
         budget.done += 1
-        if succeeded and not event.is_set() and budget.take():
-            # One call (one round trip over HTTP) ends this attempt and claims the next rollout.
+        if succeeded and not stop.is_set() and budget.take():
+            # One call (one round trip over HTTP) ends this attempt and claims the next rollout
+            # if one is queued (no wait: an empty queue is waited for by the runner's one poll).
             rollout = await store.finish_and_dequeue(
-                rollout.rollout_id,
-                rollout.attempt.attempt_id,
-                "succeeded",
-                worker_id=worker_id,
-                timeout=_LONG_POLL_TIMEOUT if long_poll else None,
+                rollout.rollout_id, rollout.attempt.attempt_id, "succeeded", worker_id=worker_id
             )
             if rollout is None:
-                rollout = await _next_rollout(store, worker_id, event, long_poll)
+                rollout = await _next_shared(store, worker_id, stop, long_poll, claims)
                 if rollout is None:
                     budget.refund()
             continue
         if succeeded:
             await store.update_attempt(rollout.rollout_id, rollout.attempt.attempt_id, status="succeeded")
-        rollout = None if event.is_set() else await _claim(store, worker_id, event, long_poll, budget)
+        rollout = None if stop.is_set() else await _claim(store, worker_id, stop, long_poll, budget, claims)
 
 
 async def run_slots(
@@ -184,9 +266,23 @@ async def run_slots(
         return 0
     long_poll = _supports_long_poll(store)
     threads = 0 if _is_async_callable(agent) else concurrency
-    async with _thread_tokens(threads), anyio.create_task_group() as tg:
-        for slot in range(concurrency):
-            worker_id = slot_worker_id(prefix, runner, slot)
-            tg.start_soon(_slot, store, worker_id, event, agent, budget, long_poll, heartbeat_interval)
+    stop, claims = _Mirror(), _Claims()
+    errors: list[Exception] = []
+    async with _thread_tokens(threads), anyio.create_task_group() as outer:
+        outer.start_soon(stop.follow, event)
+        async with anyio.create_task_group() as tg:
+
+            async def slot(worker_id: str) -> None:
+                try:
+                    await _slot(store, worker_id, stop, agent, budget, long_poll, heartbeat_interval, claims)
+                except Exception as exc:  # a store error ends the runner: the other slots too
+                    errors.append(exc)
+                    tg.cancel_scope.cancel()
+
+            for index in range(concurrency):
+                tg.start_soon(slot, slot_worker_id(prefix, runner, index))
+        outer.cancel_scope.cancel()
+    if errors:
+        raise errors[0]  # as itself, not in an exception group (the strategy reports it)
     logger.debug("runner %s: %d slots stopped after %d rollouts", prefix, concurrency, budget.done)
     return budget.done

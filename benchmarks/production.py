@@ -73,6 +73,10 @@ if str(ROOT) not in sys.path:  # a checkout without an install of agl_async
 import production_workload as W  # noqa: E402  (benchmarks/, standard library only)
 
 RUN_TIMEOUT = 900.0
+#: ``--scan``: in-flight counts tried (ours: 2 and 4 processes; the peer: one process per rollout,
+#: up to 128 processes: each takes ~300 MiB of RSS, and its rate stops growing well before).
+SCAN_OURS = (32, 64, 128, 256, 512)
+SCAN_PEER = (16, 32, 64, 128)
 
 
 # ============================================================================ agl_async's side
@@ -210,15 +214,7 @@ class ProductionAlgorithm(Algorithm):
 
     async def run(self, train_dataset: Any = None, val_dataset: Any = None) -> None:
         shape = self.shape
-        RESULT.update(
-            await W.run_algorithm(
-                OursAdapter(self.store),
-                mode=shape["mode"],
-                tasks=shape["tasks"],
-                in_flight=shape["in_flight"],
-                batch=shape["batch"],
-            )
-        )
+        RESULT.update(await W.run_algorithm(OursAdapter(self.store), **shape))
 
 
 def cmd_trainer(args: argparse.Namespace) -> None:
@@ -228,7 +224,7 @@ def cmd_trainer(args: argparse.Namespace) -> None:
     from agl_async import ClientServerExecutionStrategy, Trainer
 
     shape = json.loads(args.shape)
-    client = TimedStoreClient(args.url, auth_token="", max_connections=max(100, 2 * shape["in_flight"] + 16))
+    client = TimedStoreClient(args.url, auth_token="", max_connections=max(100, 2 * shape["window"] + 16))
     client.latency_dir = args.latency_dir
     strategy = ClientServerExecutionStrategy(
         role="both", n_runners=args.processes, managed_store=False, graceful_timeout=30.0
@@ -577,12 +573,13 @@ def plan_runs(quick: bool, scan: bool, have_peer: bool) -> list[tuple[str, W.Sha
             polls = [0.1] if quick else [5.0, 0.1]
             runs += [("peer", shape, {"runners": n, "poll": p}) for p in polls]
     if scan:
-        for n in (32, 64, 128, 256, 512):
-            shape = W.Shape(f"scan-{n}", "batch_partial", max(1024, 8 * n), n, 4, 0.1, batch=max(8, n // 4))
-            runs.append(("ours", shape, {"processes": 2, "concurrency": n // 2}))
-            if n >= 128:
+        for n in sorted(set(SCAN_OURS) | set(SCAN_PEER)):
+            shape = W.scan_shape(n)
+            if n in SCAN_OURS:
+                runs.append(("ours", shape, {"processes": 2, "concurrency": n // 2}))
+            if n in SCAN_OURS and n >= 128:
                 runs.append(("ours", shape, {"processes": 4, "concurrency": n // 4}))
-            if have_peer and n <= 128:
+            if have_peer and n in SCAN_PEER:
                 runs.append(("peer", shape, {"runners": n, "poll": 0.1}))
     return runs
 

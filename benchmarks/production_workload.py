@@ -11,15 +11,16 @@ The agent (each system writes the spans with its own API; see :func:`plan_rollou
     ``rounds`` = uniform 1..``max_rounds``; round ``i`` is a span ``agent{i}`` with two nested spans
     ``round{i}_1`` and ``round{i}_2``, each preceded by a sleep uniform in [0, ``sleep``] and carrying
     random flattened attributes (:func:`random_attributes`: nesting depth 1-3, 2-6 keys per level,
-    keys 3-20 characters, values 5-300 characters); one ``round{k}_1`` span, ``k`` drawn at random,
-    also carries ``task`` = the task's name. After each round a reward uniform in [0, 1] is emitted
-    half the time. Then a span ``final`` (after one more sleep, with attributes, plus
-    ``bench.agent_seconds``: the rollout's total planned sleep) and a final reward uniform in [1, 2].
+    keys 3-20 characters, values 5-300 characters; about 4.5 KB of JSON per span); one
+    ``round{k}_1`` span, ``k`` drawn at random, also carries ``task`` = the task's name. After each
+    round a reward uniform in [0, 1] is emitted half the time. Then a span ``final`` (after one more
+    sleep, with attributes, plus ``bench.agent_seconds``: the rollout's total planned sleep) and a
+    final reward uniform in [1, 2].
 
 The algorithm modes (:func:`run_algorithm`, over a small per-system :class:`Adapter`)
     ``batch``: publish resources, enqueue ``batch`` tasks, wait for all of them (polling every
-    ``poll`` seconds), check each, next batch. ``batch_partial``: keep at most ``remaining`` rollouts
-    in flight, topping up ``batch`` at a time. ``single``: ``concurrency`` concurrent loops, each:
+    ``poll`` seconds), check each, next batch. ``batch_partial``: keep at most ``window`` rollouts
+    in flight, topping up ``batch`` at a time. ``single``: ``window`` concurrent loops, each:
     publish resources, enqueue one task, wait for it, check it. The check of a finished rollout:
     status ``succeeded``; its spans contain the task's name and end with a final reward in [1, 2].
     Anything else is counted (``failed`` / ``bad_spans``), never raised; rollouts still unfinished
@@ -29,8 +30,8 @@ The algorithm modes (:func:`run_algorithm`, over a small per-system :class:`Adap
 from __future__ import annotations
 
 import asyncio
+import base64
 import random
-import string
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -47,56 +48,88 @@ __all__ = [
     "plan_rollout",
     "random_attributes",
     "run_algorithm",
+    "scan_shape",
 ]
 
-_ALPHABET = string.ascii_letters + string.digits
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 # ---------------------------------------------------------------------------- the shapes measured
 @dataclass(frozen=True)
 class Shape:
-    """One workload: the algorithm mode, its sizes, and the agent's parameters."""
+    """One workload: the algorithm mode and its sizes, the runners' capacity, the agent.
+
+    ``in_flight``: rollouts the runners work on at once (Agent-Lightning: runner processes; agl_async:
+    processes x concurrency). ``batch``: tasks enqueued at once (``batch``; the top-up of
+    ``batch_partial``), default ``in_flight``. ``window``: rollouts the algorithm keeps in flight
+    (``batch_partial``'s remaining, ``single``'s concurrency), default ``in_flight``.
+    """
 
     name: str
     mode: str  # "batch" | "batch_partial" | "single"
     tasks: int
-    in_flight: int  # batch size (batch), remaining (batch_partial), concurrency (single)
+    in_flight: int
     max_rounds: int
     sleep: float
-    batch: int = 0  # batch_partial: top-up size
+    batch: int = 0
+    window: int = 0
 
     def args(self) -> dict[str, Any]:
         return {
             "mode": self.mode,
             "tasks": self.tasks,
             "in_flight": self.in_flight,
-            "batch": self.batch,
+            "batch": self.batch or self.in_flight,
+            "window": self.window or self.in_flight,
             "max_rounds": self.max_rounds,
             "sleep": self.sleep,
         }
 
+    def mean_agent_seconds(self) -> float:
+        """Expected planned sleep of one rollout: (2 x mean rounds + 1) x sleep / 2."""
+        return (2 * (self.max_rounds + 1) / 2 + 1) * self.sleep / 2
 
-#: The shapes of ``benchmarks/production.py``, scaled to a 2-core machine from Agent-Lightning's
-#: matrix ("minimal" 32 runners / 4,096 tasks, 6 rounds, 0.5 s; "medium" 100 / 10,000, 10 rounds,
-#: 0.1 s; "high concurrency" single mode; "heavy traces" batch_partial, 20 rounds, 1.0 s).
+
+#: The shapes of ``benchmarks/production.py``: Agent-Lightning's matrix ("minimal production
+#: scale" 32 runners, 4,096 tasks in batches of 256, 6 rounds, 0.5 s; "medium" 100 runners, 10,000
+#: in batches of 1,000, 10 rounds, 0.1 s; "high-throughput concurrent requests", single mode, 2
+#: rounds; "heavy rollouts with deep traces", batch_partial, 20 rounds, 1.0 s, 256 remaining)
+#: scaled to a 2-core machine: fewer tasks, and sleeps long enough that the ideal rate
+#: (in-flight ÷ mean agent time) stays within what 2 cores can serve.
 SHAPES: dict[str, Shape] = {
-    "batch-32": Shape("batch-32", "batch", 1024, 32, 6, 0.1),
-    "batch-128": Shape("batch-128", "batch", 4096, 128, 10, 0.1),
-    "single-32": Shape("single-32", "single", 1024, 32, 2, 0.1),
-    "single-128": Shape("single-128", "single", 4096, 128, 2, 0.1),
-    "heavy-64": Shape("heavy-64", "batch_partial", 512, 64, 20, 0.2, batch=32),
+    "minimal-32": Shape("minimal-32", "batch", 1024, 32, 6, 0.25, batch=256),
+    "medium-128": Shape("medium-128", "batch", 4096, 128, 10, 0.25, batch=1024),
+    "single-32": Shape("single-32", "single", 1024, 32, 2, 0.5),
+    "single-128": Shape("single-128", "single", 4096, 128, 2, 1.0),
+    "heavy-64": Shape("heavy-64", "batch_partial", 256, 64, 20, 1.0, batch=32),
 }
+#: ``--quick``: the same modes, small (a smoke run of the whole pipeline in under 3 minutes).
 QUICK_SHAPES: dict[str, Shape] = {
-    "batch-32": Shape("batch-32", "batch", 128, 32, 6, 0.05),
-    "single-32": Shape("single-32", "single", 128, 32, 2, 0.05),
-    "heavy-16": Shape("heavy-16", "batch_partial", 32, 16, 20, 0.02, batch=8),
+    "minimal-16": Shape("minimal-16", "batch", 96, 16, 4, 0.1, batch=32),
+    "single-16": Shape("single-16", "single", 96, 16, 2, 0.2),
+    "heavy-16": Shape("heavy-16", "batch_partial", 32, 16, 20, 0.05, batch=8),
 }
+
+
+def scan_shape(in_flight: int) -> Shape:
+    """``--scan``: batch_partial topping up to ``in_flight``, 4 rounds of 0.25 s (0.75 s per rollout)."""
+    return Shape(
+        f"scan-{in_flight}",
+        "batch_partial",
+        max(512, 6 * in_flight),
+        in_flight,
+        4,
+        0.25,
+        batch=max(8, in_flight // 4),
+    )
 
 
 # ---------------------------------------------------------------------------- the agent's plan
 def _random_string(rng: random.Random, low: int, high: int) -> str:
-    return "".join(rng.choices(_ALPHABET, k=rng.randint(low, high)))
+    """Random text of a random length in [low, high]: base64 of random bytes (the length is what
+    matters to a store; drawing it byte-wise in C keeps the agent's own CPU out of the figures)."""
+    n = rng.randint(low, high)
+    return base64.b64encode(rng.randbytes(n * 3 // 4 + 3))[:n].decode()
 
 
 def random_attributes(rng: random.Random) -> dict[str, str]:
@@ -270,10 +303,11 @@ async def run_algorithm(
     *,
     mode: str,
     tasks: int,
-    in_flight: int,
-    batch: int = 0,
+    batch: int,
+    window: int,
     poll: float = 0.1,
     stall: float = 120.0,
+    **_: Any,
 ) -> dict[str, Any]:
     """Run one algorithm mode over ``tasks`` tasks; returns the outcome with ``start``/``end``
     (``time.time()``) of the measured phase."""
@@ -284,16 +318,16 @@ async def run_algorithm(
         submitted = 0
         while submitted < tasks:
             await adapter.add_resources(submitted)
-            names = [f"task-{i}" for i in range(submitted, min(tasks, submitted + in_flight))]
+            names = [f"task-{i}" for i in range(submitted, min(tasks, submitted + batch))]
             ids = await adapter.enqueue(names)
             submitted += len(names)
             await _wait_all(adapter, dict(zip(ids, names, strict=True)), poll, stall, out)
     elif mode == "batch_partial":
         active: dict[str, str] = {}
         submitted = 0
-        top_up = batch or in_flight
+        top_up = batch
         while submitted < tasks or active:
-            if submitted < tasks and len(active) < in_flight:
+            if submitted < tasks and len(active) < window:
                 await adapter.add_resources(submitted)
                 names = [f"task-{i}" for i in range(submitted, min(tasks, submitted + top_up))]
                 active.update(zip(await adapter.enqueue(names), names, strict=True))
@@ -325,7 +359,7 @@ async def run_algorithm(
                     continue
                 await _check(adapter, rollout_id, status, name, out)
 
-        await asyncio.gather(*(loop() for _ in range(in_flight)))
+        await asyncio.gather(*(loop() for _ in range(window)))
     else:
         raise ValueError(f"mode must be batch, batch_partial or single, got {mode!r}")
     end = time.time()

@@ -337,3 +337,63 @@ def test_cli_rejects_a_bad_concurrency(value: str, capsys: pytest.CaptureFixture
             main([*command, "--concurrency", value])
         assert exc.value.code == 2
         assert re.search(r"--concurrency: (must be >= 1|invalid)", capsys.readouterr().err)
+
+
+# ---------------------------------------------------------------------------- waiting for work
+class CountingStore(InMemoryLightningStore):
+    """Counts the long polls (``dequeue_rollout`` with a timeout) waiting at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.polling = 0
+        self.most_polling = 0
+
+    async def dequeue_rollout(self, worker_id: Any = None, *, timeout: float | None = None) -> Any:
+        if not timeout:
+            return await super().dequeue_rollout(worker_id, timeout=timeout)
+        self.polling += 1
+        self.most_polling = max(self.most_polling, self.polling)
+        try:
+            return await super().dequeue_rollout(worker_id, timeout=timeout)
+        finally:
+            self.polling -= 1
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", BOTH_BACKENDS)
+async def test_idle_slots_share_one_long_poll_and_all_wake_for_work() -> None:
+    store = CountingStore()
+    stop = anyio.Event()
+    slots = 8
+    with anyio.fail_after(TIMEOUT):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: run_slots(store, 0, stop, gather_async, concurrency=slots))
+            while len(await store.query_workers()) < slots or store.polling < 1:  # noqa: ASYNC110
+                await anyio.sleep(POLL)  # every slot is up and idle
+            tasks = [{"input": {"index": i, "target": slots}} for i in range(slots)]
+            ids = [r.rollout_id for r in await store.enqueue_many_rollouts(tasks)]
+            finished = await store.wait_for_rollouts(rollout_ids=ids)  # needs all 8 slots at once
+            stop.set()
+    assert [r.status for r in finished] == ["succeeded"] * slots
+    assert store.most_polling == 1
+
+
+class FailingStore(InMemoryLightningStore):
+    """``update_attempt(status="running")`` of the rollout whose input is ``"bad"`` fails."""
+
+    async def update_attempt(self, rollout_id: str, attempt_id: str, *args: Any, **kwargs: Any) -> Any:
+        rollout = await self.get_rollout_by_id(rollout_id)
+        if kwargs.get("status") == "running" and rollout is not None and rollout.input == "bad":
+            raise ConnectionError("the store went away")
+        return await super().update_attempt(rollout_id, attempt_id, *args, **kwargs)
+
+
+@pytest.mark.anyio
+async def test_a_store_error_in_one_slot_ends_the_runner_with_that_error() -> None:
+    store = FailingStore()
+    good = [r.rollout_id for r in await store.enqueue_many_rollouts([{"input": "good"}] * 3)]
+    await store.enqueue_rollout("bad")
+    with anyio.fail_after(TIMEOUT), pytest.raises(ConnectionError, match="went away"):
+        await run_slots(store, 0, anyio.Event(), forever, concurrency=4)
+    attempts = await _attempts(store, good)
+    assert [(a.status, a.metadata) for a in attempts] == [("failed", {"error": "cancelled"})] * 3

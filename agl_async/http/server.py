@@ -316,7 +316,7 @@ class LightningStoreServer(LightningStore):
             log_level=self.log_level,
             log_config=None,  # an embedded server leaves the host's logging configuration alone
             access_log=False,
-            http="httptools" if _has_httptools() else "h11",
+            http=_http_protocol(),  # [corked writes hook] agl_async/http/_corked.py
             timeout_keep_alive=60,  # longer than httpx's 5 s idle expiry: the client closes first
             timeout_graceful_shutdown=self.graceful_timeout,  # type: ignore[arg-type]  # float works
             server_header=False,
@@ -734,6 +734,19 @@ class LightningStoreServer(LightningStore):
 @functools.cache
 def _openapi_bytes() -> bytes:
     return _encoder.encode(p.openapi_document())
+
+
+def _http_protocol() -> type[Any]:
+    """uvicorn's HTTP protocol class (httptools' C parser when installed), writes corked."""
+    from ._corked import corked
+
+    if _has_httptools():
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+        return corked(HttpToolsProtocol)
+    from uvicorn.protocols.http.h11_impl import H11Protocol  # pragma: no cover - non-CPython
+
+    return corked(H11Protocol)  # pragma: no cover
 
 
 def _has_httptools() -> bool:

@@ -112,15 +112,7 @@ class ProductionAlgorithm(agl.Algorithm):
 
     async def run(self, train_dataset: Any = None, val_dataset: Any = None) -> None:  # type: ignore[override]
         shape = self.shape
-        RESULT.update(
-            await W.run_algorithm(
-                PeerAdapter(self.get_store()),
-                mode=shape["mode"],
-                tasks=shape["tasks"],
-                in_flight=shape["in_flight"],
-                batch=shape["batch"],
-            )
-        )
+        RESULT.update(await W.run_algorithm(PeerAdapter(self.get_store()), **shape))
 
 
 def cmd_trainer(args: argparse.Namespace) -> None:
