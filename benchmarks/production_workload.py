@@ -125,22 +125,36 @@ def scan_shape(in_flight: int) -> Shape:
 
 
 # ---------------------------------------------------------------------------- the agent's plan
+_POOL_CHARS = 1 << 16
+_pool: str | None = None
+
+
+def _int(rng: random.Random, low: int, high: int) -> int:
+    """Uniform integer in [low, high] (``randint`` without its Python-level overhead)."""
+    return low + int(rng.random() * (high - low + 1))
+
+
 def _random_string(rng: random.Random, low: int, high: int) -> str:
-    """Random text of a random length in [low, high]: base64 of random bytes (the length is what
-    matters to a store; drawing it byte-wise in C keeps the agent's own CPU out of the figures)."""
-    n = rng.randint(low, high)
-    return base64.b64encode(rng.randbytes(n * 3 // 4 + 3))[:n].decode()
+    """Random text of a random length in [low, high]: a slice at a random offset of a pool of
+    random base64 text drawn once per process (a store sees the same sizes and entropy; the
+    agent's own CPU stays out of the figures)."""
+    global _pool
+    if _pool is None:
+        _pool = base64.b64encode(random.randbytes(_POOL_CHARS * 3 // 4)).decode()
+    n = _int(rng, low, high)
+    start = _int(rng, 0, len(_pool) - n)
+    return _pool[start : start + n]
 
 
 def random_attributes(rng: random.Random) -> dict[str, str]:
     """A random nested mapping, flattened to dotted keys: each level has 2-6 keys of 3-20
     characters; a branch stops at a depth drawn (per level) between the current one and 3; leaves
-    are strings of 5-300 characters."""
+    are strings of 5-300 characters (about 28 leaves, 4.5 KB of JSON on average)."""
     out: dict[str, str] = {}
 
     def grow(prefix: str, level: int) -> None:
-        stop_at = rng.randint(level, 3)
-        for _ in range(rng.randint(2, 6)):
+        stop_at = _int(rng, level, 3)
+        for _ in range(_int(rng, 2, 6)):
             key = _random_string(rng, 3, 20)
             path = f"{prefix}.{key}" if prefix else key
             if level >= stop_at:

@@ -12,6 +12,7 @@ import pickle
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio
 import httpx
@@ -310,9 +311,9 @@ async def test_finish_and_dequeue_is_one_request() -> None:
         assert claimed is not None and claimed.rollout_id == first.rollout_id
         send = client._send
 
-        async def count(request: httpx.Request) -> httpx.Response:
-            requests.append(request.url.path)
-            return await send(request)
+        async def count(url: str, *args: Any) -> tuple[int, bytes]:
+            requests.append(httpx.URL(url).path)
+            return await send(url, *args)
 
         client._send = count
         nxt = await client.finish_and_dequeue(claimed.rollout_id, claimed.attempt.attempt_id, worker_id="w")

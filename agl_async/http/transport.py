@@ -110,6 +110,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
     def __init__(self, *, max_connections: int | None = 100) -> None:
         self.max_connections = max_connections
         self._session: Any = None
+        self._timeouts: dict[tuple[float | None, float | None, float | None], Any] = {}
 
     def _open(self) -> Any:
         import aiohttp
@@ -129,33 +130,63 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         return self._session
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw]
+        status, raw_headers, content = await self._request(
+            request.method,
+            str(request.url),
+            request.content or None,
+            headers,
+            request.extensions.get("timeout", {}),
+            request,
+        )
+        return httpx.Response(status, headers=raw_headers, content=content, request=request)
+
+    async def post(
+        self, url: str, content: bytes, headers: dict[str, str], timeout: dict[str, float | None]
+    ) -> tuple[int, bytes]:
+        """One POST without httpx's request and response objects (``LightningStoreClient``'s hot
+        path): ``(status, body)``; failures raise the same httpx exceptions as
+        :meth:`handle_async_request`."""
+        status, _, content = await self._request("POST", url, content, headers, timeout, None)
+        return status, content
+
+    async def _request(
+        self,
+        method: str,
+        url: str,
+        content: bytes | None,
+        headers: Any,
+        timeouts: dict[str, float | None],
+        request: httpx.Request | None,
+    ) -> tuple[int, Any, bytes]:
         import aiohttp
 
         session = self._session if self._session is not None else self._open()
-        timeouts = request.extensions.get("timeout", {})
-        timeout = aiohttp.ClientTimeout(
-            total=None,
-            connect=timeouts.get("pool"),  # waiting for a pooled connection plus connecting
-            sock_connect=timeouts.get("connect"),
-            sock_read=timeouts.get("read"),
-        )
+        key = (timeouts.get("pool"), timeouts.get("connect"), timeouts.get("read"))
+        timeout = self._timeouts.get(key)
+        if timeout is None:
+            timeout = self._timeouts[key] = aiohttp.ClientTimeout(
+                total=None,
+                connect=key[0],  # waiting for a pooled connection plus connecting
+                sock_connect=key[1],
+                sock_read=key[2],
+            )
         try:
             async with session.request(
-                request.method,
-                str(request.url),
-                data=request.content or None,
-                headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw],
+                method,
+                url,
+                data=content,
+                headers=headers,
                 allow_redirects=False,
                 compress=None,
                 timeout=timeout,
             ) as response:
-                content = await response.read()
-                status, headers = response.status, response.raw_headers
+                body = await response.read()
+                return response.status, response.raw_headers, body
         except aiohttp.ClientError as exc:
             raise _as_httpx_error(exc, request) from exc
         except asyncio.TimeoutError as exc:  # a bare timeout (no aiohttp subclass): reading
             raise httpx.ReadTimeout(str(exc) or "timed out", request=request) from exc
-        return httpx.Response(status, headers=headers, content=content, request=request)
 
     async def aclose(self) -> None:
         session, self._session = self._session, None
@@ -163,7 +194,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             await session.close()
 
 
-def _as_httpx_error(exc: Exception, request: httpx.Request) -> httpx.TransportError:
+def _as_httpx_error(exc: Exception, request: httpx.Request | None) -> httpx.TransportError:
     import aiohttp
 
     message = str(exc) or type(exc).__name__
