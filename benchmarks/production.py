@@ -16,8 +16,9 @@ trainer`` here, ``peer/agl_production.py trainer`` under ``--peer``), so neither
 into the other.
 
 * agl_async: ``Trainer(strategy=ClientServerExecutionStrategy(n_runners=P, managed_store=False),
-  concurrency=C)``; the agent writes its spans with ``add_many_spans`` (one call per round, one for
-  the final span; the runner adds the final reward). P x C = the shape's in-flight count.
+  concurrency=C)``; the agent writes its spans with one ``add_many_spans`` when it ends (as
+  Agent-Lightning's tracer exports a rollout's spans when its trace context closes; the runner
+  adds the final reward). P x C = the shape's in-flight count.
 * Agent-Lightning: its ``Trainer`` with ``{"type": "cs", "managed_store": False}``, one runner
   process per in-flight rollout, its default tracer (AgentOps, spans exported over OTLP to the
   store's ``/v1/traces``) and ``emit_reward``; its runner sleeps ``poll_interval`` whenever the
@@ -115,8 +116,8 @@ def _latencies(directory: str | None) -> W.LatencyLog:
 
 
 class ProductionAgent:
-    """The synthetic agent (``production_workload``): sleeps, spans through ``add_many_spans``
-    (one call per round and one for the final span), returns the final reward."""
+    """The synthetic agent (``production_workload``): sleeps, writes its spans with one
+    ``add_many_spans`` when it ends, returns the final reward."""
 
     def __init__(self, max_rounds: int, sleep: float) -> None:
         self.max_rounds, self.sleep = max_rounds, sleep
@@ -150,25 +151,26 @@ class ProductionAgent:
                 attributes=attributes,
             )
 
+        written = []
         for round_ in plan.rounds:
             head, *children = round_.steps
             head_id = os.urandom(8).hex()
             started = time.time()
-            written = []
+            head_at = len(written)
             for step in children:
                 step_started = time.time()
                 await anyio.sleep(step.sleep)
                 written.append(span(step.name, head_id, step_started, time.time(), step.attributes))
             parent = span(head.name, None, started, time.time(), {})
             parent.span_id = head_id
-            written.insert(0, parent)
+            written.insert(head_at, parent)
             if round_.reward is not None:
                 now = time.time()
                 written.append(span("reward", None, now, now, {"reward": round_.reward}))
-            await store.add_many_spans(written)
         started = time.time()
         await anyio.sleep(plan.final.sleep)
-        await store.add_many_spans([span("final", None, started, time.time(), plan.final.attributes)])
+        written.append(span("final", None, started, time.time(), plan.final.attributes))
+        await store.add_many_spans(written)  # once, at the end, as Agent-Lightning's tracer exports
         return plan.final_reward
 
 
