@@ -20,10 +20,10 @@ Worker ids
 
 Waiting for work
     A slot that finds the queue empty does not long-poll the store on its own: one slot of the
-    runner waits in the store's long poll, the others wait for that poll to end and then look at
-    the queue again (:class:`_Claims`). An idle runner keeps one request waiting on the server,
-    whatever its concurrency; a busy slot still ends its attempt and claims the next queued rollout
-    in one call (``finish_and_dequeue``).
+    runner waits in the store's long poll, the others queue behind it and are woken as work comes
+    (:class:`_Claims`). An idle runner keeps one request waiting on the server, whatever its
+    concurrency; a busy slot still ends its attempt and claims the next queued rollout in one call
+    (``finish_and_dequeue``).
 
 Errors
     An error of the store itself (the server is gone, say) in any slot ends the runner: the other
@@ -46,6 +46,7 @@ import os
 import secrets
 import socket
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -143,19 +144,39 @@ class _Mirror:
 class _Claims:
     """Idle slots of one runner share a single long poll.
 
-    A slot that finds the queue empty either becomes the one that waits in the store's long poll,
-    or, when another slot already does, waits here until that poll ends (a rollout was claimed:
-    there may be more; or the poll was given up: someone must take it over), then looks again.
-    So a runner with C idle slots keeps one request waiting on the server, not C.
+    A slot that finds the queue empty becomes the runner's *watcher* — the one slot waiting in the
+    store's long poll — unless there already is one; then it queues here. When the watcher gets a
+    rollout it hands the watch to the first queued slot; a slot that claims a rollout with a quick
+    look wakes two more (work comes in batches: a batch of ``n`` fills ``n`` idle slots in about
+    ``log2(n)`` round trips), and a slot that finds the queue empty again takes the watch or goes
+    back to the queue. So an idle runner keeps one request waiting on the server whatever its
+    concurrency, and one rollout enqueued at a time costs a couple of requests, not one per slot.
     """
 
     def __init__(self) -> None:
         self.polling = False
-        self.changed = anyio.Event()
+        self.waiting: deque[anyio.Event] = deque()
 
-    def notify(self) -> None:
-        self.changed.set()
-        self.changed = anyio.Event()
+    def wake(self, n: int) -> None:
+        for _ in range(min(n, len(self.waiting))):
+            self.waiting.popleft().set()
+
+    async def wait(self, stop: _Mirror) -> None:
+        """Queue until woken or stopped; a slot cancelled after being woken passes the wake on."""
+        event = anyio.Event()
+        self.waiting.append(event)
+        try:
+            await _wait_either(event, stop)
+        except BaseException:
+            if event.is_set():
+                self.wake(1)
+            raise
+        finally:
+            if not event.is_set():
+                try:
+                    self.waiting.remove(event)
+                except ValueError:
+                    pass
 
 
 async def _wait_either(first: anyio.Event, stop: _Mirror) -> None:
@@ -173,24 +194,34 @@ async def _wait_either(first: anyio.Event, stop: _Mirror) -> None:
 
 
 async def _next_shared(
-    store: LightningStore, worker_id: str, stop: _Mirror, long_poll: bool, claims: _Claims
+    store: LightningStore,
+    worker_id: str,
+    stop: _Mirror,
+    long_poll: bool,
+    claims: _Claims,
+    *,
+    look: bool = True,
 ) -> AttemptedRollout | None:
-    """:func:`~agl_async.trainer._next_rollout` for a slot: a quick look at the queue, then either
-    the runner's one long poll or a wait for it to end; ``None`` once the run stops."""
+    """:func:`~agl_async.trainer._next_rollout` for a slot (see :class:`_Claims`): a quick look
+    at the queue (unless ``look`` is false: the caller just saw it empty), then the runner's one
+    long poll or a place in the queue for it; ``None`` once the run stops."""
     if not long_poll:
         return await _next_rollout(store, worker_id, stop, long_poll)
     while not stop.is_set():
-        rollout = await store.dequeue_rollout(worker_id=worker_id)
-        if rollout is not None:
-            return rollout
+        if look:
+            rollout = await store.dequeue_rollout(worker_id=worker_id)
+            if rollout is not None:
+                claims.wake(2)  # there may be more
+                return rollout
+        look = True
         if not claims.polling:
             claims.polling = True
             try:
                 return await _next_rollout(store, worker_id, stop, long_poll)
             finally:
                 claims.polling = False
-                claims.notify()
-        await _wait_either(claims.changed, stop)
+                claims.wake(1)  # the watch is free; and if a rollout came, more may follow
+        await claims.wait(stop)
     return None
 
 
@@ -228,7 +259,7 @@ async def _slot(
                 rollout.rollout_id, rollout.attempt.attempt_id, "succeeded", worker_id=worker_id
             )
             if rollout is None:
-                rollout = await _next_shared(store, worker_id, stop, long_poll, claims)
+                rollout = await _next_shared(store, worker_id, stop, long_poll, claims, look=False)
                 if rollout is None:
                     budget.refund()
             continue

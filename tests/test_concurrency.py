@@ -341,14 +341,17 @@ def test_cli_rejects_a_bad_concurrency(value: str, capsys: pytest.CaptureFixture
 
 # ---------------------------------------------------------------------------- waiting for work
 class CountingStore(InMemoryLightningStore):
-    """Counts the long polls (``dequeue_rollout`` with a timeout) waiting at once."""
+    """Counts the long polls (``dequeue_rollout`` with a timeout) waiting at once, and every
+    ``dequeue_rollout`` call."""
 
     def __init__(self) -> None:
         super().__init__()
         self.polling = 0
         self.most_polling = 0
+        self.dequeues = 0
 
     async def dequeue_rollout(self, worker_id: Any = None, *, timeout: float | None = None) -> Any:
+        self.dequeues += 1
         if not timeout:
             return await super().dequeue_rollout(worker_id, timeout=timeout)
         self.polling += 1
@@ -397,3 +400,27 @@ async def test_a_store_error_in_one_slot_ends_the_runner_with_that_error() -> No
         await run_slots(store, 0, anyio.Event(), forever, concurrency=4)
     attempts = await _attempts(store, good)
     assert [(a.status, a.metadata) for a in attempts] == [("failed", {"error": "cancelled"})] * 3
+
+
+async def quick(task: Any, resources: dict[str, Any]) -> float:
+    await anyio.sleep(0.01)
+    return 1.0
+
+
+@pytest.mark.anyio
+async def test_one_rollout_at_a_time_does_not_wake_every_idle_slot() -> None:
+    store = CountingStore()
+    stop = anyio.Event()
+    slots, rollouts = 16, 10
+    with anyio.fail_after(TIMEOUT):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: run_slots(store, 0, stop, quick, concurrency=slots))
+            while len(await store.query_workers()) < slots or store.polling < 1:  # noqa: ASYNC110
+                await anyio.sleep(POLL)
+            store.dequeues = 0
+            for i in range(rollouts):  # the `single` pattern: enqueue one, wait for it
+                rollout = await store.enqueue_rollout(i)
+                await store.wait_for_rollouts(rollout_ids=[rollout.rollout_id])
+            stop.set()
+    # a few looks per rollout (the watcher's poll, the next watcher's look), not one per idle slot
+    assert store.dequeues <= 4 * rollouts
