@@ -199,6 +199,9 @@ class OursAdapter:
             if done:
                 return str(done[0].status)
 
+    async def workers(self) -> int:
+        return len(await self.store.query_workers())
+
     async def spans(self, rollout_id: str) -> tuple[list[dict[str, Any]], float | None, int]:
         spans = await self.store.query_spans(rollout_id, "latest")
         rewards = [s.attributes["reward"] for s in spans if "reward" in s.attributes]
@@ -216,7 +219,7 @@ class ProductionAlgorithm(Algorithm):
 
     async def run(self, train_dataset: Any = None, val_dataset: Any = None) -> None:
         shape = self.shape
-        RESULT.update(await W.run_algorithm(OursAdapter(self.store), **shape))
+        RESULT.update(await W.run_algorithm(OursAdapter(self.store), ready=shape["in_flight"], **shape))
 
 
 def cmd_trainer(args: argparse.Namespace) -> None:
@@ -327,8 +330,9 @@ class Sampler:
         self.max_runners = max(self.max_runners, len(runners))
         for pid, role in pids.items():
             seen = _read_proc(pid)
-            if seen is not None:
-                self.last[pid] = seen
+            if seen is not None:  # both only grow (an exiting process may read as 0 MiB)
+                before = self.last.get(pid, (0.0, 0.0))
+                self.last[pid] = (max(seen[0], before[0]), max(seen[1], before[1]))
                 self.role[pid] = role
         self.series.append((time.time(), sum(cpu for cpu, _ in self.last.values())))
 
@@ -354,7 +358,12 @@ class Sampler:
         return series[0][1] if when < series[0][0] else series[-1][1]
 
     def peak(self, role: str) -> float:
-        return sum(hwm for pid, (_, hwm) in self.last.items() if self.role.get(pid) == role)
+        return sum(self.each(role))
+
+    def each(self, role: str) -> list[float]:
+        return sorted(
+            (hwm for pid, (_, hwm) in self.last.items() if self.role.get(pid) == role), reverse=True
+        )
 
 
 def _kill_group(proc: subprocess.Popen[Any]) -> None:
@@ -528,11 +537,13 @@ def run_one(system: System, shape: W.Shape, config: dict[str, Any], log: Any) ->
         "mean_agent_s": mean_agent,
         "seconds": seconds,
         "wall_s": finished - started,
+        "ready_s": result.get("ready_s", float("nan")),
         **latency,
         "server_peak_rss_mib": sampler.peak("server"),
         "runners_peak_rss_mib": sampler.peak("runners"),
         "algorithm_peak_rss_mib": sampler.peak("algorithm"),
         "runner_processes": sampler.max_runners,
+        "runner_side_peak_rss_each_mib": [round(x, 1) for x in sampler.each("runners")],
         "cpu_ms_per_rollout": 1000 * window_cpu / tasks,
         "cpu_ms_per_rollout_whole_run": 1000 * (trainer_cpu + server_cpu) / tasks,
         "server_cpu_ms_per_rollout": 1000 * server_cpu / tasks,

@@ -253,6 +253,10 @@ class Adapter(Protocol):
         """(attribute mappings of the latest attempt's spans, its final reward, span count)."""
         ...
 
+    async def workers(self) -> int:
+        """How many workers the store knows (runners register as they start)."""
+        ...
+
 
 @dataclass
 class Outcome:
@@ -321,11 +325,16 @@ async def run_algorithm(
     window: int,
     poll: float = 0.1,
     stall: float = 120.0,
+    ready: int = 0,
     **_: Any,
 ) -> dict[str, Any]:
     """Run one algorithm mode over ``tasks`` tasks; returns the outcome with ``start``/``end``
-    (``time.time()``) of the measured phase."""
+    (``time.time()``) of the measured phase, which begins once ``ready`` workers are registered
+    (the runners' start-up is not what is measured; ``ready_s`` says how long it took)."""
     out = Outcome()
+    begun = time.time()
+    while ready and await adapter.workers() < ready and time.time() - begun < stall:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)  # other processes' state, seen through the store
     start = time.time()
     out.last_progress = time.monotonic()
     if mode == "batch":
@@ -377,7 +386,7 @@ async def run_algorithm(
     else:
         raise ValueError(f"mode must be batch, batch_partial or single, got {mode!r}")
     end = time.time()
-    return {**out.as_dict(), "start": start, "end": end, "tasks": tasks}
+    return {**out.as_dict(), "start": start, "end": end, "tasks": tasks, "ready_s": start - begun}
 
 
 async def poll_until_terminal(get_status: Any, rollout_id: str, poll: float) -> str:

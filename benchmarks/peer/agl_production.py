@@ -100,6 +100,9 @@ class PeerAdapter:
             if done:
                 return str(done[0].status)
 
+    async def workers(self) -> int:
+        return len(list(await self.store.query_workers()))
+
     async def spans(self, rollout_id: str) -> tuple[list[dict[str, Any]], float | None, int]:
         spans = list(await self.store.query_spans(rollout_id=rollout_id, attempt_id="latest"))
         return [dict(s.attributes) for s in spans], agl.find_final_reward(spans), len(spans)
@@ -112,7 +115,7 @@ class ProductionAlgorithm(agl.Algorithm):
 
     async def run(self, train_dataset: Any = None, val_dataset: Any = None) -> None:  # type: ignore[override]
         shape = self.shape
-        RESULT.update(await W.run_algorithm(PeerAdapter(self.get_store()), **shape))
+        RESULT.update(await W.run_algorithm(PeerAdapter(self.get_store()), ready=shape["in_flight"], **shape))
 
 
 def cmd_trainer(args: argparse.Namespace) -> None:
