@@ -21,6 +21,9 @@ if TYPE_CHECKING:
         LightningStore,
         LightningStoreLocked,
     )
+    from .store.postgres import PostgresLightningStore  # type: ignore[import-not-found, unused-ignore]
+    from .store.sqlite import SqliteLightningStore
+    from .store.urls import open_store
     from .trainer import Trainer
     from .types import (
         Attempt,
@@ -47,6 +50,10 @@ _LAZY = {
     "InMemoryLightningStore": ".store",
     "LightningStore": ".store",
     "LightningStoreLocked": ".store",
+    # durable stores: their modules import their drivers (sqlite3, asyncpg) only when first used
+    "SqliteLightningStore": ".store.sqlite",
+    "PostgresLightningStore": ".store.postgres",
+    "open_store": ".store.urls",
     "Trainer": ".trainer",
     "Attempt": ".types",
     "AttemptedRollout": ".types",
@@ -77,12 +84,15 @@ __all__ = [
     "LightningStoreClient",
     "LightningStoreLocked",
     "LightningStoreServer",
+    "PostgresLightningStore",
     "ResourcesUpdate",
     "Rollout",
     "RolloutConfig",
     "SharedMemoryExecutionStrategy",
     "Span",
+    "SqliteLightningStore",
     "Trainer",
     "Worker",
     "__version__",
+    "open_store",
 ]

@@ -14,7 +14,10 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .store.base import LightningStore
 
 __all__ = ["main"]
 
@@ -33,43 +36,148 @@ class CLIError(Exception):
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .examples.evolution import print_summary, run_demo
 
+    store = f", store={args.store}" if args.store else ""
     print(
         f"agl-async demo: evolution strategy on a toy linear task; mode={args.mode}, "
-        f"runners={args.runners}, concurrency={args.concurrency}, epochs={args.epochs}, seed={args.seed}",
+        f"runners={args.runners}, concurrency={args.concurrency}, epochs={args.epochs}, "
+        f"seed={args.seed}{store}",
         flush=True,
     )
-    history = run_demo(
-        mode=args.mode,
-        runners=args.runners,
-        epochs=args.epochs,
-        seed=args.seed,
-        latency=args.latency,
-        port=args.port,
-        progress=sys.stdout,
-        concurrency=args.concurrency,
-    )
+    if args.store:
+        from .store.urls import open_store
+
+        try:
+            open_store(args.store)  # checks the URL only; the run opens the store itself
+        except ValueError as exc:
+            raise CLIError(f"--store: {exc}", 2) from None
+    try:
+        if args.dashboard:
+            import anyio
+
+            anyio.run(_demo_with_dashboard, args)
+            return 0
+        history = run_demo(
+            mode=args.mode,
+            runners=args.runners,
+            epochs=args.epochs,
+            seed=args.seed,
+            latency=args.latency,
+            port=args.port,
+            progress=sys.stdout,
+            store=args.store,
+            concurrency=args.concurrency,
+        )
+    except ValueError as exc:  # e.g. --store holds a run with other options
+        raise CLIError(str(exc)) from None
     print_summary(history, sys.stdout)
     return 0
+
+
+async def _demo_with_dashboard(args: argparse.Namespace) -> None:
+    """The demo on a store whose dashboard is served on 127.0.0.1 during the run (shm: by a server
+    started for it; cs: by the run's own store server) and after it, until Ctrl-C / SIGTERM."""
+    import signal
+
+    import anyio
+
+    from .examples.evolution import print_summary, run_demo_async
+    from .http.dashboard import dashboard_url
+    from .http.server import LightningStoreServer
+    from .store.urls import open_store
+
+    store = open_store(args.store or "memory://")
+    port = args.port if args.port is not None else 0
+    token = os.environ.get("AGL_SERVER_TOKEN") or None  # what the run's own server would require
+    server: LightningStoreServer | None = None
+    try:
+        if args.mode == "shm":
+            server = LightningStoreServer(store, "127.0.0.1", port, auth_token=token or "")
+            await _start(server)
+            port = server.port
+        elif port == 0:
+            from ._net import free_port
+
+            port = free_port()
+        print(f"agl-async: dashboard: {dashboard_url(f'http://127.0.0.1:{port}', token)}", flush=True)
+        history = await run_demo_async(  # Ctrl-C here interrupts the run, as without --dashboard
+            mode=args.mode,
+            runners=args.runners,
+            epochs=args.epochs,
+            seed=args.seed,
+            latency=args.latency,
+            port=port if args.mode == "cs" else None,
+            progress=sys.stdout,
+            store=store,
+            concurrency=args.concurrency,
+        )
+        print_summary(history, sys.stdout)
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            if server is None:  # cs: the run's server has stopped; serve its store again
+                server = LightningStoreServer(store, "127.0.0.1", port, auth_token=token or "")
+                await _start(server)
+            print("agl-async: the run is over; the dashboard stays up until Ctrl-C", flush=True)
+            async for signum in signals:
+                print(f"agl-async: {signal.Signals(signum).name} received, stopping", flush=True)
+                break
+    finally:
+        with anyio.CancelScope(shield=True):
+            if server is not None:
+                await server.stop()
+            await store.close()
+
+
+async def _start(server: Any) -> None:
+    try:
+        await server.start()
+    except OSError as exc:
+        raise CLIError(f"cannot serve the dashboard: {exc}") from None
 
 
 # ------------------------------------------------------------------------------------------ serve
 def _cmd_serve(args: argparse.Namespace) -> int:
     import anyio
 
-    anyio.run(_serve, args.host, args.port, args.token)
+    from .store.urls import open_store
+
+    try:
+        store = open_store(args.store)  # --store URL (issue 12)
+    except ValueError as exc:
+        raise CLIError(f"--store: {exc}", 2) from None
+    anyio.run(_serve, args.host, args.port, args.token, store, args.store)
     return 0
 
 
-async def _serve(host: str, port: int, token: str | None) -> None:
-    """Serve a fresh in-memory store until SIGINT/SIGTERM, then stop the server and return."""
+async def _open(store: LightningStore, url: str) -> None:
+    """One call, so that a store that cannot be opened is reported before serving."""
+    try:
+        await store.statistics()
+    except Exception as exc:
+        raise CLIError(f"cannot open the store {url}: {exc}") from None
+
+
+async def _serve(
+    host: str, port: int, token: str | None, store: LightningStore, url: str = "memory://"
+) -> None:
+    """Serve ``store`` until SIGINT/SIGTERM, then stop the server, close the store and return."""
+    import anyio
+
+    try:
+        await _open(store, url)
+        await _serve_store(host, port, token, store, url)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await store.close()
+
+
+async def _serve_store(host: str, port: int, token: str | None, store: LightningStore, url: str) -> None:
     import signal
 
     import anyio
 
+    from .http.dashboard import dashboard_url
     from .http.server import LightningStoreServer
-    from .store.memory import InMemoryLightningStore
 
-    server = LightningStoreServer(InMemoryLightningStore(), host, port, auth_token=token or "")
+    server = LightningStoreServer(store, host, port, auth_token=token or "")
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         try:
             await server.start()
@@ -77,7 +185,12 @@ async def _serve(host: str, port: int, token: str | None) -> None:
             raise CLIError(f"cannot serve on {host}:{port}: {exc}") from None
         try:
             auth = " (bearer token required)" if token else ""
-            print(f"agl-async: store server listening on {server.endpoint}{auth}; Ctrl-C to stop", flush=True)
+            print(
+                f"agl-async: store server listening on {server.endpoint}{auth}, store {url}; Ctrl-C to stop",
+                flush=True,
+            )
+            # hook (issue 14): the dashboard's link, printed once to stdout, never logged (it holds the token)
+            print(f"agl-async: dashboard: {dashboard_url(server.endpoint, token or None)}", flush=True)
             async for signum in signals:
                 print(f"agl-async: {signal.Signals(signum).name} received, stopping the server", flush=True)
                 break
@@ -248,15 +361,35 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SEC",
         help="simulated work per rollout in seconds (default 0.005)",
     )
-    demo.add_argument("--port", type=int, default=None, help="--mode cs: server port (default: a free one)")
+    demo.add_argument(
+        "--port", type=int, default=None, help="store server / dashboard port (default: a free one)"
+    )
+    demo.add_argument(
+        "--store",
+        default=None,
+        metavar="URL",
+        help=(
+            "the store (default: in memory). With a database, e.g. sqlite:///demo.db, the run is "
+            "resumable: interrupt it, run the same command again, and it continues where it stopped"
+        ),
+    )
+    demo.add_argument(
+        "--dashboard",
+        action="store_true",
+        help=(
+            "serve the live dashboard of the run on 127.0.0.1 and print its URL; it stays up after "
+            "the run until Ctrl-C (use --latency 0.2 to watch a slower run)"
+        ),
+    )
     demo.set_defaults(handler=_cmd_demo)
 
     serve = commands.add_parser(
         "serve",
         help="run a standalone store server for runners on other machines",
         description=(
-            "Serve a fresh in-memory LightningStore over HTTP until Ctrl-C (SIGINT) or SIGTERM, which "
-            "stop it cleanly (exit code 0). Point algorithms and 'agl-async runner' at it."
+            "Serve a LightningStore over HTTP until Ctrl-C (SIGINT) or SIGTERM, which stop it cleanly "
+            "(exit code 0). Point algorithms and 'agl-async runner' at it. The store is a fresh "
+            "in-memory one unless --store names a database, which outlives the server."
         ),
     )
     serve.add_argument(
@@ -267,6 +400,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--token",
         default=os.environ.get("AGL_SERVER_TOKEN"),
         help="require 'Authorization: Bearer TOKEN' on every request (default: env AGL_SERVER_TOKEN)",
+    )
+    serve.add_argument(
+        "--store",
+        default="memory://",
+        metavar="URL",
+        help=(
+            "the store to serve: memory:// (default), sqlite:///relative/path.db, "
+            "sqlite:////absolute/path.db or postgresql://user:password@host:port/dbname"
+        ),
     )
     serve.set_defaults(handler=_cmd_serve)
 

@@ -1,7 +1,7 @@
 """Runner concurrency: one runner works on up to ``concurrency`` rollouts at once.
 
 :func:`run_slots` is what a runner bundle runs: ``concurrency`` *slots*, each its own loop of
-claim → agent → record (the runner loop of :mod:`agl_async.trainer`, one rollout at a time) with
+claim → agent → record (the runner loop of :mod:`agl_async.runner`, one rollout at a time) with
 its own worker id, all tasks of one task group on the runner's event loop. Async agents run
 concurrently on that loop; sync agents each in a worker thread (anyio's default thread limiter is
 raised by ``concurrency`` while the slots run, so that ``concurrency`` sync agents really run at
@@ -54,16 +54,16 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from .store.base import LightningStore
-from .trainer import (
+from .execution.events import ExecutionEvent
+from .runner import (
     DEFAULT_HEARTBEAT_INTERVAL,
     Agent,
-    StopEvent,
-    _execute,
     _is_async_callable,
     _next_rollout,
+    _run_attempt,
     _supports_long_poll,
 )
+from .store.base import LightningStore
 from .types import AttemptedRollout
 
 __all__ = ["check_concurrency", "new_worker_prefix", "run_slots", "slot_worker_id"]
@@ -130,13 +130,16 @@ class _Mirror:
     def __init__(self) -> None:
         self.local = anyio.Event()
 
+    def set(self) -> None:
+        self.local.set()
+
     def is_set(self) -> bool:
         return self.local.is_set()
 
     async def wait(self) -> None:
         await self.local.wait()
 
-    async def follow(self, event: StopEvent) -> None:
+    async def follow(self, event: ExecutionEvent) -> None:
         await event.wait()
         self.local.set()
 
@@ -202,7 +205,7 @@ async def _next_shared(
     *,
     look: bool = True,
 ) -> AttemptedRollout | None:
-    """:func:`~agl_async.trainer._next_rollout` for a slot (see :class:`_Claims`): a quick look
+    """:func:`~agl_async.runner._next_rollout` for a slot (see :class:`_Claims`): a quick look
     at the queue (unless ``look`` is false: the caller just saw it empty), then the runner's one
     long poll or a place in the queue for it; ``None`` once the run stops."""
     if not long_poll:
@@ -250,7 +253,7 @@ async def _slot(
     await store.update_worker(worker_id, heartbeat_stats={"time": time.time()})
     rollout = await _claim(store, worker_id, stop, long_poll, budget, claims)
     while rollout is not None:
-        succeeded, _ = await _execute(store, worker_id, rollout, agent, heartbeat_interval)
+        succeeded, _ = await _run_attempt(store, worker_id, rollout, agent, heartbeat_interval)
         budget.done += 1
         if succeeded and not stop.is_set() and budget.take():
             # One call (one round trip over HTTP) ends this attempt and claims the next rollout
@@ -271,7 +274,7 @@ async def _slot(
 async def run_slots(
     store: LightningStore,
     runner: int,
-    event: StopEvent,
+    event: ExecutionEvent,
     agent: Agent,
     *,
     concurrency: int = 1,

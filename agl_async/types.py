@@ -16,6 +16,7 @@ import time
 from typing import Any, Literal, TypeVar, get_args
 
 import msgspec
+from msgspec import UNSET, UnsetType
 
 __all__ = [
     "ATTEMPT_STATUSES",
@@ -23,15 +24,18 @@ __all__ = [
     "ROLLOUT_STATUSES",
     "TERMINAL_ATTEMPT_STATUSES",
     "TERMINAL_ROLLOUT_STATUSES",
+    "UNSET",
     "Attempt",
     "AttemptStatus",
     "AttemptedRollout",
+    "EnqueueRolloutRequest",
     "ResourcesUpdate",
     "Rollout",
     "RolloutConfig",
     "RolloutMode",
     "RolloutStatus",
     "Span",
+    "Unset",
     "Worker",
     "WorkerId",
     "WorkerStatus",
@@ -55,6 +59,12 @@ TERMINAL_ROLLOUT_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "c
 TERMINAL_ATTEMPT_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "unresponsive", "timeout"})
 #: A rollout in one of these statuses is waiting in the queue.
 QUEUE_STATUSES: frozenset[str] = frozenset({"queuing", "requeuing"})
+
+
+#: The marker for "leave this field as it is" in ``update_*`` calls, distinct from an explicit
+#: ``None``. It is msgspec's own ``UNSET``, so the same object means "absent" in the store's API and
+#: on the wire (a field left out of a request body); there is one instance, and it pickles as itself.
+Unset = UnsetType
 
 
 class _Model(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -129,6 +139,21 @@ class AttemptedRollout(Rollout, kw_only=True):
     """A rollout together with the attempt just made of it (what ``dequeue_rollout`` returns)."""
 
     attempt: Attempt
+
+
+class EnqueueRolloutRequest(_Model, forbid_unknown_fields=True):
+    """The parameters of ``enqueue_rollout``: one entry of ``enqueue_many_rollouts``, and the
+    request body of both over HTTP.
+
+    ``mode`` is one of ``"train"``, ``"val"``, ``"test"`` (or ``None``); it is held as a plain string
+    so that the store, wherever it runs, is what rejects a bad one, with the same message.
+    """
+
+    input: Any
+    mode: str | None = None
+    resources_id: str | None = None
+    config: RolloutConfig | None = None
+    metadata: dict[str, Any] | None = None
 
 
 class Span(_Model):

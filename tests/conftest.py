@@ -4,20 +4,23 @@
 it with ``BOTH_BACKENDS`` to run on trio as well.
 
 ``store`` is parametrised over every store implementation, so one suite specifies them all:
-``memory`` (InMemoryLightningStore), ``locked`` (LightningStoreLocked around it) and ``http``
-(LightningStoreClient talking to a LightningStoreServer on 127.0.0.1, asyncio only).
+``memory`` (InMemoryLightningStore), ``locked`` (LightningStoreLocked around it), ``http``
+(LightningStoreClient talking to a LightningStoreServer on 127.0.0.1, asyncio only), ``sqlite``
+(SqliteLightningStore on a file in a temporary directory) and ``http-sqlite`` (the HTTP client in
+front of a server over a SqliteLightningStore).
 """
 
 from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from agl_async import InMemoryLightningStore, LightningStore, LightningStoreLocked, Span
+from agl_async import Span
+from agl_async.testing import HTTP_KINDS, STORE_KINDS, store_fixture
 
 
 def _store_methods() -> list[str]:
@@ -61,18 +64,31 @@ def make_span(rollout_id: str, attempt_id: str, sequence_id: int = 1, **fields: 
 
 AGL_VARS = ("AGL_CURRENT_ROLE", "AGL_SERVER_HOST", "AGL_SERVER_PORT", "AGL_MANAGED_STORE", "AGL_SERVER_TOKEN")
 BOTH_BACKENDS = [pytest.param("asyncio", id="asyncio"), pytest.param("trio", id="trio")]
-STORE_KINDS = ["memory", "locked", "http"]
+
+
+#: Tests of the store suite that pin a behaviour issue 16 makes wrong for every store; the durable
+#: stores implement the issue's rule already, the in-memory store will with issue 16 (which then
+#: updates these tests, turning these expected failures into passes: strict, so they get noticed).
+ISSUE_16_RULES = {
+    # "a rollout in a terminal status never changes status afterwards": the test revives a
+    # rollout the watchdog had failed (max_attempts=1) with a late span.
+    "test_unresponsive_attempt_comes_back_with_a_span": "a terminal rollout never changes (issue 16)",
+}
+DURABLE_KINDS = frozenset({"sqlite", "http-sqlite"})
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The HTTP store runs on asyncio only (uvicorn): drop the trio x http combinations of the
-    store suite at collection instead of reporting dozens of skips."""
+    """The HTTP store runs on asyncio only (uvicorn): drop the trio x HTTP combinations of the
+    store suite at collection instead of reporting dozens of skips. Mark the durable stores'
+    runs of :data:`ISSUE_16_RULES` as expected failures."""
     keep, drop = [], []
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
-        (drop if params.get("store") == "http" and params.get("anyio_backend") == "trio" else keep).append(
-            item
-        )
+        kind = params.get("store")
+        if kind in DURABLE_KINDS and getattr(item, "originalname", None) in ISSUE_16_RULES:
+            reason = ISSUE_16_RULES[item.originalname]  # type: ignore[attr-defined]
+            item.add_marker(pytest.mark.xfail(reason=reason, strict=True))
+        (drop if kind in HTTP_KINDS and params.get("anyio_backend") == "trio" else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
@@ -83,20 +99,8 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture(params=STORE_KINDS)
-async def store(request: pytest.FixtureRequest, anyio_backend: str) -> AsyncIterator[LightningStore]:
-    kind = request.param
-    if kind == "memory":
-        yield InMemoryLightningStore()
-    elif kind == "locked":
-        yield LightningStoreLocked(InMemoryLightningStore())
-    else:
-        if anyio_backend != "asyncio":
-            pytest.skip("the HTTP store runs on asyncio (uvicorn)")
-        from agl_async.testing import serve_store  # the HTTP layer's test helper
-
-        async with serve_store(InMemoryLightningStore()) as client:
-            yield client
+#: Every store implementation, one suite for all (``agl_async.testing`` makes the fixture).
+store = store_fixture(*STORE_KINDS)
 
 
 def _alive(process: object) -> bool:

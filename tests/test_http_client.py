@@ -347,7 +347,7 @@ def test_client_works_on_trio() -> None:
 
 
 def test_idempotency_memory_is_bounded_by_count_and_bytes() -> None:
-    from agl_async.http.server import _IdempotencyCache
+    from agl_async.http._idempotency import IdempotencyCache as _IdempotencyCache
 
     cache = _IdempotencyCache(size=3, max_bytes=400)
     for i in range(5):

@@ -117,7 +117,7 @@ def test_schema_violations_are_422_naming_the_field(
 def test_store_value_errors_are_400_with_the_store_message(
     http: httpx.Client, path: str, body: Any, needle: str
 ) -> None:
-    error = _assert_error(http.post(path, json=body), 400, "ValueError")
+    error = _assert_error(http.post(path, json=body), 400, "value_error")
     assert needle in error["detail"]
     _still_serving(http)
 

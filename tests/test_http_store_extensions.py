@@ -181,7 +181,7 @@ async def test_a_long_poll_ended_by_the_client_leaving_claims_nothing(anyio_back
     async with LightningStoreServer(InMemoryLightningStore(), host="127.0.0.1", port=0) as server:
         request = Request({"type": "http", "method": "POST", "path": "/", "headers": []}, receive)
         with anyio.fail_after(5):
-            assert await server._long_poll(request, wait, look) is None
+            assert await server.app._long_poll(request, wait, look) is None
     assert looked == []
 
 

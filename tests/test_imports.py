@@ -7,7 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-HEAVY = ("uvicorn", "starlette", "httpx", "aiomultiprocess")
+HEAVY = ("uvicorn", "starlette", "httpx", "aiomultiprocess", "sqlite3", "asyncpg", "aiosqlite")
 
 
 def _loaded_after(statement: str) -> set[str]:
@@ -27,3 +27,11 @@ def test_a_runner_process_does_not_load_the_server_side() -> None:
     )
     assert "uvicorn" not in loaded and "starlette" not in loaded
     assert "httpx" in loaded  # the client side is what a runner needs
+
+
+def test_database_drivers_load_only_with_their_store() -> None:
+    # open_store and the trainer (which accepts store URLs) import no driver until a URL needs it
+    assert _loaded_after("from agl_async import open_store, Trainer\nopen_store('memory://')") == set()
+    sqlite = _loaded_after("from agl_async import SqliteLightningStore")
+    assert "sqlite3" in sqlite and "asyncpg" not in sqlite
+    assert "sqlite3" in _loaded_after("from agl_async import open_store\nopen_store('sqlite:///x.db')")

@@ -25,7 +25,7 @@ from agl_async import (
     LightningStoreLocked,
     SharedMemoryExecutionStrategy,
 )
-from agl_async.execution.base import resolve_strategy
+from agl_async.execution.registry import resolve_strategy
 
 pytestmark = pytest.mark.anyio
 

@@ -24,7 +24,7 @@ from agl_async import (
 from agl_async.algorithm import Baseline, PassStats, reward_of
 from agl_async.examples.evolution import agent as es_agent
 from agl_async.examples.evolution import make_tasks
-from agl_async.testing import free_port, open_store, store_fixture
+from agl_async.testing import free_port, open_test_store, store_fixture
 from agl_async.trainer import REWARD_SPAN_NAME, runner_loop
 
 TIMEOUT = 30  # hang guard only: the machine is shared and slow
@@ -517,9 +517,9 @@ async def test_store_fixture_for_users_suites(user_store: LightningStore) -> Non
 
 
 @pytest.mark.anyio
-async def test_open_store_rejects_unknown_kinds() -> None:
+async def test_open_test_store_rejects_unknown_kinds() -> None:
     with pytest.raises(ValueError, match="unknown store kind 'disk'"):
-        async with open_store("disk"):  # type: ignore[arg-type]
+        async with open_test_store("disk"):  # type: ignore[arg-type]
             pass
     with pytest.raises(ValueError, match="unknown store kind 'disk'"):
         store_fixture("disk")  # type: ignore[arg-type]

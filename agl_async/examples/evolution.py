@@ -13,9 +13,18 @@ environment. All learning goes through the store:
    moves ``mu`` along the rank-weighted perturbations.
 
 Everything is seeded, so a run is deterministic whatever the number of runners or the mode; only
-the timings vary. The agent is a module-level coroutine function, so it pickles into runner
-processes (``--mode cs``) and can be attached with ``agl-async runner --agent
-agl_async.examples.evolution:agent``.
+the timings vary.
+
+Resuming: after each epoch the algorithm saves its state (policy, step size, random generator,
+history) in the store, as a resources snapshot under :data:`STATE_KEY`, and it tags every rollout
+with its epoch. Started again on a durable store (``agl-async demo --store sqlite:///demo.db``),
+it reads that state back, and for the epoch that was in flight it finds the rollouts already
+enqueued (``query_rollouts``) instead of enqueuing them again: the finished ones count as they
+are, the others finish now (attempts cut off by the interruption are retried per the rollouts'
+``RolloutConfig``). Only a resumed run's first epoch looks for earlier rollouts.
+
+The agent is a module-level coroutine function, so it pickles into runner processes (``--mode
+cs``) and can be attached with ``agl-async runner --agent agl_async.examples.evolution:agent``.
 """
 
 from __future__ import annotations
@@ -31,9 +40,22 @@ import anyio
 import msgspec
 
 from ..algorithm import Algorithm, reward_of
-from ..store.base import EnqueueRolloutRequest
+from ..store.base import EnqueueRolloutRequest, LightningStore
+from ..types import RolloutConfig
 
-__all__ = ["EpochStats", "EvolutionStrategy", "agent", "make_tasks", "print_summary", "run_demo"]
+__all__ = [
+    "STATE_KEY",
+    "EpochStats",
+    "EvolutionStrategy",
+    "agent",
+    "make_tasks",
+    "print_summary",
+    "run_demo",
+    "run_demo_async",
+]
+
+#: Key of the algorithm's saved state in its resources snapshot (see "Resuming" above).
+STATE_KEY = "agl_async.examples.evolution/state"
 
 
 def _dot(a: Sequence[float], b: Sequence[float]) -> float:
@@ -96,7 +118,11 @@ class EvolutionStrategy(Algorithm):
     per-epoch results are in :attr:`history`, the final policy in :attr:`mu`.
 
     Cancellation: ``run`` is cancelled at its current ``await``; the epoch in flight is dropped
-    (its rollouts stay in the store), ``history`` holds the finished epochs.
+    (its rollouts stay in the store), ``history`` holds the finished epochs. On a durable store a
+    new run picks up where this one stopped (module documentation, "Resuming").
+
+    Every rollout may take ``max_attempts`` attempts: a failed one, or one whose runner went
+    silent for ``unresponsive_seconds`` (it died with its process, say), is retried.
     """
 
     def __init__(
@@ -110,26 +136,101 @@ class EvolutionStrategy(Algorithm):
         decay: float = 0.9,
         seed: int = 0,
         progress: TextIO | None = None,
+        max_attempts: int = 3,
+        unresponsive_seconds: float = 5.0,
     ) -> None:
         if epochs < 1 or dim < 1 or pairs < 1:
             raise ValueError(f"epochs, dim and pairs must be >= 1, got {epochs}, {dim}, {pairs}")
         self.epochs, self.dim, self.pairs = epochs, dim, pairs
         self.sigma, self.lr, self.decay = sigma, lr, decay
+        self.seed = seed
         self.rng = random.Random(seed + 1)
         self.progress = progress
         self.mu = [0.0] * dim
         self.history: list[EpochStats] = []
+        self.config = RolloutConfig(
+            max_attempts=max_attempts,
+            retry_condition=["failed", "unresponsive", "timeout"],
+            unresponsive_seconds=unresponsive_seconds,
+        )
+        #: The epoch a resumed run started at (1 for a fresh run), set by :meth:`run`.
+        self.first_epoch = 1
+        self._state_id: str | None = None
 
     async def run(
         self, train_dataset: Sequence[Any] | None = None, val_dataset: Sequence[Any] | None = None
     ) -> None:
         if not train_dataset:
             raise ValueError("EvolutionStrategy needs a non-empty train_dataset")
-        for epoch in range(1, self.epochs + 1):
-            self.history.append(await self._epoch(epoch, train_dataset, val_dataset or []))
+        self.first_epoch = await self._resume()
+        for epoch in range(self.first_epoch, self.epochs + 1):
+            resumed = epoch == self.first_epoch and self._state_id is not None
+            stats = await self._epoch(epoch, train_dataset, val_dataset or [], resumed=resumed)
+            self.history.append(stats)
+            await self._save(epoch)
+            self._print_line(self._describe(stats), final=True)  # once saved: a resumed run starts after it
         self._print_line("", final=True)
 
-    async def _epoch(self, epoch: int, train: Sequence[Any], val: Sequence[Any]) -> EpochStats:
+    # ------------------------------------------------------------------ saved state
+    async def _resume(self) -> int:
+        """Load the state a previous run saved in the store; returns the epoch to start at."""
+        for update in reversed(await self.store.query_resources()):
+            state = update.resources.get(STATE_KEY)
+            if state is not None:
+                break
+        else:
+            return 1
+        saved = {k: state.get(k) for k in ("seed", "dim", "pairs")}
+        if saved != {"seed": self.seed, "dim": self.dim, "pairs": self.pairs}:
+            raise ValueError(
+                f"the store holds an evolution run with {saved}, not seed={self.seed}, dim={self.dim}, "
+                f"pairs={self.pairs}: use those options again, or another store"
+            )
+        self._state_id = update.resources_id
+        self.mu, self.sigma = list(state["mu"]), float(state["sigma"])
+        version, internal, gauss_next = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss_next))
+        self.history = msgspec.convert(state["history"], list[EpochStats])
+        done = int(state["epoch"])
+        if self.progress is not None:
+            left = f"resuming at epoch {done + 1}" if done < self.epochs else "nothing left to do"
+            self.progress.write(f"found a run that finished {done} epoch(s) in this store: {left}\n")
+            self.progress.flush()
+        return done + 1
+
+    async def _save(self, epoch: int) -> None:
+        """Save what a resumed run needs, once ``epoch`` is finished (one store call)."""
+        state = {
+            "epoch": epoch,
+            "seed": self.seed,
+            "dim": self.dim,
+            "pairs": self.pairs,
+            "mu": self.mu,
+            "sigma": self.sigma,
+            "rng": self.rng.getstate(),
+            "history": msgspec.to_builtins(self.history),
+        }
+        if self._state_id is None:
+            self._state_id = (await self.store.add_resources({STATE_KEY: state})).resources_id
+        else:
+            await self.store.update_resources(self._state_id, {STATE_KEY: state})
+
+    # ------------------------------------------------------------------ one epoch
+    async def _enqueued_before(self, epoch: int) -> list[str]:
+        """Ids of the rollouts an interrupted run had enqueued for ``epoch`` (in order)."""
+        found = [r for r in await self.store.query_rollouts() if r.metadata.get("epoch") == epoch]
+        if found and self.progress is not None:
+            done = sum(1 for r in found if r.status == "succeeded")
+            self.progress.write(
+                f"epoch {epoch}: {len(found)} rollouts were enqueued before the interruption, "
+                f"{done} already succeeded; waiting for the rest\n"
+            )
+            self.progress.flush()
+        return [r.rollout_id for r in found]
+
+    async def _epoch(
+        self, epoch: int, train: Sequence[Any], val: Sequence[Any], resumed: bool = False
+    ) -> EpochStats:
         store = self.store
         started = time.monotonic()
         eps = [[self.rng.gauss(0.0, 1.0) for _ in range(self.dim)] for _ in range(self.pairs)]
@@ -137,22 +238,34 @@ class EvolutionStrategy(Algorithm):
         for e in eps:
             candidates.append([m + self.sigma * z for m, z in zip(self.mu, e, strict=True)])
             candidates.append([m - self.sigma * z for m, z in zip(self.mu, e, strict=True)])
-        requests: list[EnqueueRolloutRequest] = []
-        for k, theta in enumerate(candidates):
-            resources = await store.add_resources({"theta": theta})
-            requests += [
-                EnqueueRolloutRequest(
-                    input=task, mode="train", resources_id=resources.resources_id, metadata={"candidate": k}
-                )
-                for task in train
-            ]
-        if val:
-            center = await store.add_resources({"theta": list(self.mu)})
-            requests += [
-                EnqueueRolloutRequest(input=task, mode="val", resources_id=center.resources_id)
-                for task in val
-            ]
-        ids = [rollout.rollout_id for rollout in await store.enqueue_many_rollouts(requests)]
+        ids = await self._enqueued_before(epoch) if resumed else []
+        if not ids:  # enqueue_many_rollouts is all or nothing: an epoch's rollouts exist entirely or not
+            requests: list[EnqueueRolloutRequest] = []
+            for k, theta in enumerate(candidates):
+                resources = await store.add_resources({"theta": theta})
+                requests += [
+                    EnqueueRolloutRequest(
+                        input=task,
+                        mode="train",
+                        resources_id=resources.resources_id,
+                        config=self.config,
+                        metadata={"epoch": epoch, "candidate": k},
+                    )
+                    for task in train
+                ]
+            if val:
+                center = await store.add_resources({"theta": list(self.mu)})
+                requests += [
+                    EnqueueRolloutRequest(
+                        input=task,
+                        mode="val",
+                        resources_id=center.resources_id,
+                        config=self.config,
+                        metadata={"epoch": epoch},
+                    )
+                    for task in val
+                ]
+            ids = [rollout.rollout_id for rollout in await store.enqueue_many_rollouts(requests)]
 
         # Wait for the epoch, refreshing the progress line a few times a second.
         while True:
@@ -201,7 +314,6 @@ class EvolutionStrategy(Algorithm):
             seconds=time.monotonic() - started,
         )
         self.sigma *= self.decay
-        self._print_line(self._describe(stats), final=True)
         return stats
 
     # ------------------------------------------------------------------ progress output
@@ -264,15 +376,61 @@ def run_demo(
     latency: float = 0.005,
     port: int | None = None,
     progress: TextIO | None = sys.stdout,
+    store: str | None = None,
     concurrency: int = 1,
 ) -> list[EpochStats]:
     """Run the example end to end (blocking) and return the per-epoch statistics.
 
-    ``mode="shm"``: in-memory store, every bundle a task of this process, no ports. ``mode="cs"``:
-    the store served over HTTP on 127.0.0.1:``port`` (a free port when ``None``) and ``runners``
-    runner processes. ``concurrency``: rollouts each runner works on at once (``runners x
-    concurrency`` in flight).
+    ``mode="shm"``: every bundle a task of this process, no ports. ``mode="cs"``: the store served
+    over HTTP on 127.0.0.1:``port`` (a free port when ``None``) and ``runners`` runner processes.
+    ``store``: a store URL (:func:`~agl_async.open_store`); ``None`` is a fresh in-memory store. On
+    a durable store (``sqlite:///demo.db``) an interrupted run continues where it stopped when it
+    is started again with the same ``seed``; a larger ``epochs`` extends a finished one.
+    ``concurrency``: rollouts each runner works on at once (``runners x concurrency`` in flight).
     """
+    trainer, algorithm, train, val = _setup(
+        mode, runners, epochs, seed, latency, port, progress, store, concurrency
+    )
+    try:
+        trainer.fit(agent, train, val)
+    finally:
+        anyio.run(trainer.store.close)
+    return algorithm.history
+
+
+async def run_demo_async(
+    *,
+    mode: str = "shm",
+    runners: int = 4,
+    epochs: int = 12,
+    seed: int = 0,
+    latency: float = 0.005,
+    port: int | None = None,
+    progress: TextIO | None = sys.stdout,
+    store: LightningStore | str | None = None,
+    concurrency: int = 1,
+) -> list[EpochStats]:
+    """:func:`run_demo` inside the caller's event loop, on ``store`` (a store or a store URL) when
+    given, so that the caller can serve it meanwhile (``agl-async demo --dashboard``). The store is
+    the caller's to close. Cancelling it stops the run."""
+    trainer, algorithm, train, val = _setup(
+        mode, runners, epochs, seed, latency, port, progress, store, concurrency
+    )
+    await trainer.fit_async(agent, train, val)
+    return algorithm.history
+
+
+def _setup(
+    mode: str,
+    runners: int,
+    epochs: int,
+    seed: int,
+    latency: float,
+    port: int | None,
+    progress: TextIO | None,
+    store: LightningStore | str | None,
+    concurrency: int = 1,
+) -> tuple[Any, EvolutionStrategy, list[Any], list[Any]]:
     from ..trainer import Trainer  # the trainer imports the execution layer: only when running
 
     strategy: dict[str, Any]
@@ -290,8 +448,8 @@ def run_demo(
         raise ValueError(f"unknown mode {mode!r}: expected 'shm' or 'cs'")
     train, val = make_tasks(seed, latency=latency)
     algorithm = EvolutionStrategy(epochs=epochs, seed=seed, progress=progress)
-    Trainer(strategy=strategy, algorithm=algorithm, concurrency=concurrency).fit(agent, train, val)
-    return algorithm.history
+    trainer = Trainer(strategy=strategy, algorithm=algorithm, store=store, concurrency=concurrency)
+    return trainer, algorithm, list(train), list(val)
 
 
 def _free_port() -> int:

@@ -33,27 +33,21 @@ caller wins over both).
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import logging
-import socket
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, Literal
 
 import anyio
 
+from .._backend import current_async_library
+from .._net import bind_socket, free_port, http_url
+from .._validate import check_count, check_seconds
 from ..http.client import LightningStoreClient
 from ..http.server import LightningStoreServer
 from ..store.base import LightningStore
-from .base import (
-    AlgorithmBundle,
-    ExecutionStrategy,
-    RunnerBundle,
-    env_bool,
-    env_choice,
-    env_int,
-    env_str,
-    register_strategy,
-)
+from ._env import env_bool, env_choice, env_int, env_str
+from .base import AlgorithmBundle, ExecutionStrategy, RunnerBundle
 from .events import ExecutionEvent, ProcessExecutionEvent, ThreadingExecutionEvent
 from .processes import (
     DEFINE_AT_MODULE_LEVEL,
@@ -61,10 +55,9 @@ from .processes import (
     Lifeline,
     MultiprocessingHelpers,
     check_picklable,
-    escalate,
     spawn,
 )
-from .shared_memory import _check_n_runners, _check_timeout
+from .shutdown import escalate
 from .supervision import Supervisor
 
 __all__ = ["ClientServerExecutionStrategy"]
@@ -72,45 +65,6 @@ __all__ = ["ClientServerExecutionStrategy"]
 logger = logging.getLogger("agl_async.execution.cs")
 
 Role = Literal["algorithm", "runner", "both"]
-
-
-def _current_async_library() -> str:
-    """The async library running the current task ("asyncio" or "trio")."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return "trio"
-    return "asyncio"
-
-
-def _client_endpoint(host: str, port: int) -> str:
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return f"http://{host}:{port}"
-
-
-def _check_port_free(host: str, port: int) -> None:
-    """Fail fast, naming the port, when ``host:port`` cannot be bound (for a server that a child
-    process will start)."""
-    bind_host = "127.0.0.1" if host == "localhost" else host
-    try:
-        infos = socket.getaddrinfo(bind_host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, type_, proto, _, address = infos[0]
-        with socket.socket(family, type_, proto) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(address)
-    except OSError as exc:
-        raise OSError(exc.errno, f"cannot serve the store on {host}:{port}: {exc.strerror or exc}") from exc
-
-
-def _free_port(host: str) -> int:
-    bind_host = "127.0.0.1" if host == "localhost" else host
-    infos = socket.getaddrinfo(bind_host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    family, type_, proto, _, address = infos[0]
-    with socket.socket(family, type_, proto) as sock:
-        sock.bind(address)
-        port: int = sock.getsockname()[1]
-        return port
 
 
 # ---------------------------------------------------------------------------- child targets
@@ -138,24 +92,31 @@ async def _algorithm_child(
     """``main_process="runner"``: serve ``store`` and run the algorithm; when it ends, set the
     event, and keep serving until the parent's runner has finished (``release``)."""
     try:
-        if not managed:
-            ready.set()
-            await algorithm(store, event)
-            return
-        server = LightningStoreServer(store, host=host, port=port)
-        await server.start()
-        try:
+        async with _served(store, host, port, managed) as served:
             ready.set()
             try:
-                await algorithm(server, event)
+                await algorithm(served, event)
             finally:
                 event.set()
-                await release.wait()
-        finally:
-            with anyio.CancelScope(shield=True):
-                await server.stop()
+                if managed:
+                    await release.wait()
     finally:
         event.set()
+
+
+@contextlib.asynccontextmanager
+async def _served(
+    store: LightningStore, host: str, port: int, managed: bool
+) -> AsyncIterator[LightningStore]:
+    """With ``managed``, serve ``store`` on ``host:port`` for the duration of the block (``async
+    with`` the server: a task of a task group of this task) and yield the server; else yield
+    ``store``. Binding fails at once (``OSError`` naming host:port) before the block runs. The
+    server keeps serving while the block winds down, cancelled or not, and stops gracefully after."""
+    if not managed:
+        yield store
+        return
+    async with LightningStoreServer(store, host=host, port=port) as server:
+        yield server
 
 
 async def _first_of(*events: ExecutionEvent) -> None:
@@ -172,8 +133,6 @@ async def _first_of(*events: ExecutionEvent) -> None:
 class ClientServerExecutionStrategy(ExecutionStrategy):
     """Algorithm and runners in separate processes talking to one store over HTTP (asyncio only:
     the embedded server is uvicorn). Parameters and semantics: see the module docstring."""
-
-    alias = "cs"
 
     def __init__(
         self,
@@ -195,9 +154,9 @@ class ClientServerExecutionStrategy(ExecutionStrategy):
         if not 0 <= self.server_port <= 65535:
             source = "server_port" if server_port is not None else "environment variable AGL_SERVER_PORT"
             raise ValueError(f"{source} must be in 0..65535, got {self.server_port}")
-        _check_n_runners(n_runners)
-        _check_timeout("graceful_timeout", graceful_timeout)
-        _check_timeout("terminate_timeout", terminate_timeout)
+        check_count(n_runners, "n_runners")
+        check_seconds(graceful_timeout, "graceful_timeout", optional=False)
+        check_seconds(terminate_timeout, "terminate_timeout", optional=False)
         if main_process not in ("algorithm", "runner"):
             raise ValueError(f"main_process must be 'algorithm' or 'runner', got {main_process!r}")
         if main_process == "runner":
@@ -229,10 +188,10 @@ class ClientServerExecutionStrategy(ExecutionStrategy):
         serves_here = self.managed_store and (
             self.role == "algorithm" or (self.role == "both" and self.main_process == "algorithm")
         )
-        if serves_here and _current_async_library() != "asyncio":
+        if serves_here and current_async_library() != "asyncio":
             raise RuntimeError(
                 "ClientServerExecutionStrategy serves the store with uvicorn, which needs asyncio; "
-                f"this loop runs {_current_async_library()} (use anyio.run(..., backend='asyncio') or run())"
+                f"this loop runs {current_async_library()} (use anyio.run(..., backend='asyncio') or run())"
             )
         try:
             if self.role == "algorithm":
@@ -264,16 +223,9 @@ class ClientServerExecutionStrategy(ExecutionStrategy):
 
         return on_exit
 
-    async def _start_server(self, store: LightningStore) -> LightningStoreServer:
-        server = LightningStoreServer(store, host=self.server_host, port=self.server_port)
-        await server.start()  # OSError naming host:port when it is in use: nothing spawned yet
-        return server
-
-    @staticmethod
-    async def _stop_server(server: LightningStoreServer | None) -> None:
-        if server is not None:
-            with anyio.CancelScope(shield=True):
-                await server.stop()
+    def _served(self, store: LightningStore) -> contextlib.AbstractAsyncContextManager[LightningStore]:
+        # Binds before anything is spawned: a port in use is an OSError naming it, and nothing runs.
+        return _served(store, self.server_host, self.server_port, self.managed_store)
 
     async def _spawn_and_supervise(
         self,
@@ -312,20 +264,17 @@ class ClientServerExecutionStrategy(ExecutionStrategy):
 
     # ------------------------------------------------------------------ roles
     async def _run_algorithm_here(self, algorithm: AlgorithmBundle, store: LightningStore) -> None:
-        server = await self._start_server(store) if self.managed_store else None
-        try:
+        async with self._served(store) as served:
             event = ThreadingExecutionEvent()
             supervisor = self._supervisor(event)
-            supervisor.add_bundle("algorithm", algorithm, server or store, event, on_return=event.set)
+            supervisor.add_bundle("algorithm", algorithm, served, event, on_return=event.set)
             await supervisor.run()
-        finally:
-            await self._stop_server(server)
 
     def _runner_store(self, store: LightningStore, endpoint: str) -> LightningStore:
         return LightningStoreClient(endpoint) if self.managed_store else store
 
     async def _run_runners(self, runner: RunnerBundle, store: LightningStore) -> None:
-        endpoint = _client_endpoint(self.server_host, self.server_port)
+        endpoint = http_url(self.server_host, self.server_port)
         if self.n_runners == 1:
             event = ThreadingExecutionEvent()
             supervisor = self._supervisor(event)
@@ -364,31 +313,37 @@ class ClientServerExecutionStrategy(ExecutionStrategy):
         self, algorithm: AlgorithmBundle, runner: RunnerBundle, store: LightningStore
     ) -> None:
         self._check_runner_crosses(runner, store)
-        server = await self._start_server(store) if self.managed_store else None
         event = ProcessExecutionEvent()
         try:
-            runner_store: LightningStore = (
-                LightningStoreClient(server.endpoint) if server is not None else store
-            )
-            specs = [
-                (f"runner-{i}", _runner_child, (runner, runner_store, i, event, self.managed_store))
-                for i in range(self.n_runners)
-            ]
-            supervisor = self._supervisor(event)
-
-            def algorithm_returned() -> None:
-                logger.info("algorithm returned: stopping the runners")
-                event.set()
-                if server is not None:  # idle runners see the event now, not when their long poll ends
-                    server.end_long_polls()
-
-            supervisor.add_bundle(
-                "algorithm", algorithm, server or store, event, on_return=algorithm_returned
-            )
-            await self._spawn_and_supervise(supervisor, specs)
+            async with self._served(store) as served:  # stopped once every runner process has exited
+                await self._run_both_served(algorithm, runner, store, served, event)
         finally:
-            await self._stop_server(server)  # every runner process has exited by now
             event.close()
+
+    async def _run_both_served(
+        self,
+        algorithm: AlgorithmBundle,
+        runner: RunnerBundle,
+        store: LightningStore,
+        served: LightningStore,
+        event: ProcessExecutionEvent,
+    ) -> None:
+        server = served if isinstance(served, LightningStoreServer) else None
+        runner_store: LightningStore = LightningStoreClient(server.endpoint) if server is not None else store
+        specs = [
+            (f"runner-{i}", _runner_child, (runner, runner_store, i, event, self.managed_store))
+            for i in range(self.n_runners)
+        ]
+        supervisor = self._supervisor(event)
+
+        def algorithm_returned() -> None:
+            logger.info("algorithm returned: stopping the runners")
+            event.set()
+            if server is not None:  # idle runners see the event now, not when their long poll ends
+                server.end_long_polls()
+
+        supervisor.add_bundle("algorithm", algorithm, served, event, on_return=algorithm_returned)
+        await self._spawn_and_supervise(supervisor, specs)
 
     async def _run_both_runner_main(
         self, algorithm: AlgorithmBundle, runner: RunnerBundle, store: LightningStore
@@ -403,8 +358,9 @@ class ClientServerExecutionStrategy(ExecutionStrategy):
         port = self.server_port
         if self.managed_store:
             if port == 0:
-                port = _free_port(self.server_host)
-            _check_port_free(self.server_host, port)
+                port = free_port(self.server_host)
+            # Fail fast, naming the port, before the child that will serve on it is started.
+            bind_socket(self.server_host, port, listen=False).close()
         event, ready, release = ProcessExecutionEvent(), ProcessExecutionEvent(), ProcessExecutionEvent()
         try:
             spec = (
@@ -413,9 +369,7 @@ class ClientServerExecutionStrategy(ExecutionStrategy):
                 (algorithm, store, self.server_host, port, self.managed_store, event, ready, release),
             )
             supervisor = self._supervisor(event)
-            endpoint = _client_endpoint(
-                "127.0.0.1" if self.server_host == "localhost" else self.server_host, port
-            )
+            endpoint = http_url(self.server_host, port, bound=True)
             runner_store = self._runner_store(store, endpoint)
 
             async def runner_here() -> None:
@@ -429,6 +383,3 @@ class ClientServerExecutionStrategy(ExecutionStrategy):
         finally:
             for e in (event, ready, release):
                 e.close()
-
-
-register_strategy(ClientServerExecutionStrategy, "client_server")

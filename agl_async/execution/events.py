@@ -18,7 +18,6 @@ its duplicate descriptor closed) on the way out.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import select
 import threading
@@ -27,6 +26,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import anyio
 from anyio.lowlevel import checkpoint
+
+from .._backend import running_asyncio_loop
 
 __all__ = ["ExecutionEvent", "ProcessExecutionEvent", "ThreadingExecutionEvent"]
 
@@ -49,10 +50,7 @@ class ExecutionEvent(Protocol):
 
 def _threadsafe_waker(event: anyio.Event) -> Callable[[], None]:
     """Return a callable that sets ``event`` (bound to the running loop) from any thread."""
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        loop = None
+    loop = running_asyncio_loop()
     if loop is not None:
         running = loop
 

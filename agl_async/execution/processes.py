@@ -1,23 +1,20 @@
-"""Child processes of the client-server strategy: spawning, watching, stopping, cleaning up.
+"""Child processes of the client-server strategy: spawning, watching, cleaning up.
 
 * Children are ``aiomultiprocess.Process`` objects (spawn start method by default) whose
   process entry point is :func:`child_main`: it runs the target coroutine with ``anyio.run`` on
   asyncio and turns a SIGINT into a cancellation of that coroutine (exit code 0), so that the
   SIGINT step of the shutdown is a clean stop for a child that is awaiting something. They are
-  built without aiomultiprocess's ``Manager`` (see :class:`_Process`): a run starts no process
-  besides its children (and multiprocessing's resource tracker).
+  made by :func:`~agl_async.execution._aiomp.new_process`, without aiomultiprocess's ``Manager``:
+  a run starts no process besides its children (and multiprocessing's resource tracker).
 * A :class:`Lifeline` ties every child to this process: if the parent dies without shutting
   the run down (SIGKILL, a crash), the children cancel their bundle and exit by themselves.
 * :class:`Child` watches its process by waiting for the process sentinel to become readable
   (``anyio.wait_readable``: no polling, unlike ``aiomultiprocess.Process.join``), then reaps it and
   records the exit code.
-* :func:`escalate` is the four-step shutdown: set the event and wait ``graceful_timeout``;
-  SIGINT the survivors and wait ``terminate_timeout``; ``terminate()`` and wait; ``kill()`` and
-  wait. Each wait is an ``anyio.move_on_after`` deadline.
+* Stopping them is :mod:`agl_async.execution.shutdown`'s (the four-step escalation).
 * :class:`MultiprocessingHelpers` accounts for what spawning starts in *this* process besides
-  the children — aiomultiprocess's ``Manager`` singleton (a server process it never shuts down)
-  and multiprocessing's resource tracker — and shuts down the ones we started once the last run
-  that uses them has ended, so nothing started by a run outlives it.
+  the children — multiprocessing's resource tracker — and shuts it down when we started it, once
+  the last run that uses it has ended, so nothing started by a run outlives it.
 """
 
 from __future__ import annotations
@@ -29,19 +26,26 @@ import pickle
 import signal
 import sys
 import threading
-import types
 from collections.abc import Awaitable, Callable, Sequence
 from multiprocessing import resource_tracker
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import aiomultiprocess
-import aiomultiprocess.core
 import anyio
-from aiomultiprocess.types import Unit
 
-from .base import cancel_on_sigint
-from .events import ExecutionEvent
+from ._aiomp import new_process
+from ._sigint import cancel_on_sigint
+
+__all__ = [
+    "DEFINE_AT_MODULE_LEVEL",
+    "Child",
+    "Lifeline",
+    "MultiprocessingHelpers",
+    "check_picklable",
+    "child_main",
+    "spawn",
+]
 
 logger = logging.getLogger("agl_async.execution.cs")
 
@@ -197,41 +201,22 @@ class Child:
             self.exited.set()
         on_exit(self)
 
-    def signal(self, how: str) -> None:
+    def interrupt(self) -> None:
+        """SIGINT: the child cancels its bundle and exits 0 (see :func:`child_main`)."""
+        self._send(lambda: os.kill(self.pid, signal.SIGINT))
+
+    def terminate(self) -> None:
+        self._send(self.process.terminate)
+
+    def kill(self) -> None:
+        self._send(self.process.kill)
+
+    @staticmethod
+    def _send(send: Callable[[], None]) -> None:
         try:
-            if how == "SIGINT":
-                os.kill(self.pid, signal.SIGINT)
-            elif how == "terminate()":
-                self.process.terminate()
-            else:
-                self.process.kill()
+            send()
         except (ProcessLookupError, ValueError):  # it has just ended
             pass
-
-
-class _Process(aiomultiprocess.Process):  # type: ignore[misc]  # aiomultiprocess is untyped
-    """``aiomultiprocess.Process`` without the library's ``Manager``.
-
-    The base ``__init__`` takes a ``Namespace`` from aiomultiprocess's Manager singleton — a server
-    process that is spawned (re-importing ``__main__``) on first use and that every child then
-    connects to — only so that its ``Worker``/``Pool`` can hand results back; :func:`child_main`
-    never reads it. A plain namespace travels instead: one process less to start and stop per
-    run (about 0.2 s less start-up on 2 cores, ``benchmarks/report.py`` figure 3).
-    """
-
-    def __init__(
-        self,
-        *,
-        target: Callable[..., Awaitable[None]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        name: str,
-        process_target: Callable[[Any], None],
-    ) -> None:
-        self.unit = Unit(target=target, args=args, kwargs=kwargs, namespace=types.SimpleNamespace())
-        self.aio_process = aiomultiprocess.core.get_context().Process(
-            target=process_target, args=(self.unit,), name=name
-        )
 
 
 def spawn(
@@ -250,76 +235,26 @@ def spawn(
         kwargs: dict[str, Any] = {"log_level": level}
         if lifeline is not None:
             kwargs["lifeline"] = lifeline
-        process = _Process(target=target, args=args, kwargs=kwargs, name=name, process_target=child_main)
+        process = new_process(target, args, kwargs, name=name, process_target=child_main)
         process.start()
         child = Child(name, process)
         into.append(child)
         logger.info("spawned %r", child)
 
 
-async def _all_exited(children: Sequence[Child], timeout: float) -> bool:
-    with anyio.move_on_after(timeout):
-        for child in children:
-            await child.exited.wait()
-        return True
-    return False
-
-
-async def escalate(
-    children: Sequence[Child], event: ExecutionEvent, graceful_timeout: float, terminate_timeout: float
-) -> bool:
-    """The four-step shutdown of ``children``; ``True`` when all of them have exited."""
-    event.set()
-
-    def alive() -> list[Child]:
-        return [c for c in children if not c.exited.is_set()]
-
-    survivors = alive()
-    if not survivors:
-        return True
-    logger.info(
-        "stopping %s: stop event set, waiting up to %.3g s (graceful_timeout)",
-        ", ".join(map(repr, survivors)),
-        graceful_timeout,
-    )
-    if await _all_exited(survivors, graceful_timeout):
-        return True
-    waited, waited_name = graceful_timeout, "graceful_timeout"
-    for step in ("SIGINT", "terminate()", "kill()"):
-        survivors = alive()
-        if not survivors:
-            return True
-        logger.warning(
-            "%s still running after %.3g s (%s): escalating to %s",
-            ", ".join(map(repr, survivors)),
-            waited,
-            waited_name,
-            step,
-        )
-        for child in survivors:
-            child.signal(step)
-        if await _all_exited(survivors, terminate_timeout):
-            return True
-        waited, waited_name = terminate_timeout, "terminate_timeout"
-    logger.error("%s did not exit even after kill()", ", ".join(map(repr, alive())))
-    return False
-
-
 class MultiprocessingHelpers:
-    """Reference-counted ownership of aiomultiprocess's Manager and multiprocessing's resource
-    tracker (see the module docstring). ``acquire()`` before spawning, ``release()`` (blocking:
-    run it in a thread) after every child has exited."""
+    """Reference-counted ownership of multiprocessing's resource tracker (see the module
+    docstring). ``acquire()`` before spawning, ``release()`` (blocking: run it in a thread) after
+    every child has exited."""
 
     _lock = threading.Lock()
     _users = 0
-    _own_manager = False
     _own_tracker = False
 
     @classmethod
     def acquire(cls) -> None:
         with cls._lock:
             if cls._users == 0:
-                cls._own_manager = aiomultiprocess.core._manager is None
                 cls._own_tracker = getattr(resource_tracker._resource_tracker, "_fd", None) is None
             cls._users += 1
 
@@ -329,12 +264,7 @@ class MultiprocessingHelpers:
             cls._users -= 1
             if cls._users > 0:
                 return
-            manager, tracker = cls._own_manager, cls._own_tracker
-            cls._own_manager = cls._own_tracker = False
-            if manager and aiomultiprocess.core._manager is not None:
-                logger.info("shutting down aiomultiprocess's manager process")
-                aiomultiprocess.core._manager.shutdown()
-                aiomultiprocess.core._manager = None
+            tracker, cls._own_tracker = cls._own_tracker, False
             if tracker and getattr(resource_tracker._resource_tracker, "_fd", None) is not None:
                 logger.info("stopping the multiprocessing resource tracker started by this run")
                 _stop_resource_tracker()

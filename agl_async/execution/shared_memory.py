@@ -25,25 +25,17 @@ from __future__ import annotations
 import logging
 from typing import Literal
 
+from .._validate import check_count, check_seconds
 from ..store.base import LightningStore
 from ..store.locked import LightningStoreLocked
-from .base import AlgorithmBundle, ExecutionStrategy, RunnerBundle, env_bool, register_strategy
+from ._env import env_bool
+from .base import AlgorithmBundle, ExecutionStrategy, RunnerBundle
 from .events import ThreadingExecutionEvent
 from .supervision import Supervisor
 
 __all__ = ["SharedMemoryExecutionStrategy"]
 
 logger = logging.getLogger("agl_async.execution.shm")
-
-
-def _check_n_runners(n_runners: int) -> None:
-    if isinstance(n_runners, bool) or not isinstance(n_runners, int) or n_runners < 1:
-        raise ValueError(f"n_runners must be a positive integer, got {n_runners!r}")
-
-
-def _check_timeout(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"{name} must be a non-negative number of seconds, got {value!r}")
 
 
 class SharedMemoryExecutionStrategy(ExecutionStrategy):
@@ -53,8 +45,6 @@ class SharedMemoryExecutionStrategy(ExecutionStrategy):
     ``LightningStoreLocked``; false hands the store over as it is.
     """
 
-    alias = "shm"
-
     def __init__(
         self,
         n_runners: int = 1,
@@ -62,12 +52,12 @@ class SharedMemoryExecutionStrategy(ExecutionStrategy):
         graceful_delay: float = 5.0,
         managed_store: bool | None = None,
     ) -> None:
-        _check_n_runners(n_runners)
+        check_count(n_runners, "n_runners")
         if main_thread not in ("algorithm", "runner"):
             raise ValueError(f"main_thread must be 'algorithm' or 'runner', got {main_thread!r}")
         if main_thread == "runner" and n_runners != 1:
             raise ValueError(f"main_thread='runner' requires n_runners == 1, got n_runners={n_runners}")
-        _check_timeout("graceful_delay", graceful_delay)
+        check_seconds(graceful_delay, "graceful_delay", optional=False)
         self.n_runners = n_runners
         self.main_thread: Literal["algorithm", "runner"] = main_thread
         self.graceful_delay = float(graceful_delay)
@@ -104,6 +94,3 @@ class SharedMemoryExecutionStrategy(ExecutionStrategy):
             await supervisor.run()
         finally:
             logger.info("shared-memory run finished")
-
-
-register_strategy(SharedMemoryExecutionStrategy, "shared_memory")

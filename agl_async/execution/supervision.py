@@ -31,6 +31,8 @@ from anyio.abc import TaskGroup
 
 from .events import ExecutionEvent
 
+__all__ = ["Supervisor"]
+
 logger = logging.getLogger("agl_async.execution")
 
 

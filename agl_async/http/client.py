@@ -33,33 +33,23 @@ Cancellation
 
 from __future__ import annotations
 
-import asyncio
+import functools
+import inspect
 import math
 import os
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from http import HTTPStatus
 from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar, cast
 
 import anyio
 import httpx
 import msgspec
 
-from ..store.base import UNSET, EnqueueRolloutRequest, LightningStore, Unset, _as_enqueue_requests
-from ..types import (
-    Attempt,
-    AttemptedRollout,
-    AttemptStatus,
-    ResourcesUpdate,
-    Rollout,
-    RolloutConfig,
-    RolloutMode,
-    RolloutStatus,
-    Span,
-    Worker,
-    WorkerId,
-    WorkerStatus,
-)
+from .._backend import loop_identity
+from .._validate import as_config, as_enqueue_requests, as_resources
+from ..store.base import LightningStore
+from ..types import AttemptedRollout, AttemptStatus, Rollout, Span, Unset, WorkerId
 from . import protocol as p
 from .transport import TRANSPORTS, AiohttpTransport, TransportName, resolve_transport  # [transport seam]
 
@@ -77,7 +67,7 @@ _RETRYABLE = (
     httpx.PoolTimeout,
 )
 
-T = TypeVar("T")
+R = TypeVar("R")
 _encoder = msgspec.json.Encoder()
 _decoders: dict[str, msgspec.json.Decoder[Any]] = {
     name: msgspec.json.Decoder(spec.result) for name, spec in p.ROUTES.items()
@@ -93,30 +83,58 @@ class StoreAuthError(PermissionError):
     """The store server refused the request's credentials (401/403)."""
 
 
-def _m(value: Any) -> Any:
-    """The store's ``UNSET`` -> msgspec's (an absent field on the wire)."""
-    return msgspec.UNSET if isinstance(value, Unset) else value
+def _as_span(span: Any) -> Span:
+    if not isinstance(span, Span):
+        raise ValueError(f"expected a Span, got {type(span).__name__}")
+    return span
 
 
-def _loop_token() -> object:
-    """Identity of the running event loop (asyncio loop or trio run)."""
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        import trio
-
-        return trio.lowlevel.current_root_task()
+def _as_spans(spans: Any) -> list[Span]:
+    return [_as_span(span) for span in spans]
 
 
-def _as_config(config: Any) -> RolloutConfig | None:
-    if config is None or isinstance(config, RolloutConfig):
-        return config
-    if isinstance(config, Mapping):
-        try:
-            return RolloutConfig(**config)
-        except TypeError as exc:
-            raise ValueError(f"invalid rollout config {dict(config)!r}: {exc}") from None
-    raise ValueError(f"config must be a RolloutConfig, a mapping or None, got {type(config).__name__}")
+def _as_config_or_unset(config: Any) -> Any:
+    return config if isinstance(config, Unset) else as_config(config)
+
+
+#: Arguments checked and converted on this side, by parameter name, whatever the method: what the
+#: in-process store accepts (mappings for structs, any sequence) becomes what the wire carries.
+_PREPARE: dict[str, Callable[[Any], Any]] = {
+    "config": _as_config_or_unset,
+    "resources": as_resources,
+    "rollouts": as_enqueue_requests,
+    "spans": _as_spans,
+}
+
+M = TypeVar("M", bound=Callable[..., Coroutine[Any, Any, Any]])
+
+
+def _remote(method: M) -> M:
+    """The client form of a plain ``LightningStore`` method: its arguments, bound by name, become
+    the route's body; the route's result is returned. Keeps the method's type, name, docstring
+    and (through ``__wrapped__``) signature."""
+    spec = p.ROUTES[method.__name__]
+    params = list(inspect.signature(method).parameters.values())[1:]
+    positional = [q.name for q in params if q.kind is q.POSITIONAL_OR_KEYWORD]
+    prepare = [(q.name, _PREPARE[q.name]) for q in params if q.name in _PREPARE]
+    body_type = spec.body
+
+    async def call(self: LightningStoreClient, *args: Any, **kwargs: Any) -> Any:
+        if len(args) > len(positional):
+            raise TypeError(f"{spec.name}() takes {len(positional)} positional arguments, got {len(args)}")
+        if args:
+            for name, value in zip(positional, args, strict=False):
+                if name in kwargs:
+                    raise TypeError(f"{spec.name}() got multiple values for argument {name!r}")
+                kwargs[name] = value
+        for name, convert in prepare:
+            if name in kwargs:
+                kwargs[name] = convert(kwargs[name])
+        return await self._call(spec, body_type(**kwargs))
+
+    functools.update_wrapper(call, method, updated=())
+    call.__qualname__ = f"LightningStoreClient.{spec.name}"
+    return cast(M, call)
 
 
 class LightningStoreClient(LightningStore):
@@ -130,6 +148,9 @@ class LightningStoreClient(LightningStore):
     asyncio for ``http://``, else httpx's), ``"httpx"`` or ``"aiohttp"``
     (:mod:`agl_async.http.transport`).
     """
+
+    #: A long poll abandoned mid-request may have been answered with a claim already.
+    long_poll_is_cancel_safe = False
 
     def __init__(
         self,
@@ -194,7 +215,7 @@ class LightningStoreClient(LightningStore):
 
     # ------------------------------------------------------------------ connection pool
     def _client(self) -> httpx.AsyncClient:
-        owner = (os.getpid(), _loop_token())
+        owner = (os.getpid(), loop_identity())
         if (
             self._http is None
             or self._http_owner is None
@@ -213,8 +234,8 @@ class LightningStoreClient(LightningStore):
                     max_connections=self.max_connections, max_keepalive_connections=self.max_connections
                 ),
                 trust_env=False,  # a loopback store must not go through HTTP(S)_PROXY
-                # TLS settings only matter for https; for http, skip loading the CA bundle (20-200 ms
-                # of every runner process's start-up, measured by benchmarks/report.py figure 3)
+                # TLS settings only matter for https; for http, do not load the CA bundle, which
+                # would add tens of milliseconds to every runner process's start-up
                 verify=not self.endpoint.lower().startswith("http:"),
                 transport=transport,
             )
@@ -230,7 +251,7 @@ class LightningStoreClient(LightningStore):
         self._http = self._http_owner = None
         if http is not None and owner is not None and owner[0] == os.getpid():
             try:
-                same_loop = owner[1] is _loop_token()
+                same_loop = owner[1] is loop_identity()
             except Exception:
                 same_loop = False
             if same_loop:
@@ -245,13 +266,13 @@ class LightningStoreClient(LightningStore):
         await self.close()
 
     # ------------------------------------------------------------------ one call
-    async def _call(self, name: str, body: Any, *, wait: float | None = 0.0) -> Any:
-        """POST ``body`` to the method's route and decode its result.
+    async def _call(self, spec: p.Route[R], body: Any, *, wait: float | None = 0.0) -> R:
+        """POST ``body`` to the route and decode its result.
 
         ``wait``: how long the server may legitimately take before answering (a long poll);
         ``None`` = without limit. The read timeout is that plus ``request_timeout``.
         """
-        spec = p.ROUTES[name]
+        name = spec.name
         try:
             content = _encoder.encode(body)
         except (TypeError, ValueError, OverflowError) as exc:
@@ -289,7 +310,8 @@ class LightningStoreClient(LightningStore):
                     f"{type(exc).__name__}"
                 ) from exc
         if status == 200:
-            return _decoders[name].decode(answer)
+            result: R = _decoders[name].decode(answer)
+            return result
         detail = _error_detail(status, answer)
         if status in (401, 403):
             raise StoreAuthError(f"the LightningStoreServer at {self.endpoint} refused {name}: {detail}")
@@ -322,54 +344,12 @@ class LightningStoreClient(LightningStore):
             return False
         return response.status_code == 200
 
-    # ------------------------------------------------------------------ rollouts and the queue
-    async def enqueue_rollout(
-        self,
-        input: Any,
-        mode: RolloutMode | None = None,
-        resources_id: str | None = None,
-        config: RolloutConfig | None = None,
-        metadata: dict[str, Any] | None = None,
-    ) -> Rollout:
-        body = p.EnqueueRolloutBody(
-            input=input, mode=mode, resources_id=resources_id, config=_as_config(config), metadata=metadata
-        )
-        result: Rollout = await self._call("enqueue_rollout", body)
-        return result
-
-    async def enqueue_many_rollouts(
-        self, rollouts: Sequence[EnqueueRolloutRequest | Mapping[str, Any]]
-    ) -> list[Rollout]:
-        items = [
-            p.EnqueueRolloutBody(
-                input=r.input,
-                mode=r.mode,
-                resources_id=r.resources_id,
-                config=_as_config(r.config),
-                metadata=r.metadata,
-            )
-            for r in _as_enqueue_requests(rollouts)
-        ]
-        result: list[Rollout] = await self._call("enqueue_many_rollouts", p.EnqueueManyBody(rollouts=items))
-        return result
-
+    # ------------------------------------------------------------------ the special routes
     async def dequeue_rollout(
         self, worker_id: WorkerId | None = None, *, timeout: float | None = None
     ) -> AttemptedRollout | None:
-        result: AttemptedRollout | None = await self._call(
-            "dequeue_rollout",
-            p.DequeueBody(worker_id=worker_id, timeout=timeout),
-            wait=_wait_of(timeout, none_waits=False),
-        )
-        return result
-
-    async def dequeue_many_rollouts(
-        self, *, limit: int = 1, worker_id: WorkerId | None = None
-    ) -> list[AttemptedRollout]:
-        result: list[AttemptedRollout] = await self._call(
-            "dequeue_many_rollouts", p.DequeueManyBody(limit=limit, worker_id=worker_id)
-        )
-        return result
+        body = p.DEQUEUE_ROLLOUT.body(worker_id=worker_id, timeout=timeout)
+        return await self._call(p.DEQUEUE_ROLLOUT, body, wait=_wait_of(timeout, none_waits=False))
 
     async def finish_and_dequeue(
         self,
@@ -381,192 +361,53 @@ class LightningStoreClient(LightningStore):
         timeout: float | None = None,
     ) -> AttemptedRollout | None:
         """One request: end the attempt and claim the next rollout (see ``LightningStore``)."""
-        body = p.FinishAndDequeueBody(
+        body = p.FINISH_AND_DEQUEUE.body(
             rollout_id=rollout_id, attempt_id=attempt_id, status=status, worker_id=worker_id, timeout=timeout
         )
-        result: AttemptedRollout | None = await self._call(
-            "finish_and_dequeue", body, wait=_wait_of(timeout, none_waits=False)
-        )
-        return result
-
-    async def start_rollout(
-        self,
-        input: Any,
-        mode: RolloutMode | None = None,
-        resources_id: str | None = None,
-        config: RolloutConfig | None = None,
-        metadata: dict[str, Any] | None = None,
-        worker_id: WorkerId | None = None,
-    ) -> AttemptedRollout:
-        body = p.StartRolloutBody(
-            input=input,
-            mode=mode,
-            resources_id=resources_id,
-            config=_as_config(config),
-            metadata=metadata,
-            worker_id=worker_id,
-        )
-        result: AttemptedRollout = await self._call("start_rollout", body)
-        return result
-
-    async def start_attempt(self, rollout_id: str, worker_id: WorkerId | None = None) -> AttemptedRollout:
-        result: AttemptedRollout = await self._call(
-            "start_attempt", p.StartAttemptBody(rollout_id=rollout_id, worker_id=worker_id)
-        )
-        return result
-
-    async def update_rollout(
-        self,
-        rollout_id: str,
-        input: Any | Unset = UNSET,
-        mode: RolloutMode | Unset | None = UNSET,
-        resources_id: str | Unset | None = UNSET,
-        status: RolloutStatus | Unset = UNSET,
-        config: RolloutConfig | Unset = UNSET,
-        metadata: dict[str, Any] | Unset | None = UNSET,
-    ) -> Rollout:
-        body = p.UpdateRolloutBody(
-            rollout_id=rollout_id,
-            input=_m(input),
-            mode=_m(mode),
-            resources_id=_m(resources_id),
-            status=_m(status),
-            config=msgspec.UNSET if isinstance(config, Unset) else _as_config(config),  # type: ignore[arg-type]
-            metadata=_m(metadata),
-        )
-        result: Rollout = await self._call("update_rollout", body)
-        return result
-
-    async def update_attempt(
-        self,
-        rollout_id: str,
-        attempt_id: str | Literal["latest"],
-        status: AttemptStatus | Unset = UNSET,
-        worker_id: WorkerId | Unset | None = UNSET,
-        last_heartbeat_time: float | Unset = UNSET,
-        metadata: dict[str, Any] | Unset | None = UNSET,
-    ) -> Attempt:
-        body = p.UpdateAttemptBody(
-            rollout_id=rollout_id,
-            attempt_id=attempt_id,
-            status=_m(status),
-            worker_id=_m(worker_id),
-            last_heartbeat_time=_m(last_heartbeat_time),
-            metadata=_m(metadata),
-        )
-        result: Attempt = await self._call("update_attempt", body)
-        return result
+        return await self._call(p.FINISH_AND_DEQUEUE, body, wait=_wait_of(timeout, none_waits=False))
 
     async def wait_for_rollouts(
         self, *, rollout_ids: list[str], timeout: float | None = None
     ) -> list[Rollout]:
-        result: list[Rollout] = await self._call(
-            "wait_for_rollouts",
-            p.WaitForRolloutsBody(rollout_ids=list(rollout_ids), timeout=timeout),
-            wait=_wait_of(timeout, none_waits=True),
-        )
-        return result
+        body = p.WAIT_FOR_ROLLOUTS.body(rollout_ids=list(rollout_ids), timeout=timeout)
+        return await self._call(p.WAIT_FOR_ROLLOUTS, body, wait=_wait_of(timeout, none_waits=True))
 
-    async def get_rollout_by_id(self, rollout_id: str) -> Rollout | None:
-        result: Rollout | None = await self._call("get_rollout_by_id", p.RolloutIdBody(rollout_id=rollout_id))
-        return result
-
-    async def query_rollouts(
-        self,
-        *,
-        status_in: Sequence[RolloutStatus] | None = None,
-        rollout_id_in: Sequence[str] | None = None,
-    ) -> list[Rollout]:
-        body = p.QueryRolloutsBody(
-            status_in=None if status_in is None else list(status_in),
-            rollout_id_in=None if rollout_id_in is None else list(rollout_id_in),
-        )
-        result: list[Rollout] = await self._call("query_rollouts", body)
-        return result
-
-    async def query_attempts(self, rollout_id: str) -> list[Attempt]:
-        result: list[Attempt] = await self._call("query_attempts", p.RolloutIdBody(rollout_id=rollout_id))
-        return result
-
-    async def get_latest_attempt(self, rollout_id: str) -> Attempt | None:
-        result: Attempt | None = await self._call(
-            "get_latest_attempt", p.RolloutIdBody(rollout_id=rollout_id)
-        )
-        return result
-
-    # ------------------------------------------------------------------ spans
     async def add_span(self, span: Span) -> Span | None:
-        if not isinstance(span, Span):
-            raise ValueError(f"expected a Span, got {type(span).__name__}")
-        result: Span | None = await self._call("add_span", span)
-        return result
+        return await self._call(p.ADD_SPAN, _as_span(span))
 
-    async def add_many_spans(self, spans: Sequence[Span]) -> list[Span]:
-        for span in spans:
-            if not isinstance(span, Span):
-                raise ValueError(f"expected a Span, got {type(span).__name__}")
-        result: list[Span] = await self._call("add_many_spans", p.AddManySpansBody(spans=list(spans)))
-        return result
+    # ------------------------------------------------------------------ every other route
+    enqueue_rollout = _remote(LightningStore.enqueue_rollout)
+    enqueue_many_rollouts = _remote(LightningStore.enqueue_many_rollouts)
+    dequeue_many_rollouts = _remote(LightningStore.dequeue_many_rollouts)
+    start_rollout = _remote(LightningStore.start_rollout)
+    start_attempt = _remote(LightningStore.start_attempt)
+    update_rollout = _remote(LightningStore.update_rollout)
+    update_attempt = _remote(LightningStore.update_attempt)
+    get_rollout_by_id = _remote(LightningStore.get_rollout_by_id)
+    query_rollouts = _remote(LightningStore.query_rollouts)
+    query_attempts = _remote(LightningStore.query_attempts)
+    get_latest_attempt = _remote(LightningStore.get_latest_attempt)
+    add_many_spans = _remote(LightningStore.add_many_spans)
+    query_spans = _remote(LightningStore.query_spans)
+    get_next_span_sequence_id = _remote(LightningStore.get_next_span_sequence_id)
+    add_resources = _remote(LightningStore.add_resources)
+    update_resources = _remote(LightningStore.update_resources)
+    get_latest_resources = _remote(LightningStore.get_latest_resources)
+    get_resources_by_id = _remote(LightningStore.get_resources_by_id)
+    query_resources = _remote(LightningStore.query_resources)
+    query_workers = _remote(LightningStore.query_workers)
+    get_worker_by_id = _remote(LightningStore.get_worker_by_id)
+    update_worker = _remote(LightningStore.update_worker)
+    statistics = _remote(LightningStore.statistics)
 
-    async def query_spans(self, rollout_id: str, attempt_id: str | None = None) -> list[Span]:
-        result: list[Span] = await self._call(
-            "query_spans", p.QuerySpansBody(rollout_id=rollout_id, attempt_id=attempt_id)
-        )
-        return result
 
-    async def get_next_span_sequence_id(self, rollout_id: str, attempt_id: str) -> int:
-        result: int = await self._call(
-            "get_next_span_sequence_id", p.SpanSequenceBody(rollout_id=rollout_id, attempt_id=attempt_id)
-        )
-        return result
-
-    # ------------------------------------------------------------------ resources
-    async def add_resources(self, resources: Mapping[str, Any]) -> ResourcesUpdate:
-        result: ResourcesUpdate = await self._call(
-            "add_resources", p.AddResourcesBody(resources=_as_resources(resources))
-        )
-        return result
-
-    async def update_resources(self, resources_id: str, resources: Mapping[str, Any]) -> ResourcesUpdate:
-        body = p.UpdateResourcesBody(resources_id=resources_id, resources=_as_resources(resources))
-        result: ResourcesUpdate = await self._call("update_resources", body)
-        return result
-
-    async def get_latest_resources(self) -> ResourcesUpdate | None:
-        result: ResourcesUpdate | None = await self._call("get_latest_resources", p.NoArgs())
-        return result
-
-    async def get_resources_by_id(self, resources_id: str) -> ResourcesUpdate | None:
-        result: ResourcesUpdate | None = await self._call(
-            "get_resources_by_id", p.ResourcesIdBody(resources_id=resources_id)
-        )
-        return result
-
-    async def query_resources(self) -> list[ResourcesUpdate]:
-        result: list[ResourcesUpdate] = await self._call("query_resources", p.NoArgs())
-        return result
-
-    # ------------------------------------------------------------------ workers
-    async def query_workers(self, *, status_in: Sequence[WorkerStatus] | None = None) -> list[Worker]:
-        body = p.QueryWorkersBody(status_in=None if status_in is None else list(status_in))
-        result: list[Worker] = await self._call("query_workers", body)
-        return result
-
-    async def get_worker_by_id(self, worker_id: WorkerId) -> Worker | None:
-        result: Worker | None = await self._call("get_worker_by_id", p.WorkerIdBody(worker_id=worker_id))
-        return result
-
-    async def update_worker(
-        self, worker_id: WorkerId, heartbeat_stats: dict[str, Any] | Unset = UNSET
-    ) -> Worker:
-        body = p.UpdateWorkerBody(worker_id=worker_id, heartbeat_stats=_m(heartbeat_stats))
-        result: Worker = await self._call("update_worker", body)
-        return result
-
-    # ------------------------------------------------------------------ misc
-    async def statistics(self) -> dict[str, Any]:
-        result: dict[str, Any] = await self._call("statistics", p.NoArgs())
-        return result
+def _wait_of(timeout: float | None, *, none_waits: bool) -> float | None:
+    """How long the server may wait before answering, from a store call's ``timeout``."""
+    if timeout is None:
+        return None if none_waits else 0.0
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise ValueError(f"timeout must be a number or None, got {timeout!r}")
+    return max(float(timeout), 0.0)
 
 
 #: ``send(url, content, headers, timeout) -> (status, body)``: one POST (raises httpx's exceptions).
@@ -592,18 +433,3 @@ def _error_detail(status: int, body: bytes) -> str:
         return HTTPStatus(status).phrase
     except ValueError:
         return f"HTTP {status}"
-
-
-def _wait_of(timeout: float | None, *, none_waits: bool) -> float | None:
-    """How long the server may wait before answering, from a store call's ``timeout``."""
-    if timeout is None:
-        return None if none_waits else 0.0
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        raise ValueError(f"timeout must be a number or None, got {timeout!r}")
-    return max(float(timeout), 0.0)
-
-
-def _as_resources(resources: Any) -> dict[str, Any]:
-    if not isinstance(resources, Mapping):
-        raise ValueError(f"resources must be a mapping of names to values, got {type(resources).__name__}")
-    return dict(resources)

@@ -1,26 +1,44 @@
 """The wire protocol of the HTTP store: one ``POST /v1/<method>`` route per store method.
 
-Request bodies are msgspec structs (decoded *and validated* at the server's edge: unknown fields,
-wrong types and missing fields are rejected with 422 before the store is touched); responses are
-the data model's own structs encoded as compact JSON. Values the store itself checks (statuses,
-modes, ids) are sent as plain strings so that the store's ``ValueError`` message, not a schema
-message, reaches the caller: the HTTP store answers exactly like the in-memory one.
+The route table below is the single source of truth for both sides. A row names a
+:class:`~agl_async.store.base.LightningStore` method, its result type and whether it changes
+state; the request body is generated from the method's own signature (one field per parameter,
+same names, same defaults), so a store method is written once — the abstract method — and
+reaches the wire through its row. The client sends the row's body and decodes the row's result;
+the server decodes the body and calls the method of the same name with its fields.
 
-"Leave as is" (``UNSET`` in ``update_*``) is an absent field on the wire (``msgspec.UNSET``).
+Request bodies are msgspec structs, decoded *and validated* at the server's edge: unknown fields,
+wrong types and missing fields are rejected with 422 before the store is touched. Values the store
+itself checks (statuses, modes) travel as plain strings, so that the store's ``ValueError``
+message, not a schema message, reaches the caller: the HTTP store answers exactly like the
+in-memory one. "Leave as is" (``UNSET``) is an absent field: the store's ``UNSET`` *is* msgspec's.
+Responses are the data model's own structs encoded as compact JSON.
 
-Both the client and the server build from :data:`ROUTES`, so they cannot drift apart; the
-server's OpenAPI document is generated from it too.
+Adding a store method: the abstract method in ``store/base.py``, its in-memory implementation, and
+one row here (plus, for a method that waits or whose body is not its parameters, a hand-written
+handler on each side: see ``special``).
 """
 
 from __future__ import annotations
 
+import inspect
+import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, Literal, TypeVar, overload
 
 import msgspec
-from msgspec import UNSET, UnsetType
 
-from ..types import Attempt, AttemptedRollout, ResourcesUpdate, Rollout, RolloutConfig, Span, Worker
+from ..store.base import LightningStore
+from ..types import (
+    Attempt,
+    AttemptedRollout,
+    EnqueueRolloutRequest,
+    ResourcesUpdate,
+    Rollout,
+    Span,
+    Worker,
+)
 
 __all__ = [
     "API_PREFIX",
@@ -28,7 +46,7 @@ __all__ = [
     "IDEMPOTENCY_HEADER",
     "ROUTES",
     "ErrorBody",
-    "RouteSpec",
+    "Route",
     "openapi_document",
 ]
 
@@ -37,195 +55,169 @@ API_PREFIX = "/v1"
 IDEMPOTENCY_HEADER = "idempotency-key"
 ERROR_MEDIA_TYPE = "application/json"
 
-WireWorkerId = str | int
-
-
-class _Body(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
-    """Base of request bodies: keyword fields, defaults omitted, unknown fields rejected."""
+R = TypeVar("R")
 
 
 class ErrorBody(msgspec.Struct):
-    """Every error response: ``error`` is a short machine-readable kind, ``detail`` says what was wrong."""
+    """Every error response: ``error`` is a short snake_case kind, ``detail`` says what was wrong."""
 
     error: str
     detail: str
 
 
-class NoArgs(_Body):
-    pass
-
-
-class EnqueueRolloutBody(_Body):
-    input: Any
-    mode: str | None = None
-    resources_id: str | None = None
-    config: RolloutConfig | None = None
-    metadata: dict[str, Any] | None = None
-
-
-class StartRolloutBody(EnqueueRolloutBody, kw_only=True):
-    worker_id: WireWorkerId | None = None
-
-
-class EnqueueManyBody(_Body):
-    rollouts: list[EnqueueRolloutBody]
-
-
-class DequeueBody(_Body):
-    worker_id: WireWorkerId | None = None
-    timeout: float | None = None
-
-
-class DequeueManyBody(_Body):
-    limit: int = 1
-    worker_id: WireWorkerId | None = None
-
-
-class StartAttemptBody(_Body):
-    rollout_id: str
-    worker_id: WireWorkerId | None = None
-
-
-class UpdateRolloutBody(_Body):
-    rollout_id: str
-    input: Any | UnsetType = UNSET
-    mode: str | UnsetType | None = UNSET
-    resources_id: str | UnsetType | None = UNSET
-    status: str | UnsetType = UNSET
-    config: RolloutConfig | UnsetType = UNSET
-    metadata: dict[str, Any] | UnsetType | None = UNSET
-
-
-class UpdateAttemptBody(_Body):
-    rollout_id: str
-    attempt_id: str
-    status: str | UnsetType = UNSET
-    worker_id: WireWorkerId | UnsetType | None = UNSET
-    last_heartbeat_time: float | UnsetType = UNSET
-    metadata: dict[str, Any] | UnsetType | None = UNSET
-
-
-class FinishAndDequeueBody(_Body):
-    rollout_id: str
-    attempt_id: str
-    status: str = "succeeded"
-    worker_id: WireWorkerId | None = None
-    timeout: float | None = None
-
-
-class WaitForRolloutsBody(_Body):
-    rollout_ids: list[str]
-    timeout: float | None = None
-
-
-class RolloutIdBody(_Body):
-    rollout_id: str
-
-
-class QueryRolloutsBody(_Body):
-    status_in: list[str] | None = None
-    rollout_id_in: list[str] | None = None
-
-
-class AddManySpansBody(_Body):
-    spans: list[Span]
-
-
-class QuerySpansBody(_Body):
-    rollout_id: str
-    attempt_id: str | None = None
-
-
-class SpanSequenceBody(_Body):
-    rollout_id: str
-    attempt_id: str
-
-
-class AddResourcesBody(_Body):
-    resources: dict[str, Any]
-
-
-class UpdateResourcesBody(_Body):
-    resources_id: str
-    resources: dict[str, Any]
-
-
-class ResourcesIdBody(_Body):
-    resources_id: str
-
-
-class QueryWorkersBody(_Body):
-    status_in: list[str] | None = None
-
-
-class WorkerIdBody(_Body):
-    worker_id: WireWorkerId
-
-
-class UpdateWorkerBody(_Body):
-    worker_id: WireWorkerId
-    heartbeat_stats: dict[str, Any] | UnsetType = UNSET
-
-
 @dataclass(frozen=True)
-class RouteSpec:
-    """One store method on the wire: its request body, its result and whether it changes state.
+class Route(Generic[R]):
+    """One store method on the wire, typed by its result ``R``.
 
     ``mutating`` routes honour the idempotency header (a retried request is answered from the
-    server's memory of the first one instead of being applied twice). ``blocking`` routes may
-    wait (long poll); the server ends their wait early when it stops or the client goes away.
+    server's memory of the first one instead of being applied twice). ``blocking`` routes may wait
+    (long poll); the server ends their wait early when it stops or the client goes away.
+    ``special`` routes have a hand-written handler on each side (waits, or a body that is not
+    the method's parameters); the others are dispatched generically.
     """
 
     name: str
     body: type[msgspec.Struct]
-    result: Any
+    result: Any  # the msgspec type expression of R (e.g. ``Rollout | None``)
     mutating: bool
     blocking: bool = False
-    summary: str = ""
+    special: bool = False
 
     @property
     def path(self) -> str:
         return f"{API_PREFIX}/{self.name}"
 
-
-def _r(
-    name: str, body: type[msgspec.Struct], result: Any, mutating: bool, blocking: bool = False
-) -> RouteSpec:
-    return RouteSpec(name, body, result, mutating, blocking, summary=f"LightningStore.{name}")
+    @property
+    def summary(self) -> str:
+        return f"LightningStore.{self.name}"
 
 
-ROUTES: dict[str, RouteSpec] = {
-    spec.name: spec
-    for spec in (
-        _r("enqueue_rollout", EnqueueRolloutBody, Rollout, True),
-        _r("enqueue_many_rollouts", EnqueueManyBody, list[Rollout], True),
-        _r("dequeue_rollout", DequeueBody, AttemptedRollout | None, True, blocking=True),
-        _r("dequeue_many_rollouts", DequeueManyBody, list[AttemptedRollout], True),
-        _r("finish_and_dequeue", FinishAndDequeueBody, AttemptedRollout | None, True, blocking=True),
-        _r("start_rollout", StartRolloutBody, AttemptedRollout, True),
-        _r("start_attempt", StartAttemptBody, AttemptedRollout, True),
-        _r("update_rollout", UpdateRolloutBody, Rollout, True),
-        _r("update_attempt", UpdateAttemptBody, Attempt, True),
-        _r("wait_for_rollouts", WaitForRolloutsBody, list[Rollout], False, blocking=True),
-        _r("get_rollout_by_id", RolloutIdBody, Rollout | None, False),
-        _r("query_rollouts", QueryRolloutsBody, list[Rollout], False),
-        _r("query_attempts", RolloutIdBody, list[Attempt], False),
-        _r("get_latest_attempt", RolloutIdBody, Attempt | None, False),
-        _r("add_span", Span, Span | None, True),
-        _r("add_many_spans", AddManySpansBody, list[Span], True),
-        _r("query_spans", QuerySpansBody, list[Span], False),
-        _r("get_next_span_sequence_id", SpanSequenceBody, int, True),
-        _r("add_resources", AddResourcesBody, ResourcesUpdate, True),
-        _r("update_resources", UpdateResourcesBody, ResourcesUpdate, True),
-        _r("get_latest_resources", NoArgs, ResourcesUpdate | None, False),
-        _r("get_resources_by_id", ResourcesIdBody, ResourcesUpdate | None, False),
-        _r("query_resources", NoArgs, list[ResourcesUpdate], False),
-        _r("query_workers", QueryWorkersBody, list[Worker], False),
-        _r("get_worker_by_id", WorkerIdBody, Worker | None, False),
-        _r("update_worker", UpdateWorkerBody, Worker, True),
-        _r("statistics", NoArgs, dict[str, Any], False),
+# ---------------------------------------------------------------------------- generated bodies
+def _wire_type(tp: Any) -> Any:
+    """The type a parameter travels as: literals as ``str`` (the store checks them), sequences as
+    lists, mappings as dicts; everything else as it is."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Literal:
+        return str
+    if origin in (list, Sequence):
+        return list[_wire_type(args[0])]  # type: ignore[misc]
+    if origin in (dict, Mapping):
+        return dict[args[0], _wire_type(args[1])]  # type: ignore[misc,valid-type]
+    if args and (origin is typing.Union or type(tp).__name__ == "UnionType"):
+        wired = tuple(dict.fromkeys(_wire_type(a) for a in args))
+        return typing.Union[wired]  # noqa: UP007
+    return tp
+
+
+def _body_of(name: str, overrides: Mapping[str, Any]) -> type[msgspec.Struct]:
+    """A request struct with one field per parameter of ``LightningStore.<name>``."""
+    method = getattr(LightningStore, name)
+    hints = typing.get_type_hints(method)
+    fields: list[tuple[str, Any, Any]] = []
+    for param in list(inspect.signature(method).parameters.values())[1:]:
+        tp = overrides.get(param.name, _wire_type(hints[param.name]))
+        if param.default is param.empty:
+            fields.append((param.name, tp))  # type: ignore[arg-type]
+        else:
+            fields.append((param.name, tp, param.default))
+    camel = "".join(part.title() for part in name.split("_"))
+    return msgspec.defstruct(
+        f"{camel}Body",
+        fields,
+        kw_only=True,
+        omit_defaults=True,
+        forbid_unknown_fields=True,
+        module=__name__,
     )
-}
+
+
+@overload
+def _route(
+    name: str,
+    result: type[R],
+    *,
+    mutating: bool,
+    optional: Literal[False] = False,
+    blocking: bool = False,
+    special: bool = False,
+    body: type[msgspec.Struct] | None = None,
+    fields: Mapping[str, Any] | None = None,
+) -> Route[R]: ...
+
+
+@overload
+def _route(
+    name: str,
+    result: type[R],
+    *,
+    mutating: bool,
+    optional: Literal[True],
+    blocking: bool = False,
+    special: bool = False,
+    body: type[msgspec.Struct] | None = None,
+    fields: Mapping[str, Any] | None = None,
+) -> Route[R | None]: ...
+
+
+def _route(
+    name: str,
+    result: Any,
+    *,
+    mutating: bool,
+    optional: bool = False,
+    blocking: bool = False,
+    special: bool = False,
+    body: type[msgspec.Struct] | None = None,
+    fields: Mapping[str, Any] | None = None,
+) -> Route[Any]:
+    """A row: ``body`` defaults to the struct generated from the method's signature, with the
+    wire types of ``fields`` given explicitly."""
+    return Route(
+        name,
+        body if body is not None else _body_of(name, fields or {}),
+        result | None if optional else result,
+        mutating,
+        blocking,
+        special or blocking,
+    )
+
+
+# ---------------------------------------------------------------------------- the route table
+ENQUEUE_ROLLOUT = _route("enqueue_rollout", Rollout, mutating=True, body=EnqueueRolloutRequest)
+ENQUEUE_MANY_ROLLOUTS = _route(
+    "enqueue_many_rollouts", list[Rollout], mutating=True, fields={"rollouts": list[EnqueueRolloutRequest]}
+)
+DEQUEUE_ROLLOUT = _route("dequeue_rollout", AttemptedRollout, optional=True, mutating=True, blocking=True)
+DEQUEUE_MANY_ROLLOUTS = _route("dequeue_many_rollouts", list[AttemptedRollout], mutating=True)
+FINISH_AND_DEQUEUE = _route(
+    "finish_and_dequeue", AttemptedRollout, optional=True, mutating=True, blocking=True
+)
+START_ROLLOUT = _route("start_rollout", AttemptedRollout, mutating=True)
+START_ATTEMPT = _route("start_attempt", AttemptedRollout, mutating=True)
+UPDATE_ROLLOUT = _route("update_rollout", Rollout, mutating=True)
+UPDATE_ATTEMPT = _route("update_attempt", Attempt, mutating=True)
+WAIT_FOR_ROLLOUTS = _route("wait_for_rollouts", list[Rollout], mutating=False, blocking=True)
+GET_ROLLOUT_BY_ID = _route("get_rollout_by_id", Rollout, optional=True, mutating=False)
+QUERY_ROLLOUTS = _route("query_rollouts", list[Rollout], mutating=False)
+QUERY_ATTEMPTS = _route("query_attempts", list[Attempt], mutating=False)
+GET_LATEST_ATTEMPT = _route("get_latest_attempt", Attempt, optional=True, mutating=False)
+ADD_SPAN = _route("add_span", Span, optional=True, mutating=True, special=True, body=Span)
+ADD_MANY_SPANS = _route("add_many_spans", list[Span], mutating=True)
+QUERY_SPANS = _route("query_spans", list[Span], mutating=False)
+GET_NEXT_SPAN_SEQUENCE_ID = _route("get_next_span_sequence_id", int, mutating=True)
+ADD_RESOURCES = _route("add_resources", ResourcesUpdate, mutating=True)
+UPDATE_RESOURCES = _route("update_resources", ResourcesUpdate, mutating=True)
+GET_LATEST_RESOURCES = _route("get_latest_resources", ResourcesUpdate, optional=True, mutating=False)
+GET_RESOURCES_BY_ID = _route("get_resources_by_id", ResourcesUpdate, optional=True, mutating=False)
+QUERY_RESOURCES = _route("query_resources", list[ResourcesUpdate], mutating=False)
+QUERY_WORKERS = _route("query_workers", list[Worker], mutating=False)
+GET_WORKER_BY_ID = _route("get_worker_by_id", Worker, optional=True, mutating=False)
+UPDATE_WORKER = _route("update_worker", Worker, mutating=True)
+STATISTICS = _route("statistics", dict[str, Any], mutating=False)
+
+#: Every route by store method name (the rows above, in their order).
+ROUTES: dict[str, Route[Any]] = {r.name: r for r in list(globals().values()) if isinstance(r, Route)}
 
 
 def openapi_document(title: str = "agl_async LightningStore", version: str = "1") -> dict[str, Any]:

@@ -12,71 +12,58 @@ Error conventions, shared by every implementation (in-memory, locked, HTTP clien
   unknown id, and invalid arguments raise ``ValueError`` *before* anything is changed.
 
 Cancellation: cancelling a call to a store method never leaves a half-applied change; only
-``wait_for_rollouts`` (and the long-poll form of ``dequeue_rollout`` where offered) actually
-wait, and cancelling them changes nothing.
+``wait_for_rollouts`` and the long-poll form of ``dequeue_rollout`` actually wait. Cancelling
+``wait_for_rollouts`` changes nothing. Whether cancelling a waiting ``dequeue_rollout`` can lose a
+claim depends on where the store is, and every store says so in
+:attr:`LightningStore.long_poll_is_cancel_safe`: in-process stores claim without awaiting, so an
+abandoned wait claimed nothing; over HTTP the server may have claimed a rollout for a request
+that is being abandoned (it puts the claim back when it notices, but that is not guaranteed).
+The runner loop races a cancel-safe long poll against its stop event, and otherwise polls in
+short requests.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
-from typing import Any, Final, Literal
+import itertools
+from collections.abc import Iterable, Mapping, Sequence
+from operator import attrgetter
+from typing import Any, Literal, cast, get_args
 
-import msgspec
-
+from .._validate import as_enqueue_requests, check_seconds
 from ..types import (
+    UNSET,
     Attempt,
     AttemptedRollout,
     AttemptStatus,
+    EnqueueRolloutRequest,
     ResourcesUpdate,
     Rollout,
     RolloutConfig,
     RolloutMode,
     RolloutStatus,
     Span,
+    Unset,
     Worker,
     WorkerId,
     WorkerStatus,
 )
 
-__all__ = ["UNSET", "EnqueueRolloutRequest", "LightningStore", "Unset"]
+__all__ = [
+    "ROLLOUT_SORT_FIELDS",
+    "UNSET",
+    "EnqueueRolloutRequest",
+    "LightningStore",
+    "RolloutSortField",
+    "Unset",
+    "check_rollout_query",
+    "select_rollouts",
+]
 
 
-class Unset:
-    """Type of :data:`UNSET`, the marker for "leave this field as it is" in ``update_*`` calls.
-
-    It distinguishes an omitted argument from an explicit ``None``. There is exactly one instance;
-    it survives pickling as itself.
-    """
-
-    _instance: Unset | None = None
-
-    def __new__(cls) -> Unset:
-        if cls._instance is None:
-            cls._instance = super().__new__(cls)
-        return cls._instance
-
-    def __repr__(self) -> str:
-        return "UNSET"
-
-    def __bool__(self) -> bool:
-        return False
-
-    def __reduce__(self) -> str:
-        return "UNSET"
-
-
-UNSET: Final = Unset()
-
-
-class EnqueueRolloutRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """One entry of ``enqueue_many_rollouts``: the parameters of ``enqueue_rollout``."""
-
-    input: Any
-    mode: RolloutMode | None = None
-    resources_id: str | None = None
-    config: RolloutConfig | None = None
-    metadata: dict[str, Any] | None = None
+#: A field ``query_rollouts(sort_by=...)`` orders by.
+RolloutSortField = Literal["rollout_id", "start_time", "end_time", "status"]
+ROLLOUT_SORT_FIELDS: tuple[str, ...] = get_args(RolloutSortField)
 
 
 class LightningStore(abc.ABC):
@@ -85,6 +72,10 @@ class LightningStore(abc.ABC):
     Subclasses implement every abstract coroutine. The batched forms have default
     implementations in terms of the single ones; stores with a cheaper bulk path override them.
     """
+
+    #: Whether a ``dequeue_rollout(timeout=...)`` may be cancelled at any moment without a rollout
+    #: being claimed for nobody (see the module docstring). ``False`` unless a store states it.
+    long_poll_is_cancel_safe: bool = False
 
     # ------------------------------------------------------------------ rollouts and the queue
     @abc.abstractmethod
@@ -107,10 +98,11 @@ class LightningStore(abc.ABC):
     ) -> list[Rollout]:
         """Enqueue several rollouts, in order; each entry holds ``enqueue_rollout``'s parameters."""
         out = []
-        for request in _as_enqueue_requests(rollouts):
+        for request in as_enqueue_requests(rollouts):
+            mode = cast(RolloutMode | None, request.mode)  # a plain string: enqueue_rollout checks it
             out.append(
                 await self.enqueue_rollout(
-                    request.input, request.mode, request.resources_id, request.config, request.metadata
+                    request.input, mode, request.resources_id, request.config, request.metadata
                 )
             )
         return out
@@ -147,8 +139,7 @@ class LightningStore(abc.ABC):
         request, which saves a round trip per rollout for runners. When the update raises
         (``ValueError`` for an unknown id or status) nothing is dequeued.
         """
-        if timeout is not None and (isinstance(timeout, bool) or not timeout >= 0):
-            raise ValueError(f"timeout must be >= 0 or None, got {timeout!r}")  # before changing anything
+        check_seconds(timeout)  # before changing anything
         await self.update_attempt(rollout_id, attempt_id, status=status)
         return await self.dequeue_rollout(worker_id=worker_id, timeout=timeout)
 
@@ -244,8 +235,23 @@ class LightningStore(abc.ABC):
         *,
         status_in: Sequence[RolloutStatus] | None = None,
         rollout_id_in: Sequence[str] | None = None,
+        rollout_id_contains: str | None = None,
+        sort_by: RolloutSortField | None = None,
+        sort_order: Literal["asc", "desc"] = "asc",
+        limit: int = -1,
+        offset: int = 0,
     ) -> list[Rollout]:
-        """Rollouts in creation order, filtered by status and/or id when given."""
+        """Rollouts in creation order, filtered by status and/or id when given.
+
+        The filters combine with "and": ``status_in`` (statuses), ``rollout_id_in`` (ids) and
+        ``rollout_id_contains`` (a substring of the id). ``sort_by`` (one of
+        :data:`ROLLOUT_SORT_FIELDS`) orders by that field, ``sort_order="desc"`` being the exact
+        reverse of ``"asc"``; ties keep creation order (reversed for ``desc``) and rollouts without
+        a value (``end_time`` of an unfinished one) come last in both orders. ``offset`` skips
+        that many matches, ``limit`` returns at most that many (``-1``: all). The names and
+        meaning are Agent-Lightning 0.3's (its ``filter_logic="or"`` is not offered); stores
+        that have nothing better can use :func:`select_rollouts`. Bad values: ``ValueError``.
+        """
 
     @abc.abstractmethod
     async def query_attempts(self, rollout_id: str) -> list[Attempt]:
@@ -320,19 +326,53 @@ class LightningStore(abc.ABC):
         """Release what the store holds (connections, files). A no-op for in-memory stores."""
 
 
-def _as_enqueue_requests(
-    rollouts: Sequence[EnqueueRolloutRequest | Mapping[str, Any]],
-) -> list[EnqueueRolloutRequest]:
-    """Accept request structs or plain mappings with ``enqueue_rollout``'s keyword names."""
-    out = []
-    for item in rollouts:
-        if isinstance(item, EnqueueRolloutRequest):
-            out.append(item)
-        elif isinstance(item, Mapping):
-            try:
-                out.append(EnqueueRolloutRequest(**item))
-            except TypeError as exc:
-                raise ValueError(f"invalid enqueue request {dict(item)!r}: {exc}") from None
-        else:
-            raise ValueError(f"enqueue requests must be EnqueueRolloutRequest or mappings, got {item!r}")
-    return out
+def check_rollout_query(
+    rollout_id_contains: str | None, sort_by: str | None, sort_order: str, limit: int, offset: int
+) -> None:
+    """``ValueError`` for a ``query_rollouts`` argument out of its domain (before any work)."""
+    if rollout_id_contains is not None and not isinstance(rollout_id_contains, str):
+        raise ValueError(f"rollout_id_contains must be a string or None, got {rollout_id_contains!r}")
+    if sort_by is not None and sort_by not in ROLLOUT_SORT_FIELDS:
+        raise ValueError(f"sort_by must be one of {list(ROLLOUT_SORT_FIELDS)} or None, got {sort_by!r}")
+    if sort_order not in ("asc", "desc"):
+        raise ValueError(f"sort_order must be 'asc' or 'desc', got {sort_order!r}")
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < -1:
+        raise ValueError(f"limit must be an integer >= 0, or -1 for no limit, got {limit!r}")
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"offset must be an integer >= 0, got {offset!r}")
+
+
+def select_rollouts(
+    rollouts: Iterable[Rollout],
+    *,
+    status_in: Sequence[str] | None = None,
+    rollout_id_contains: str | None = None,
+    sort_by: str | None = None,
+    sort_order: str = "asc",
+    limit: int = -1,
+    offset: int = 0,
+) -> list[Rollout]:
+    """``query_rollouts``' filtering, ordering and paging applied to ``rollouts`` (given in
+    creation order, already narrowed by ``rollout_id_in`` if asked): what a store without a
+    query engine of its own does. Returns the very objects given (copy them if they are yours)."""
+    check_rollout_query(rollout_id_contains, sort_by, sort_order, limit, offset)
+    wanted = None if status_in is None else frozenset(status_in)
+    matches: Iterable[Rollout] = rollouts
+    if wanted is not None:
+        matches = (r for r in matches if r.status in wanted)
+    if rollout_id_contains is not None:
+        needle = rollout_id_contains
+        matches = (r for r in matches if needle in r.rollout_id)
+    if sort_by is not None:
+        key = attrgetter(sort_by)
+        present: list[Rollout] = []
+        missing: list[Rollout] = []
+        for r in matches:
+            (missing if key(r) is None else present).append(r)
+        present.sort(key=key)  # stable: ties stay in creation order
+        if sort_order == "desc":
+            present.reverse()
+            missing.reverse()
+        matches = present + missing
+    stop = None if limit == -1 else offset + limit
+    return list(itertools.islice(matches, offset, stop))

@@ -19,12 +19,12 @@ import anyio
 
 from ..types import AttemptedRollout, Rollout, WorkerId
 from .base import LightningStore
-from .delegation import delegate
+from .delegation import DelegatingStore
 
 __all__ = ["LightningStoreLocked"]
 
 
-class LightningStoreLocked(LightningStore):
+class LightningStoreLocked(DelegatingStore):
     """Wrap ``store`` so that each call runs under one ``anyio.Lock`` (``wait_for_rollouts``
     excepted: it waits without the lock)."""
 
@@ -64,29 +64,3 @@ class LightningStoreLocked(LightningStore):
             return await self.store.dequeue_rollout(worker_id, timeout=timeout)
         async with self._lock:
             return await self.store.dequeue_rollout(worker_id, timeout=timeout)
-
-    enqueue_rollout = delegate(LightningStore.enqueue_rollout, locked=True)
-    enqueue_many_rollouts = delegate(LightningStore.enqueue_many_rollouts, locked=True)
-    dequeue_many_rollouts = delegate(LightningStore.dequeue_many_rollouts, locked=True)
-    unclaim_rollout = delegate(LightningStore.unclaim_rollout, locked=True)
-    start_rollout = delegate(LightningStore.start_rollout, locked=True)
-    start_attempt = delegate(LightningStore.start_attempt, locked=True)
-    update_rollout = delegate(LightningStore.update_rollout, locked=True)
-    update_attempt = delegate(LightningStore.update_attempt, locked=True)
-    get_rollout_by_id = delegate(LightningStore.get_rollout_by_id, locked=True)
-    query_rollouts = delegate(LightningStore.query_rollouts, locked=True)
-    query_attempts = delegate(LightningStore.query_attempts, locked=True)
-    get_latest_attempt = delegate(LightningStore.get_latest_attempt, locked=True)
-    add_span = delegate(LightningStore.add_span, locked=True)
-    add_many_spans = delegate(LightningStore.add_many_spans, locked=True)
-    query_spans = delegate(LightningStore.query_spans, locked=True)
-    get_next_span_sequence_id = delegate(LightningStore.get_next_span_sequence_id, locked=True)
-    add_resources = delegate(LightningStore.add_resources, locked=True)
-    update_resources = delegate(LightningStore.update_resources, locked=True)
-    get_latest_resources = delegate(LightningStore.get_latest_resources, locked=True)
-    get_resources_by_id = delegate(LightningStore.get_resources_by_id, locked=True)
-    query_resources = delegate(LightningStore.query_resources, locked=True)
-    query_workers = delegate(LightningStore.query_workers, locked=True)
-    get_worker_by_id = delegate(LightningStore.get_worker_by_id, locked=True)
-    update_worker = delegate(LightningStore.update_worker, locked=True)
-    statistics = delegate(LightningStore.statistics, locked=True)

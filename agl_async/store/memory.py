@@ -18,7 +18,6 @@ to the event loop they wait on and are not carried over.
 from __future__ import annotations
 
 import heapq
-import os
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
@@ -27,6 +26,7 @@ from typing import Any, Literal, TypeVar
 import anyio
 import msgspec
 
+from .._validate import as_config, as_enqueue_requests, as_resources, check_seconds, check_worker_id
 from ..types import (
     ATTEMPT_STATUSES,
     QUEUE_STATUSES,
@@ -46,7 +46,16 @@ from ..types import (
     WorkerId,
     WorkerStatus,
 )
-from .base import UNSET, EnqueueRolloutRequest, LightningStore, Unset, _as_enqueue_requests
+from ._rules import new_id, rollout_status_for
+from .base import (
+    UNSET,
+    EnqueueRolloutRequest,
+    LightningStore,
+    RolloutSortField,
+    Unset,
+    check_rollout_query,
+    select_rollouts,
+)
 
 __all__ = ["InMemoryLightningStore"]
 
@@ -132,20 +141,6 @@ def _sequence_of(stored: tuple[int, bytes]) -> int:
     return stored[0]
 
 
-def _new_id(prefix: str) -> str:
-    return f"{prefix}-{os.urandom(8).hex()}"
-
-
-def _rollout_status_for(attempt: Attempt, config: RolloutConfig) -> RolloutStatus:
-    """The rollout status implied by its latest attempt's status (retry rules included)."""
-    status = attempt.status
-    if status in ("preparing", "running", "succeeded"):
-        return status
-    if status in config.retry_condition and attempt.sequence_id < config.max_attempts:
-        return "requeuing"
-    return "failed"
-
-
 class _Waiter:
     """One ``wait_for_rollouts`` call: the ids it still waits for and the event that ends it."""
 
@@ -158,6 +153,8 @@ class _Waiter:
 
 class InMemoryLightningStore(LightningStore):
     """A complete ``LightningStore`` kept in memory (the default store of a ``Trainer``)."""
+
+    long_poll_is_cancel_safe = True  # the claim never awaits: an abandoned wait claimed nothing
 
     def __init__(self) -> None:
         self._rollouts: dict[str, Rollout] = {}
@@ -174,6 +171,10 @@ class InMemoryLightningStore(LightningStore):
         self._waiters: dict[str, list[_Waiter]] = {}
         # Set (and dropped) whenever a rollout enters the queue: wakes long-polling dequeuers.
         self._queue_event: anyio.Event | None = None
+        # Creation order is start_time order (so query_rollouts(sort_by="start_time") needs no sort)
+        # as long as the clock never stepped back between two creations.
+        self._start_ordered = True
+        self._latest_start = -float("inf")
 
     # ------------------------------------------------------------------ pickling
     def __getstate__(self) -> dict[str, Any]:
@@ -224,7 +225,7 @@ class InMemoryLightningStore(LightningStore):
             raise ValueError(f"resources {resources_id!r} not found")
         if metadata is not None and not isinstance(metadata, dict):
             raise ValueError(f"metadata must be a dict or None, got {type(metadata).__name__}")
-        return _as_config(config)
+        return _config_copy(config)
 
     # ------------------------------------------------------------------ watchdog
     def _settle_deadlines(self, now: float | None = None) -> None:
@@ -315,13 +316,13 @@ class InMemoryLightningStore(LightningStore):
         if self._is_latest(attempt):
             rollout = self._rollouts[attempt.rollout_id]
             if rollout.status != "cancelled":
-                self._set_rollout_status(rollout, _rollout_status_for(attempt, rollout.config), now)
+                self._set_rollout_status(rollout, rollout_status_for(attempt, rollout.config), now)
 
     def _new_attempt(self, rollout: Rollout, worker_id: WorkerId | None, now: float) -> Attempt:
         attempts = self._attempts.setdefault(rollout.rollout_id, [])
         attempt = Attempt(
             rollout_id=rollout.rollout_id,
-            attempt_id=_new_id("at"),
+            attempt_id=new_id("at"),
             sequence_id=len(attempts) + 1,
             start_time=now,
             worker_id=worker_id,
@@ -391,7 +392,7 @@ class InMemoryLightningStore(LightningStore):
     def _create_rollout(
         self,
         input: Any,
-        mode: RolloutMode | None,
+        mode: str | None,
         resources_id: str | None,
         config: RolloutConfig | None,
         metadata: dict[str, Any] | None,
@@ -399,15 +400,18 @@ class InMemoryLightningStore(LightningStore):
     ) -> Rollout:
         cfg = self._check_rollout_args(mode, resources_id, config, metadata, self._resources)
         rollout = Rollout(
-            rollout_id=_new_id("ro"),
+            rollout_id=new_id("ro"),
             input=input,
             start_time=now,
-            mode=mode,
+            mode=mode,  # type: ignore[arg-type]  # checked above
             resources_id=resources_id if resources_id is not None else self._latest_resources_id,
             config=cfg,
             metadata=dict(metadata) if metadata else {},
         )
         self._rollouts[rollout.rollout_id] = rollout
+        if now < self._latest_start:  # the clock stepped back: creation order is no longer start order
+            self._start_ordered = False
+        self._latest_start = now
         return rollout
 
     def _enqueue(self, rollout: Rollout) -> None:
@@ -438,7 +442,7 @@ class InMemoryLightningStore(LightningStore):
         self, rollouts: Sequence[EnqueueRolloutRequest | Mapping[str, Any]]
     ) -> list[Rollout]:
         self._settle_deadlines()
-        requests = _as_enqueue_requests(rollouts)
+        requests = as_enqueue_requests(rollouts)
         for r in requests:  # validate all before creating any: nothing half-applied
             self._check_rollout_args(r.mode, r.resources_id, r.config, r.metadata, self._resources)
         now = time.time()
@@ -464,9 +468,8 @@ class InMemoryLightningStore(LightningStore):
     async def dequeue_rollout(
         self, worker_id: WorkerId | None = None, *, timeout: float | None = None
     ) -> AttemptedRollout | None:
-        if timeout is not None and (isinstance(timeout, bool) or not timeout >= 0):
-            raise ValueError(f"timeout must be >= 0 or None, got {timeout!r}")
-        _check_worker_id(worker_id)
+        check_seconds(timeout)
+        check_worker_id(worker_id)
         deadline = time.monotonic() + timeout if timeout else None
         while True:
             self._settle_deadlines()
@@ -517,7 +520,7 @@ class InMemoryLightningStore(LightningStore):
     async def dequeue_many_rollouts(
         self, *, limit: int = 1, worker_id: WorkerId | None = None
     ) -> list[AttemptedRollout]:
-        _check_worker_id(worker_id)
+        check_worker_id(worker_id)
         self._settle_deadlines()
         now = time.time()
         out = []
@@ -537,14 +540,14 @@ class InMemoryLightningStore(LightningStore):
         metadata: dict[str, Any] | None = None,
         worker_id: WorkerId | None = None,
     ) -> AttemptedRollout:
-        _check_worker_id(worker_id)
+        check_worker_id(worker_id)
         self._settle_deadlines()
         now = time.time()
         rollout = self._create_rollout(input, mode, resources_id, config, metadata, now)
         return self._attempted(rollout, self._new_attempt(rollout, worker_id, now))
 
     async def start_attempt(self, rollout_id: str, worker_id: WorkerId | None = None) -> AttemptedRollout:
-        _check_worker_id(worker_id)
+        check_worker_id(worker_id)
         self._settle_deadlines()
         rollout = self._rollout(rollout_id)
         now = time.time()
@@ -572,7 +575,7 @@ class InMemoryLightningStore(LightningStore):
             None if metadata is UNSET else metadata,
             self._resources,
         )
-        new_config = None if config is UNSET else _as_config(config)
+        new_config = None if config is UNSET else _config_copy(config)
         if not isinstance(input, Unset):
             rollout.input = input
         if not isinstance(mode, Unset):
@@ -608,7 +611,7 @@ class InMemoryLightningStore(LightningStore):
         if not isinstance(last_heartbeat_time, (Unset, int, float)) or isinstance(last_heartbeat_time, bool):
             raise ValueError(f"last_heartbeat_time must be a number, got {last_heartbeat_time!r}")
         if not isinstance(worker_id, Unset):
-            _check_worker_id(worker_id)
+            check_worker_id(worker_id)
         now = time.time()
         if not isinstance(metadata, Unset):
             attempt.metadata = dict(metadata) if metadata else {}
@@ -629,8 +632,7 @@ class InMemoryLightningStore(LightningStore):
     async def wait_for_rollouts(
         self, *, rollout_ids: list[str], timeout: float | None = None
     ) -> list[Rollout]:
-        if timeout is not None and timeout < 0:
-            raise ValueError(f"timeout must be >= 0 or None, got {timeout}")
+        check_seconds(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             self._settle_deadlines()
@@ -680,17 +682,34 @@ class InMemoryLightningStore(LightningStore):
         *,
         status_in: Sequence[RolloutStatus] | None = None,
         rollout_id_in: Sequence[str] | None = None,
+        rollout_id_contains: str | None = None,
+        sort_by: RolloutSortField | None = None,
+        sort_order: Literal["asc", "desc"] = "asc",
+        limit: int = -1,
+        offset: int = 0,
     ) -> list[Rollout]:
+        check_rollout_query(rollout_id_contains, sort_by, sort_order, limit, offset)
         self._settle_deadlines()
         rollouts: Iterable[Rollout]
         if rollout_id_in is not None:
             rollouts = (self._rollouts[r] for r in dict.fromkeys(rollout_id_in) if r in self._rollouts)
+        elif sort_by == "start_time" and self._start_ordered:
+            # Already in that order (ties in creation order): walk it, no sort; "desc" from the end.
+            rollouts = reversed(self._rollouts.values()) if sort_order == "desc" else self._rollouts.values()
+            sort_by = None
         else:
             rollouts = self._rollouts.values()
-        if status_in is not None:
-            wanted = set(status_in)
-            rollouts = (r for r in rollouts if r.status in wanted)
-        return [_copy(r) for r in rollouts]
+        # Filter, order and page the store's own objects; copy only the page handed out.
+        page = select_rollouts(
+            rollouts,
+            status_in=status_in,
+            rollout_id_contains=rollout_id_contains,
+            sort_by=sort_by,
+            sort_order=sort_order,
+            limit=limit,
+            offset=offset,
+        )
+        return [_copy(r) for r in page]
 
     async def query_attempts(self, rollout_id: str) -> list[Attempt]:
         self._settle_deadlines()
@@ -759,7 +778,7 @@ class InMemoryLightningStore(LightningStore):
 
     # ------------------------------------------------------------------ resources
     async def add_resources(self, resources: Mapping[str, Any]) -> ResourcesUpdate:
-        update = ResourcesUpdate(_new_id("rs"), _as_resources(resources))
+        update = ResourcesUpdate(new_id("rs"), as_resources(resources))
         self._resources[update.resources_id] = update
         self._latest_resources_id = update.resources_id
         return _copy(update)
@@ -768,7 +787,7 @@ class InMemoryLightningStore(LightningStore):
         current = self._resources.get(resources_id)
         if current is None:
             raise ValueError(f"resources {resources_id!r} not found")
-        mapping = _as_resources(resources)
+        mapping = as_resources(resources)
         current.resources = mapping
         current.update_time = time.time()
         current.version += 1
@@ -802,8 +821,7 @@ class InMemoryLightningStore(LightningStore):
         self, worker_id: WorkerId, heartbeat_stats: dict[str, Any] | Unset = UNSET
     ) -> Worker:
         self._settle_deadlines()
-        if isinstance(worker_id, bool) or not isinstance(worker_id, (str, int)):
-            raise ValueError(f"worker_id must be a string or an integer, got {worker_id!r}")
+        check_worker_id(worker_id, optional=False)
         if not isinstance(heartbeat_stats, (Unset, dict)):
             raise ValueError(f"heartbeat_stats must be a dict, got {type(heartbeat_stats).__name__}")
         now = time.time()
@@ -842,29 +860,9 @@ class InMemoryLightningStore(LightningStore):
         }
 
 
-def _check_worker_id(worker_id: Any) -> None:
-    if worker_id is not None and (isinstance(worker_id, bool) or not isinstance(worker_id, (str, int))):
-        raise ValueError(f"worker_id must be a string, an integer or None, got {worker_id!r}")
-
-
 _DEFAULT_CONFIG = RolloutConfig()  # only ever copied (cheaper than constructing and validating)
 
 
-def _as_config(config: Any) -> RolloutConfig:
-    if config is None:
-        return _copy_config(_DEFAULT_CONFIG)
-    if isinstance(config, RolloutConfig):
-        config.__post_init__()  # fields may have been assigned after construction: check again
-        return _copy_config(config)
-    if isinstance(config, Mapping):
-        try:
-            return RolloutConfig(**config)
-        except TypeError as exc:
-            raise ValueError(f"invalid rollout config {dict(config)!r}: {exc}") from None
-    raise ValueError(f"config must be a RolloutConfig, a mapping or None, got {type(config).__name__}")
-
-
-def _as_resources(resources: Any) -> dict[str, Any]:
-    if not isinstance(resources, Mapping):
-        raise ValueError(f"resources must be a mapping of names to values, got {type(resources).__name__}")
-    return dict(resources)
+def _config_copy(config: Any) -> RolloutConfig:
+    """The store's own copy of a checked config (the default one for ``None``)."""
+    return _copy_config(as_config(config) or _DEFAULT_CONFIG)
