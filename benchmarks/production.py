@@ -318,7 +318,7 @@ class Sampler:
     interval: float = 0.2
     last: dict[int, tuple[float, float]] = field(default_factory=dict)  # pid -> (cpu, hwm)
     role: dict[int, str] = field(default_factory=dict)
-    series: list[tuple[float, float]] = field(default_factory=list)  # (time.time(), total cpu)
+    series: list[tuple[float, dict[str, float]]] = field(default_factory=list)  # (time, cpu by role)
     max_runners: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
 
@@ -334,7 +334,11 @@ class Sampler:
                 before = self.last.get(pid, (0.0, 0.0))
                 self.last[pid] = (max(seen[0], before[0]), max(seen[1], before[1]))
                 self.role[pid] = role
-        self.series.append((time.time(), sum(cpu for cpu, _ in self.last.values())))
+        by_role: dict[str, float] = {}
+        for pid, (cpu, _) in self.last.items():
+            role = self.role[pid]
+            by_role[role] = by_role.get(role, 0.0) + cpu
+        self.series.append((time.time(), by_role))
 
     def run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -348,14 +352,20 @@ class Sampler:
     def stop(self) -> None:
         self._stop.set()
 
-    def cpu_at(self, when: float) -> float:
+    def cpu_at(self, when: float, role: str | None = None) -> float:
+        """CPU seconds used by ``role`` (all roles: None) up to ``when``, interpolated."""
+
+        def total(by_role: dict[str, float]) -> float:
+            return sum(by_role.values()) if role is None else by_role.get(role, 0.0)
+
         series = self.series
         if not series:
             return 0.0
         for (t0, c0), (t1, c1) in itertools.pairwise(series):
             if t0 <= when <= t1:
-                return c0 + (c1 - c0) * (when - t0) / max(t1 - t0, 1e-9)
-        return series[0][1] if when < series[0][0] else series[-1][1]
+                a, b = total(c0), total(c1)
+                return a + (b - a) * (when - t0) / max(t1 - t0, 1e-9)
+        return total(series[0][1] if when < series[0][0] else series[-1][1])
 
     def peak(self, role: str) -> float:
         return sum(self.each(role))
@@ -545,6 +555,12 @@ def run_one(system: System, shape: W.Shape, config: dict[str, Any], log: Any) ->
         "runner_processes": sampler.max_runners,
         "runner_side_peak_rss_each_mib": [round(x, 1) for x in sampler.each("runners")],
         "cpu_ms_per_rollout": 1000 * window_cpu / tasks,
+        **{
+            f"cpu_ms_per_rollout_{role}": 1000
+            * (sampler.cpu_at(result["end"], role) - sampler.cpu_at(result["start"], role))
+            / tasks
+            for role in ("server", "algorithm", "runners")
+        },
         "cpu_ms_per_rollout_whole_run": 1000 * (trainer_cpu + server_cpu) / tasks,
         "server_cpu_ms_per_rollout": 1000 * server_cpu / tasks,
         "not_ok": result["failed"] + result["bad_spans"] + result["lost"],
@@ -585,7 +601,7 @@ def plan_runs(quick: bool, scan: bool, have_peer: bool) -> list[tuple[str, W.Sha
         if have_peer:
             polls = [0.1] if quick else [5.0, 0.1]
             runs += [("peer", shape, {"runners": n, "poll": p}) for p in polls]
-    if scan:
+    if scan and not quick:
         for n in sorted(set(SCAN_OURS) | set(SCAN_PEER)):
             shape = W.scan_shape(n)
             if n in SCAN_OURS:
@@ -629,7 +645,8 @@ def main() -> None:
         wanted = set(args.only.split(","))
         runs = [r for r in runs if r[1].name in wanted]
     started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    log(f"production benchmark: {len(runs)} runs x {args.repeat}, load {os.getloadavg()}")
+    load_start = [round(x, 2) for x in os.getloadavg()]
+    log(f"production benchmark: {len(runs)} runs x {args.repeat}, load {load_start}")
     results: list[dict[str, Any]] = []
     for rep in range(args.repeat):
         for key, shape, config in runs:
@@ -652,19 +669,22 @@ def main() -> None:
         "quick": args.quick,
         "cores": os.cpu_count(),
         "peer": args.peer,
+        "load_start": load_start,
+        "load_end": [round(x, 2) for x in os.getloadavg()],
         "runs": results,
     }
+    report["targets"] = targets(report)
     RESULTS.mkdir(parents=True, exist_ok=True)
     text = json.dumps(report, indent=1)
     suffix = "-quick" if args.quick else ""
     (RESULTS / f"production-{started.replace(':', '').replace('-', '')}{suffix}.json").write_text(text + "\n")
-    if not args.quick:
+    if not args.quick and not args.only:
         (RESULTS / "production-latest.json").write_text(text + "\n")
-        (RESULTS / "production-latest.md").write_text(render(report) + "\n")
-    print(render(report))
+        (RESULTS / "production-latest.md").write_text(render_markdown(report) + "\n")
+    print(render_markdown(report))
 
 
-# ============================================================================ rendering
+# ============================================================================ targets and rendering
 COLUMNS = [
     ("rollouts_per_s", "rollouts/s", 1),
     ("spans_per_s", "spans/s", 0),
@@ -674,20 +694,121 @@ COLUMNS = [
     ("server_peak_rss_mib", "server peak RSS MiB", 0),
     ("runners_peak_rss_mib", "runners peak RSS MiB (sum)", 0),
     ("cpu_ms_per_rollout", "CPU ms/rollout", 1),
+    ("cpu_ms_per_rollout_server", "… server", 1),
+    ("cpu_ms_per_rollout_runners", "… runners", 1),
     ("not_ok", "not ok", 0),
 ]
+PEER_NAME = "Agent-Lightning 0.3.0"
+
+
+def _groups(report: dict[str, Any]) -> dict[tuple[str, str, str], list[dict[str, Any]]]:
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for run in report["runs"]:
+        label = _config_label(run["system"], run["config"])
+        groups.setdefault((run["shape"], run["system"], label), []).append(run)
+    return groups
+
+
+def _median(runs: list[dict[str, Any]], key: str) -> float | None:
+    values = [r["sample"][key] for r in runs if "sample" in r and key in r["sample"]]
+    return statistics.median(values) if values else None
+
+
+def _memory(runs: list[dict[str, Any]]) -> float | None:
+    server, runners = _median(runs, "server_peak_rss_mib"), _median(runs, "runners_peak_rss_mib")
+    return None if server is None or runners is None else server + runners
+
+
+def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets, judged on this report (the peer at its tuned 0.1 s poll)."""
+    groups = _groups(report)
+    out: list[dict[str, Any]] = []
+    # 1. single mode: our efficiency at the same in-flight count
+    for (shape, system, label), runs in groups.items():
+        if system == "ours" and shape.startswith("single"):
+            eff = _median(runs, "efficiency")
+            out.append(
+                {
+                    "target": f"{shape} ({label}): efficiency ≥ 0.9",
+                    "measured": "—" if eff is None else f"{eff:.2f}",
+                    "met": None if eff is None else eff >= 0.9,
+                }
+            )
+    # 2. zero lost / failed-check rollouts, everywhere
+    bad = sum(r["sample"]["not_ok"] for r in report["runs"] if "sample" in r)
+    errors = sum("error" in r for r in report["runs"])
+    out.append(
+        {
+            "target": "every rollout succeeded and passed the span check (both systems, every run)",
+            "measured": f"{bad} not ok, {errors} failed runs",
+            "met": bad == 0 and errors == 0,
+        }
+    )
+
+    # 3. best configurations (the scan, else every run): rate, CPU, memory
+    def best(system: str) -> tuple[str, list[dict[str, Any]]] | None:
+        candidates = [
+            (k, runs)
+            for k, runs in groups.items()
+            if k[1] == system and (system == "ours" or "poll 0.1" in k[2]) and k[0].startswith("scan")
+        ] or [
+            (k, runs)
+            for k, runs in groups.items()
+            if k[1] == system and (system == "ours" or "poll 0.1" in k[2])
+        ]
+        rated = [(_median(runs, "rollouts_per_s") or 0.0, k, runs) for k, runs in candidates]
+        if not rated:
+            return None
+        _, key, runs = max(rated, key=lambda x: x[0])
+        return f"{key[0]}, {key[2]}", runs
+
+    ours, peer = best("ours"), best("peer")
+    if ours and peer:
+        o_rate, p_rate = _median(ours[1], "rollouts_per_s"), _median(peer[1], "rollouts_per_s")
+        o_cpu, p_cpu = _median(ours[1], "cpu_ms_per_rollout"), _median(peer[1], "cpu_ms_per_rollout")
+        o_mem, p_mem = _memory(ours[1]), _memory(peer[1])
+        where = f"agl_async: {ours[0]}; {PEER_NAME}: {peer[0]}"
+        if o_rate and p_rate:
+            out.append(
+                {
+                    "target": "best configurations: rollouts/s ≥ 3x Agent-Lightning's",
+                    "measured": f"{o_rate:.1f} vs {p_rate:.1f} = {o_rate / p_rate:.2f}x ({where})",
+                    "met": o_rate >= 3 * p_rate,
+                }
+            )
+        if o_cpu and p_cpu:
+            out.append(
+                {
+                    "target": "best configurations: CPU per rollout ≤ 1/5 of Agent-Lightning's",
+                    "measured": f"{o_cpu:.1f} vs {p_cpu:.1f} ms = 1/{p_cpu / o_cpu:.1f} ({where})",
+                    "met": o_cpu * 5 <= p_cpu,
+                }
+            )
+        if o_mem and p_mem:
+            out.append(
+                {
+                    "target": "best configurations: peak memory, server + runners, ≤ half of the peer's",
+                    "measured": f"{o_mem:,.0f} vs {p_mem:,.0f} MiB = {o_mem / p_mem:.3f}x ({where})",
+                    "met": o_mem * 2 <= p_mem,
+                }
+            )
+    return out
+
+
+def render_targets(report: dict[str, Any]) -> str:
+    lines = ["| target | measured | verdict |", "|---|---|---|"]
+    for t in report.get("targets") or targets(report):
+        verdict = {True: "met", False: "**missed**", None: "not measured"}[t["met"]]
+        lines.append(f"| {t['target']} | {t['measured']} | {verdict} |")
+    return "\n".join(lines)
 
 
 def render(report: dict[str, Any]) -> str:
     head = "| shape | system | configuration | " + " | ".join(label for _, label, _ in COLUMNS) + " | load |"
     lines = [head, "|---" * (4 + len(COLUMNS)) + "|"]
-    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
-    for run in report["runs"]:
-        label = _config_label(run["system"], run["config"])
-        groups.setdefault((run["shape"], run["system"], label), []).append(run)
-    for (shape, system, label), runs in groups.items():
+    for (shape, system, label), runs in _groups(report).items():
         samples = [r["sample"] for r in runs if "sample" in r]
-        name = "agl_async" if system == "ours" else "Agent-Lightning 0.3.0"
+        name = "agl_async" if system == "ours" else PEER_NAME
         if not samples:
             lines.append(f"| {shape} | {name} | {label} | " + " | ".join("error" for _ in COLUMNS) + " | |")
             continue
@@ -698,6 +819,46 @@ def render(report: dict[str, Any]) -> str:
         loads = ", ".join(f"{s['load_before'][0]:.1f}" for s in samples)
         lines.append(f"| {shape} | {name} | {label} | " + " | ".join(cells) + f" | {loads} |")
     return "\n".join(lines)
+
+
+def render_shapes(report: dict[str, Any]) -> str:
+    seen: dict[str, dict[str, Any]] = {}
+    for run in report["runs"]:
+        seen.setdefault(run["shape"], run["shape_args"])
+    lines = [
+        "| shape | mode | tasks | in flight | batch / window | rounds | sleep (s) | mean agent time (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, a in seen.items():
+        mean = (2 * (a["max_rounds"] + 1) / 2 + 1) * a["sleep"] / 2
+        lines.append(
+            f"| {name} | {a['mode']} | {a['tasks']} | {a['in_flight']} | {a['batch']} / {a['window']} "
+            f"| 1-{a['max_rounds']} | {a['sleep']:g} | {mean:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    parts = [
+        f"# Production workloads ({report['started']} → {report['finished']}, {report['cores']} cores)",
+        "",
+        f"Load average at start {report.get('load_start')}, at end {report.get('load_end')} "
+        "(each run's is in its row).",
+        "",
+        "## Targets",
+        "",
+        render_targets(report),
+        "",
+        "## Shapes",
+        "",
+        render_shapes(report),
+        "",
+        "## Runs (medians)",
+        "",
+        render(report),
+        "",
+    ]
+    return "\n".join(parts)
 
 
 if __name__ == "__main__":
