@@ -144,16 +144,21 @@ class _Mirror:
         self.local.set()
 
 
+#: A long poll answered within this many seconds found the queue non-empty (a backlog).
+_BACKLOG_SECONDS = 0.005
+
+
 class _Claims:
     """Idle slots of one runner share a single long poll.
 
-    A slot that finds the queue empty becomes the runner's *watcher* — the one slot waiting in the
-    store's long poll — unless there already is one; then it queues here. When the watcher gets a
-    rollout it hands the watch to the first queued slot; a slot that claims a rollout with a quick
-    look wakes two more (work comes in batches: a batch of ``n`` fills ``n`` idle slots in about
-    ``log2(n)`` round trips), and a slot that finds the queue empty again takes the watch or goes
-    back to the queue. So an idle runner keeps one request waiting on the server whatever its
-    concurrency, and one rollout enqueued at a time costs a couple of requests, not one per slot.
+    A slot looking for work becomes the runner's *watcher* — the one slot waiting in the store's
+    long poll, which looks at the queue first — unless there already is one; then it takes a quick
+    look of its own and, finding nothing, queues here. When the watcher gets a rollout it hands the
+    watch to the first queued slot (and, when its poll was answered at once — a backlog — wakes a
+    second one to look too); a slot that claims a rollout with a quick look wakes two more. So a
+    batch of ``n`` fills ``n`` idle slots in about ``log2(n)`` round trips, an idle runner keeps
+    one request waiting on the server whatever its concurrency, and one rollout enqueued at a time
+    costs about one request more than its claim, not one per idle slot.
     """
 
     def __init__(self) -> None:
@@ -211,19 +216,25 @@ async def _next_shared(
     if not long_poll:
         return await _next_rollout(store, worker_id, stop, long_poll)
     while not stop.is_set():
-        if look:
+        if not claims.polling:  # take the watch: the store's long poll looks at the queue first
+            claims.polling = True
+            started = time.monotonic()
+            rollout: AttemptedRollout | None = None
+            try:
+                rollout = await _next_rollout(store, worker_id, stop, long_poll)
+                return rollout
+            finally:
+                claims.polling = False
+                # Hand the watch on. Answered at once, the poll found a backlog: wake one more
+                # slot to look as well, so that a batch fills idle slots in log2(n) round trips.
+                backlog = rollout is not None and time.monotonic() - started < _BACKLOG_SECONDS
+                claims.wake(2 if backlog else 1)
+        if look:  # someone else watches: a quick look of our own
             rollout = await store.dequeue_rollout(worker_id=worker_id)
             if rollout is not None:
                 claims.wake(2)  # there may be more
                 return rollout
         look = True
-        if not claims.polling:
-            claims.polling = True
-            try:
-                return await _next_rollout(store, worker_id, stop, long_poll)
-            finally:
-                claims.polling = False
-                claims.wake(1)  # the watch is free; and if a rollout came, more may follow
         await claims.wait(stop)
     return None
 
