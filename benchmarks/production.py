@@ -582,6 +582,21 @@ def run_one(system: System, shape: W.Shape, config: dict[str, Any], log: Any) ->
     return sample
 
 
+def _git_commit() -> dict[str, Any]:
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(
+                ["git", *args], capture_output=True, text=True, cwd=ROOT, timeout=30
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return {
+        "commit": git("rev-parse", "--short", "HEAD"),
+        "dirty": bool(git("status", "--porcelain", "agl_async")),
+    }
+
+
 def _config_label(key: str, config: dict[str, Any]) -> str:
     if key == "ours":
         return f"{config['processes']} proc x {config['concurrency']}"
@@ -671,6 +686,7 @@ def main() -> None:
         "peer": args.peer,
         "load_start": load_start,
         "load_end": [round(x, 2) for x in os.getloadavg()],
+        "git": _git_commit(),
         "runs": results,
     }
     report["targets"] = targets(report)
@@ -857,6 +873,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         render(report),
         "",
+        *([f"- {n}" for n in report.get("notes", [])] + [""] if report.get("notes") else []),
     ]
     return "\n".join(parts)
 

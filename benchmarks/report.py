@@ -754,6 +754,7 @@ alternating A B A B so that drift of the machine hits both. This page is generat
 ```bash
 nox -s bench_compare      # makes .nox/agentlightning-0.3.0 (pip install agentlightning==0.3.0) on first use
 nox -s bench              # agl_async alone
+nox -s bench_production   # Agent-Lightning's production store workloads, both systems (about an hour)
 # or, with an existing Agent-Lightning venv:
 AGL_PEER_PYTHON=/path/to/venv/bin/python python benchmarks/report.py
 ```
