@@ -1,4 +1,4 @@
-"""Developer tasks: ``nox -s tests lint typecheck docs bench bench_compare bench_production faults``."""
+"""Developer tasks: ``nox -s tests lint typecheck docs bench bench_compare bench_production faults ray``."""
 
 from __future__ import annotations
 
@@ -24,6 +24,14 @@ def faults(session: nox.Session) -> None:
     """Fault and load scenarios, including the slow soak."""
     session.install("-e", ".[test]")
     session.run("pytest", "tests/faults", *session.posargs)
+
+
+@nox.session
+def ray(session: nox.Session) -> None:
+    """The Ray fleet tests (``-m ray``: a local Ray cluster, about a minute); the ``ray`` extra is
+    installed here only, so ``tests`` skips them."""
+    session.install("-e", ".[test,ray]")
+    session.run("pytest", "-m", "ray", "-p", "no:cacheprovider", *session.posargs)
 
 
 @nox.session

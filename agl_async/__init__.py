@@ -21,7 +21,7 @@ if TYPE_CHECKING:
         LightningStore,
         LightningStoreLocked,
     )
-    from .store.postgres import PostgresLightningStore  # type: ignore[import-not-found, unused-ignore]
+    from .store.postgres import PostgresLightningStore
     from .store.sqlite import SqliteLightningStore
     from .store.urls import open_store
     from .trainer import Trainer

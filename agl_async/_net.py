@@ -27,23 +27,25 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def http_url(host: str, port: int, *, bound: bool = False) -> str:
-    """``http://host:port``. With ``bound``, ``host`` is the address a server bound, and the URL is
-    one that reaches it from this machine (see the module docstring)."""
+def http_url(host: str, port: int, *, bound: bool = False, scheme: str = "http") -> str:
+    """``http://host:port`` (``scheme`` ``"https"``: ``https://``). With ``bound``, ``host`` is the
+    address a server bound, and the URL is one that reaches it from this machine (see the module
+    docstring)."""
     if bound:
         host = _bind_host(host)
         if host in ("0.0.0.0", "::"):
             host = "127.0.0.1" if host == "0.0.0.0" else "::1"
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
-    return f"http://{host}:{port}"
+    return f"{scheme}://{host}:{port}"
 
 
 def bind_socket(
-    host: str, port: int, *, what: str = "the store server", listen: bool = True
+    host: str, port: int, *, what: str = "the store server", listen: bool = True, reuse_port: bool = False
 ) -> socket.socket:
     """A TCP socket bound to ``host:port`` (``port=0``: a free one), listening and non-blocking
-    when ``listen``; ``OSError`` naming ``what`` and ``host:port`` when it cannot be bound."""
+    when ``listen``; ``OSError`` naming ``what`` and ``host:port`` when it cannot be bound.
+    ``reuse_port``: ``SO_REUSEPORT``, so that sockets of several processes share the address."""
     where = f"{host}:{port}"
     try:
         infos = socket.getaddrinfo(_bind_host(host), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -53,6 +55,10 @@ def bind_socket(
     sock = socket.socket(family, type_, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            if not hasattr(socket, "SO_REUSEPORT"):
+                raise OSError("this platform has no SO_REUSEPORT: serve one process per address instead")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(address)
         if listen:
             sock.listen(2048)

@@ -5,12 +5,19 @@ Only :mod:`argparse` is imported up front; each command imports what it needs wh
 
 Exit codes: 0 success (and a Ctrl-C / SIGTERM that stopped ``serve`` cleanly), 1 a runtime error
 (unreachable server, a failed run), 2 a usage error (bad arguments, an agent that does not
-import), 130 a Ctrl-C that interrupted ``demo`` or ``runner``.
+import, an unreadable token file, a non-loopback ``serve`` without a token), 130 a Ctrl-C that
+interrupted ``demo`` or ``runner``.
+
+Tokens: ``--token-file PATH`` (the file's content, surrounding whitespace and the trailing newline
+stripped), else ``--token``, else env ``AGL_SERVER_TOKEN``. A token on the command line is
+visible to every user of the host in the process list: prefer the file or the variable. No
+command prints or logs a token.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from collections.abc import Sequence
@@ -34,6 +41,8 @@ class CLIError(Exception):
 
 # ------------------------------------------------------------------------------------------- demo
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.traced:
+        return _traced_demo(args)
     from .examples.evolution import print_summary, run_demo
 
     store = f", store={args.store}" if args.store else ""
@@ -70,6 +79,29 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     except ValueError as exc:  # e.g. --store holds a run with other options
         raise CLIError(str(exc)) from None
     print_summary(history, sys.stdout)
+    return 0
+
+
+def _traced_demo(args: argparse.Namespace) -> int:
+    if args.store or args.dashboard:
+        raise CLIError("--traced runs on its own store in memory: drop --store / --dashboard", 2)
+    print(
+        f"agl-async demo --traced: a traced agent against a local OpenAI-compatible mock; mode={args.mode}, "
+        f"runners={args.runners}, seed={args.seed}",
+        flush=True,
+    )
+    try:
+        from .examples.traced import run_traced_demo
+    except ImportError as exc:  # opentelemetry-api itself is missing
+        raise CLIError(
+            f'--traced needs the OpenTelemetry SDK: pip install "agl-async[otel]" ({exc})', 2
+        ) from None
+    try:
+        run_traced_demo(
+            mode=args.mode, runners=args.runners, seed=args.seed, port=args.port, progress=sys.stdout
+        )
+    except RuntimeError as exc:
+        raise CLIError(str(exc), 2) from None
     return 0
 
 
@@ -134,16 +166,79 @@ async def _start(server: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------------ serve
+def read_token(args: argparse.Namespace) -> str | None:
+    """The bearer token of ``serve`` / ``runner``: ``--token-file``, else ``--token``, else env
+    ``AGL_SERVER_TOKEN``; ``None`` when there is none. :class:`CLIError` (exit code 2) for a token
+    file that cannot be read, is empty, or holds a token spanning lines."""
+    path = getattr(args, "token_file", None)
+    if path is None:
+        token = args.token if args.token is not None else os.environ.get("AGL_SERVER_TOKEN")
+        return token or None
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+        mode = os.stat(path).st_mode
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise CLIError(f"cannot read --token-file {path!r}: {reason}", 2) from None
+    if not token:
+        raise CLIError(f"--token-file {path!r} is empty", 2)
+    if any(c in token for c in "\r\n\0"):
+        raise CLIError(f"--token-file {path!r} must hold one line (the token)", 2)
+    if mode & 0o077:
+        print(
+            f"agl-async: warning: --token-file {path!r} is accessible to other users "
+            f"(mode {mode & 0o777:o}); 'chmod 600' it",
+            file=sys.stderr,
+            flush=True,
+        )
+    return token
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import anyio
 
+    if args.ssl_keyfile and not args.ssl_certfile:
+        raise CLIError("--ssl-keyfile needs --ssl-certfile (the certificate it belongs to)", 2)
+    token = read_token(args)
+    from .http._security import UnauthenticatedBindError
+    from .http.server import LightningStoreServer
     from .store.urls import open_store
 
     try:
-        store = open_store(args.store)  # --store URL (issue 12)
+        store = open_store(args.store)  # --store URL (issue 12); connects on first use
     except ValueError as exc:
         raise CLIError(f"--store: {exc}", 2) from None
-    anyio.run(_serve, args.host, args.port, args.token, store, args.store)
+    tls: dict[str, Any] = {}
+    if args.ssl_certfile:
+        tls = {"ssl_certfile": args.ssl_certfile, "ssl_keyfile": args.ssl_keyfile}
+    if args.insecure:
+        tls["allow_unauthenticated"] = True
+    worker_of = args.worker_of  # [issue 12] one of `serve --workers N`'s processes (agl_async/serve.py)
+    try:
+        server = LightningStoreServer(
+            store, args.host, args.port, auth_token=token or "", reuse_port=worker_of is not None, **tls
+        )
+    except UnauthenticatedBindError as exc:
+        raise CLIError(
+            f"refusing to serve the store on {exc.host!r} (not a loopback address) without a token: "
+            "anyone who can reach it could read and change the store. Pass --token-file PATH (or set "
+            "AGL_SERVER_TOKEN), or --insecure to serve without one anyway",
+            2,
+        ) from None
+    except ValueError as exc:  # an unusable certificate, ...
+        raise CLIError(str(exc), 2) from None
+    # The dashboard link carries the token, except one read from a file: that user keeps it off
+    # terminals and logs.
+    link_token = None if args.token_file else token
+    ready_fd = None
+    if args.workers > 1 or worker_of:  # [issue 12] N processes on one address: agl_async/serve.py
+        from . import serve
+
+        if worker_of is None:
+            return serve.run_workers(args, token, link_token, CLIError)
+        ready_fd = serve.become_worker(worker_of)
+    anyio.run(_serve, server, token, link_token, store, args.store, ready_fd)
     return 0
 
 
@@ -156,28 +251,38 @@ async def _open(store: LightningStore, url: str) -> None:
 
 
 async def _serve(
-    host: str, port: int, token: str | None, store: LightningStore, url: str = "memory://"
+    server: Any,
+    token: str | None,
+    link_token: str | None,
+    store: LightningStore,
+    url: str = "memory://",
+    ready_fd: int | None = None,
 ) -> None:
-    """Serve ``store`` until SIGINT/SIGTERM, then stop the server, close the store and return."""
+    """Serve ``store`` until SIGINT/SIGTERM, then stop the server, close the store and return.
+    ``ready_fd``: one of ``serve --workers``'s processes, which reports there (agl_async/serve.py)."""
     import anyio
 
     try:
         await _open(store, url)
-        await _serve_store(host, port, token, store, url)
+        await _serve_store(server, token, link_token, url, ready_fd)
     finally:
         with anyio.CancelScope(shield=True):
             await store.close()
 
 
-async def _serve_store(host: str, port: int, token: str | None, store: LightningStore, url: str) -> None:
+async def _serve_store(
+    server: Any, token: str | None, link_token: str | None, url: str, ready_fd: int | None = None
+) -> None:
     import signal
 
     import anyio
 
     from .http.dashboard import dashboard_url
-    from .http.server import LightningStoreServer
+    from .serve import redact_url, report_ready
 
-    server = LightningStoreServer(store, host, port, auth_token=token or "")
+    url = redact_url(url)  # [issue 12] a DSN's password stays out of the output
+
+    host, port = server.host, server.port
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         try:
             await server.start()
@@ -185,28 +290,37 @@ async def _serve_store(host: str, port: int, token: str | None, store: Lightning
             raise CLIError(f"cannot serve on {host}:{port}: {exc}") from None
         try:
             auth = " (bearer token required)" if token else ""
-            print(
-                f"agl-async: store server listening on {server.endpoint}{auth}, store {url}; Ctrl-C to stop",
-                flush=True,
-            )
-            # hook (issue 14): the dashboard's link, printed once to stdout, never logged (it holds the token)
-            print(f"agl-async: dashboard: {dashboard_url(server.endpoint, token or None)}", flush=True)
+            if ready_fd is not None:
+                report_ready(ready_fd)  # [issue 12] the parent reports for all its processes
+            else:
+                where = f"{server.endpoint}{auth}, store {url}"
+                print(f"agl-async: store server listening on {where}; Ctrl-C to stop", flush=True)
+                # hook (issue 14): the dashboard's link, printed once to stdout, never logged
+                # (it holds the token)
+                link = dashboard_url(server.endpoint, link_token)
+                if token and not link_token:
+                    link += " (open it with ?token=<the token in --token-file>)"
+                print(f"agl-async: dashboard: {link}", flush=True)
             async for signum in signals:
-                print(f"agl-async: {signal.Signals(signum).name} received, stopping the server", flush=True)
+                if ready_fd is None:
+                    print(
+                        f"agl-async: {signal.Signals(signum).name} received, stopping the server", flush=True
+                    )
                 break
         finally:
             await server.stop()
-    print("agl-async: server stopped", flush=True)
+    if ready_fd is None:
+        print("agl-async: server stopped", flush=True)
 
 
 # ----------------------------------------------------------------------------------------- runner
-def _parse_server(url: str) -> tuple[str, int]:
-    """``http://host:port`` -> ``(host, port)``; ``ValueError`` saying what is wrong."""
+def _parse_server(url: str) -> tuple[str, str, int]:
+    """``http(s)://host:port`` -> ``(scheme, host, port)``; ``ValueError`` saying what is wrong."""
     from urllib.parse import urlsplit
 
     parts = urlsplit(url if "://" in url else f"http://{url}")
-    if parts.scheme != "http":
-        raise ValueError(f"--server must be an http:// URL, got {url!r}")
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"--server must be an http:// or https:// URL, got {url!r}")
     if not parts.hostname:
         raise ValueError(f"--server has no host: {url!r}")
     try:
@@ -214,8 +328,8 @@ def _parse_server(url: str) -> tuple[str, int]:
     except ValueError:
         raise ValueError(f"--server has an invalid port: {url!r}") from None
     if parts.path not in ("", "/"):
-        raise ValueError(f"--server must be http://host:port without a path, got {url!r}")
-    return parts.hostname, port if port is not None else DEFAULT_PORT
+        raise ValueError(f"--server must be {parts.scheme}://host:port without a path, got {url!r}")
+    return parts.scheme, parts.hostname, port if port is not None else DEFAULT_PORT
 
 
 def load_agent(spec: str) -> Any:
@@ -249,14 +363,16 @@ def load_agent(spec: str) -> Any:
     return obj
 
 
-async def _check_reachable(endpoint: str, token: str | None, timeout: float) -> None:
+async def _check_reachable(endpoint: str, token: str | None, timeout: float, verify: Any = True) -> None:
     """One ``statistics()`` call: raises :class:`CLIError` when the server cannot be used."""
     import anyio
 
     from .http.client import LightningStoreClient
 
     # No retries: an unreachable server is reported at once instead of after the retry backoff.
-    client = LightningStoreClient(endpoint, auth_token=token or "", connect_timeout=timeout, retry_delays=())
+    client = LightningStoreClient(
+        endpoint, auth_token=token or "", verify=verify, connect_timeout=timeout, retry_delays=()
+    )
     try:
         with anyio.fail_after(timeout):
             await client.statistics()
@@ -272,27 +388,46 @@ async def _check_reachable(endpoint: str, token: str | None, timeout: float) -> 
 
 def _cmd_runner(args: argparse.Namespace) -> int:
     try:
-        host, port = _parse_server(args.server)
+        scheme, host, port = _parse_server(args.server)
     except ValueError as exc:
         raise CLIError(str(exc), 2) from None
     if args.n < 1:
         raise CLIError(f"-n must be >= 1, got {args.n}", 2)
+    verify: bool | str = True
+    if args.ca_file is not None:
+        if scheme != "https":
+            raise CLIError(f"--ca-file verifies an https:// server, but --server is {args.server!r}", 2)
+        if not os.path.isfile(args.ca_file):
+            raise CLIError(f"--ca-file {args.ca_file!r} does not exist", 2)
+        verify = args.ca_file
+    token = read_token(args)
     agent = load_agent(args.agent)
+    if args.ray is not None:  # hook (issue 15): a usage error before anything is contacted
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise CLIError("--ray needs Ray: install the extra with pip install 'agl-async[ray]'", 2)
 
     import anyio
 
-    endpoint = f"http://{host}:{port}"
-    token = args.token or None
-    if token:
-        # The runner processes' store clients take their token from the environment.
-        os.environ["AGL_SERVER_TOKEN"] = token
-    anyio.run(_check_reachable, endpoint, token, args.connect_timeout)
+    display_host = f"[{host}]" if ":" in host else host
+    endpoint = f"{scheme}://{display_host}:{port}"
+    anyio.run(_check_reachable, endpoint, token, args.connect_timeout, verify)
+    if args.ray is not None:  # hook (issue 15): runner actors on a Ray cluster
+        return _run_ray_runners(args, agent, endpoint, token)
 
     from .execution.client_server import ClientServerExecutionStrategy
     from .trainer import Trainer
 
+    # The token and the CA path reach the runner processes inside their pickled store clients.
     strategy = ClientServerExecutionStrategy(
-        role="runner", server_host=host, server_port=port, n_runners=args.n
+        role="runner",
+        server_host=host,
+        server_port=port,
+        n_runners=args.n,
+        auth_token=token or "",
+        verify=verify,
+        tls=scheme == "https",
     )
     trainer = Trainer(strategy=strategy, max_rollouts=args.max_rollouts, concurrency=args.concurrency)
     slots = f" x {args.concurrency} concurrent rollouts" if args.concurrency > 1 else ""
@@ -305,12 +440,73 @@ def _cmd_runner(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_ray_runners(args: argparse.Namespace, agent: Any, endpoint: str, token: str | None) -> int:
+    """``runner --ray N``: N runner actors on the Ray cluster (see agl_async.execution.ray)."""
+    import anyio
+
+    try:
+        from .execution.ray import run_runner_actors
+    except ImportError as exc:
+        raise CLIError(str(exc), 2) from None
+    from .execution._sigint import cancel_on_sigint
+    from .trainer import Trainer
+
+    # The runner bundle exactly as `runner -n` would run it (--concurrency is passed on once the
+    # command has it); the token and the CA path travel to the actors' store clients.
+    trainer_options: dict[str, Any] = {"max_rollouts": args.max_rollouts}
+    if getattr(args, "concurrency", None) is not None:
+        trainer_options["concurrency"] = args.concurrency
+    _, runner = Trainer(**trainer_options)._bundles(agent, None, None)
+    options: dict[str, Any] = {}
+    if args.ray_num_cpus is not None:
+        options["num_cpus"] = args.ray_num_cpus
+    print(f"agl-async: placing {args.ray} runner actor(s) of {args.agent} against {endpoint}", flush=True)
+
+    async def main() -> bool:
+        return await cancel_on_sigint(
+            functools.partial(
+                run_runner_actors,
+                runner,
+                endpoint,
+                args.ray,
+                auth_token=token,
+                address=args.ray_address,
+                runner_options=options,
+                max_restarts=args.max_restarts,
+                verify=args.ca_file if args.ca_file is not None else True,
+            )
+        )
+
+    try:
+        interrupted = anyio.run(main)
+    except (RuntimeError, OSError, ConnectionError) as exc:
+        raise CLIError(f"runner actors stopped: {exc}") from None
+    if interrupted:
+        raise KeyboardInterrupt
+    print("agl-async: runner actors finished", flush=True)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ parser
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def _token_options(parser: argparse.ArgumentParser, what: str) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--token-file",
+        metavar="PATH",
+        help=f"{what}, read from PATH (recommended: not visible in the process list)",
+    )
+    group.add_argument(
+        "--token",
+        help=f"{what} (visible to other users in the process list: prefer --token-file or env "
+        "AGL_SERVER_TOKEN, the default)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -381,6 +577,12 @@ def build_parser() -> argparse.ArgumentParser:
             "the run until Ctrl-C (use --latency 0.2 to watch a slower run)"
         ),
     )
+    demo.add_argument(
+        "--traced",
+        action="store_true",
+        help="instead: a traced agent calling a local OpenAI-compatible mock; shows the spans that reach "
+        "the store (needs the otel extra)",
+    )
     demo.set_defaults(handler=_cmd_demo)
 
     serve = commands.add_parser(
@@ -389,27 +591,44 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Serve a LightningStore over HTTP until Ctrl-C (SIGINT) or SIGTERM, which stop it cleanly "
             "(exit code 0). Point algorithms and 'agl-async runner' at it. The store is a fresh "
-            "in-memory one unless --store names a database, which outlives the server."
+            "in-memory one unless --store names a database, which outlives the server. With a "
+            "PostgreSQL store, --workers N runs N server processes on one address sharing the database."
         ),
     )
     serve.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 = all)"
     )
     serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    _token_options(serve, "require 'Authorization: Bearer TOKEN' on every request")
     serve.add_argument(
-        "--token",
-        default=os.environ.get("AGL_SERVER_TOKEN"),
-        help="require 'Authorization: Bearer TOKEN' on every request (default: env AGL_SERVER_TOKEN)",
+        "--ssl-certfile",
+        metavar="PEM",
+        help="serve HTTPS with this certificate chain (PEM; may also hold the key)",
+    )
+    serve.add_argument("--ssl-keyfile", metavar="PEM", help="the certificate's private key (PEM)")
+    serve.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow binding a non-loopback --host without a token (anyone who reaches it can use the store)",
     )
     serve.add_argument(
         "--store",
-        default="memory://",
+        default=os.environ.get("AGL_STORE_URL") or "memory://",  # [issue 12]
         metavar="URL",
         help=(
             "the store to serve: memory:// (default), sqlite:///relative/path.db, "
-            "sqlite:////absolute/path.db or postgresql://user:password@host:port/dbname"
+            "sqlite:////absolute/path.db or postgresql://user:password@host:port/dbname "
+            "(default: env AGL_STORE_URL, else memory://)"
         ),
     )
+    serve.add_argument(  # [issue 12]
+        "--workers",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="server processes on the one address, sharing the store (PostgreSQL only; default 1)",
+    )
+    serve.add_argument("--worker-of", default=None, help=argparse.SUPPRESS)  # [issue 12] PARENT_PID:READY_FD
     serve.set_defaults(handler=_cmd_serve)
 
     runner = commands.add_parser(
@@ -422,7 +641,9 @@ def build_parser() -> argparse.ArgumentParser:
             "Runs until every runner has done --max-rollouts rollouts, or until Ctrl-C."
         ),
     )
-    runner.add_argument("--server", required=True, metavar="URL", help="store server, http://host:port")
+    runner.add_argument(
+        "--server", required=True, metavar="URL", help="store server, http://host:port or https://host:port"
+    )
     runner.add_argument(
         "--agent",
         required=True,
@@ -447,8 +668,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="M",
         help="stop each runner after M rollouts (all its concurrent ones together)",
     )
+    _token_options(runner, "bearer token of the server")
     runner.add_argument(
-        "--token", default=os.environ.get("AGL_SERVER_TOKEN"), help="bearer token of the server"
+        "--ca-file",
+        metavar="PEM",
+        help="CA bundle that signed the https:// server's certificate (default: the system's trust store)",
     )
     runner.add_argument(
         "--connect-timeout",
@@ -456,6 +680,27 @@ def build_parser() -> argparse.ArgumentParser:
         default=10.0,
         metavar="SEC",
         help="give up if the server does not answer within SEC seconds (default 10)",
+    )
+    ray = runner.add_argument_group("Ray (needs agl-async[ray])")
+    ray.add_argument(
+        "--ray",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="place N runner actors on a Ray cluster instead of local processes (the cluster at "
+        "--ray-address, else RAY_ADDRESS or the last `ray start` here, else a new local one); "
+        "--server must be reachable from its nodes",
+    )
+    ray.add_argument("--ray-address", default=None, metavar="ADDR", help="Ray cluster address")
+    ray.add_argument(
+        "--ray-num-cpus", type=float, default=None, metavar="C", help="CPUs reserved per runner actor"
+    )
+    ray.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        metavar="R",
+        help="restart a runner actor whose process dies up to R times (-1: always; default 0)",
     )
     runner.set_defaults(handler=_cmd_runner)
     return parser

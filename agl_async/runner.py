@@ -38,7 +38,9 @@ from .algorithm import REWARD_KEY
 from .execution.events import ExecutionEvent
 from .rollout_context import RolloutContext  # [context hook]
 from .rollout_context import _current as _current_rollout  # [context hook]
+from .semconv import REWARD_SPAN_NAME
 from .store.base import LightningStore
+from .tracing import trace_attempt
 from .types import AttemptedRollout, Span, WorkerId
 
 __all__ = [
@@ -52,9 +54,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("agl_async.runner")
-
-#: Name of the span the runner loop records for an agent's reward (attribute ``"reward"``).
-REWARD_SPAN_NAME = "agl_async.reward"
 
 #: An agent: ``agent(task_input, resources) -> reward`` (``float`` or ``None``), sync or async.
 Agent = Callable[[Any, dict[str, Any]], "float | Awaitable[float | None] | None"]
@@ -232,7 +231,9 @@ async def _run_attempt(
                 tg.start_soon(_heartbeat, store, worker_id, rollout_id, attempt_id, interval)
             context = _current_rollout.set(RolloutContext(store, rollout, worker_id))  # [context hook]
             try:
-                reward = _as_reward(await call_agent(agent, rollout, resources))
+                # The agent's OpenTelemetry spans, written to the store on exit (agl_async.tracing).
+                async with trace_attempt(store, rollout_id, attempt_id):
+                    reward = _as_reward(await call_agent(agent, rollout, resources))
             except Exception as exc:
                 error, error_traceback = exc, traceback.format_exc()
             finally:

@@ -20,6 +20,7 @@ from msgspec import UNSET, UnsetType
 
 __all__ = [
     "ATTEMPT_STATUSES",
+    "AUTO_SEQUENCE_ID",
     "QUEUE_STATUSES",
     "ROLLOUT_STATUSES",
     "TERMINAL_ATTEMPT_STATUSES",
@@ -156,8 +157,18 @@ class EnqueueRolloutRequest(_Model, forbid_unknown_fields=True):
     metadata: dict[str, Any] | None = None
 
 
+#: A span added with this ``sequence_id`` is numbered by the store (the attempt's next sequence id).
+AUTO_SEQUENCE_ID = 0
+
+
 class Span(_Model):
-    """One traced operation of an attempt. ``sequence_id`` orders the spans of one attempt."""
+    """One traced operation of an attempt. ``sequence_id`` orders the spans of one attempt
+    (:data:`AUTO_SEQUENCE_ID`: let the store number it when it is added).
+
+    ``trace_id`` / ``span_id`` / ``parent_id`` are lowercase hex for spans from OpenTelemetry (32 /
+    16 / 16 characters), times are seconds since the epoch, ``events`` are
+    ``{"name", "time", "attributes"}`` mappings and ``status_code`` is OpenTelemetry's status.
+    """
 
     rollout_id: str
     attempt_id: str

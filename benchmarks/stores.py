@@ -25,9 +25,13 @@ gives the growth over the second half; the in-memory store grows with what it ho
 MiB to any long-lived server; ``MALLOC_MMAP_THRESHOLD_=131072`` in the environment fixes it and
 shows what the store itself holds.
 
-Adding a store (e.g. ``postgres``): put a factory into :data:`STORES` — a function of the work
-directory returning a fresh, empty store — and name it in ``--stores``; every figure above is then
-measured for it too, in the same run.
+Adding a store: put a factory into :data:`STORES` — a function of the work directory returning a
+fresh, empty store — and name it in ``--stores``; every figure above is then measured for it too,
+in the same run. ``postgres`` makes a fresh database per store on the server
+``AGL_BENCH_POSTGRES_URL`` names, else on a throwaway cluster started for the run
+(``tests/throwaway_postgres.py``: ``fsync=off``, as in the tests); it is in the default
+``--stores`` when PostgreSQL is installed. (Its 1, 2 and 4 serving processes:
+``benchmarks/postgres.py``.)
 """
 
 from __future__ import annotations
@@ -52,10 +56,48 @@ from agl_async import InMemoryLightningStore, LightningStore, Span, SqliteLightn
 #: A fresh, empty store of one kind, from a private, empty work directory.
 StoreFactory = Callable[[Path], LightningStore]
 
+
+def _postgres(workdir: Path) -> LightningStore:
+    from agl_async.store.postgres import PostgresLightningStore
+
+    name = f"bench_{workdir.name.replace('-', '_')}_{os.urandom(3).hex()}"
+    return PostgresLightningStore(_fresh_postgres_database(name))
+
+
 STORES: dict[str, StoreFactory] = {
     "memory": lambda workdir: InMemoryLightningStore(),
     "sqlite": lambda workdir: SqliteLightningStore(workdir / "store.db"),
+    "postgres": _postgres,
 }
+
+_POSTGRES_URL_ENV = "AGL_BENCH_POSTGRES_URL"
+
+
+def _throwaway_postgres() -> Any:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    import throwaway_postgres
+
+    return throwaway_postgres
+
+
+def _postgres_available() -> bool:
+    return bool(os.environ.get(_POSTGRES_URL_ENV)) or _throwaway_postgres().skip_reason() is None
+
+
+def _fresh_postgres_database(name: str) -> str:
+    """The DSN of a new database ``name`` on the benchmark's server (in this process or a child)."""
+    import atexit
+    import subprocess
+
+    server = os.environ.get(_POSTGRES_URL_ENV)
+    if not server:  # the first use in the run's main process: start a cluster for the run
+        cluster = _throwaway_postgres().PostgresCluster().start()
+        atexit.register(cluster.stop)
+        server = os.environ[_POSTGRES_URL_ENV] = cluster.dsn()  # spawned children inherit it
+    psql = os.path.join(_throwaway_postgres().find_bindir() or "/usr/bin", "psql")
+    subprocess.run([psql, "-X", "-q", "-d", server, "-c", f'CREATE DATABASE "{name}"'], check=True)
+    return server.rsplit("/", 1)[0] + "/" + name
+
 
 GROWTH_BATCH = 10_000
 GROWTH_SAMPLE_EVERY = 100_000
@@ -220,7 +262,8 @@ async def _grow(endpoint: str, served: _Served, total: int) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stores", default=",".join(STORES), help="stores to measure (default: all)")
+    available = [k for k in STORES if k != "postgres" or _postgres_available()]
+    parser.add_argument("--stores", default=",".join(available), help="stores to measure (default: all)")
     parser.add_argument("--rollouts", type=int, default=2000, help="rollouts per rollouts/s run")
     parser.add_argument("--runners", type=int, default=8, help="runner loops of the rollouts/s run")
     parser.add_argument("--spans", type=int, default=5000, help="spans added one at a time")
@@ -252,7 +295,7 @@ def main() -> None:
                 grow_dir.mkdir()
                 with _Served(kind, grow_dir) as served:
                     growth[kind] = anyio.run(_grow, served.endpoint, served, args.growth)
-                    if kind != "memory":
+                    if kind not in ("memory", "postgres"):  # postgres: its files are the server's
                         growth[kind]["file_mb"] = round(
                             sum(f.stat().st_size for f in grow_dir.iterdir()) / 2**20, 1
                         )

@@ -6,8 +6,10 @@ it with ``BOTH_BACKENDS`` to run on trio as well.
 ``store`` is parametrised over every store implementation, so one suite specifies them all:
 ``memory`` (InMemoryLightningStore), ``locked`` (LightningStoreLocked around it), ``http``
 (LightningStoreClient talking to a LightningStoreServer on 127.0.0.1, asyncio only), ``sqlite``
-(SqliteLightningStore on a file in a temporary directory) and ``http-sqlite`` (the HTTP client in
-front of a server over a SqliteLightningStore).
+(SqliteLightningStore on a file in a temporary directory), ``http-sqlite`` (the HTTP client in
+front of a server over a SqliteLightningStore), ``postgres`` (PostgresLightningStore on a fresh
+database of a throwaway cluster, ``postgres_url`` below; asyncio only: skipped on trio saying so,
+and skipped when PostgreSQL is not installed) and ``http-postgres``.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ ISSUE_16_RULES = {
     # rollout the watchdog had failed (max_attempts=1) with a late span.
     "test_unresponsive_attempt_comes_back_with_a_span": "a terminal rollout never changes (issue 16)",
 }
-DURABLE_KINDS = frozenset({"sqlite", "http-sqlite"})
+DURABLE_KINDS = frozenset({"sqlite", "http-sqlite", "postgres", "http-postgres"})
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -101,6 +103,31 @@ def anyio_backend() -> str:
 
 #: Every store implementation, one suite for all (``agl_async.testing`` makes the fixture).
 store = store_fixture(*STORE_KINDS)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Any]:
+    """A throwaway PostgreSQL cluster for the whole session (tests/throwaway_postgres.py), started
+    by the first test that needs it; skips that test, saying why, when PostgreSQL is not installed."""
+    from throwaway_postgres import PostgresCluster, skip_reason
+
+    reason = skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    with PostgresCluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def postgres_url(pg_cluster: Any) -> str:
+    """The server the ``postgres`` store kinds make their fresh databases on (agl_async.testing)."""
+    return str(pg_cluster.dsn())
+
+
+@pytest.fixture
+def pg_dsn(pg_cluster: Any) -> str:
+    """The DSN of a fresh, empty database on the session's cluster."""
+    return str(pg_cluster.create_database())
 
 
 def _alive(process: object) -> bool:
@@ -145,3 +172,36 @@ def no_leftover_processes(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     assert left == [], f"processes left behind: {[(p.pid, _cmdline(p)) for p in left]}"
     if manager_before is None:
         assert aiomultiprocess.core._manager is None, "aiomultiprocess's manager was left running"
+
+
+# ---------------------------------------------------------------------------- TLS (trustme)
+class TLSFiles:
+    """PEM files of a throwaway CA (``trustme``) and a server certificate it signed.
+
+    ``ca``: the CA certificate (what a client passes as ``verify=``); ``cert`` / ``key``: the
+    server's certificate chain and private key; ``combined``: both in one file; ``other_ca``: a
+    CA that signed nothing here (a client trusting only it must refuse the server)."""
+
+    def __init__(self, directory: Any, *names: str) -> None:
+        import trustme
+
+        ca, other = trustme.CA(), trustme.CA()
+        issued = ca.issue_cert(*(names or ("127.0.0.1", "localhost", "::1")))
+        self.ca = directory / "ca.pem"
+        self.other_ca = directory / "other-ca.pem"
+        self.cert = directory / "server.pem"
+        self.key = directory / "server.key"
+        self.combined = directory / "server-and-key.pem"
+        ca.cert_pem.write_to_path(str(self.ca))
+        other.cert_pem.write_to_path(str(self.other_ca))
+        issued.private_key_pem.write_to_path(str(self.key))
+        issued.private_key_and_cert_chain_pem.write_to_path(str(self.combined))
+        with open(self.cert, "wb") as f:
+            for blob in issued.cert_chain_pems:
+                f.write(blob.bytes())
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
+    """A throwaway CA and a server certificate for 127.0.0.1 / localhost / ::1 (session-wide)."""
+    return TLSFiles(tmp_path_factory.mktemp("tls"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import signal
@@ -252,7 +253,7 @@ def test_runner_reports_an_agent_that_does_not_import(agent: str, message: str) 
 
 def test_runner_rejects_a_bad_server_url(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["runner", "--server", "ftp://host:1", "--agent", "x:y"]) == 2
-    assert "--server must be an http:// URL" in capsys.readouterr().err
+    assert "--server must be an http:// or https:// URL" in capsys.readouterr().err
 
 
 def test_agent_module_in_the_current_directory_is_found(tmp_path: Path) -> None:
@@ -378,3 +379,12 @@ def test_ctrl_c_stops_attached_runners_and_their_processes(procs: list[Proc]) ->
     assert alive(children) == set()
     server.popen.send_signal(signal.SIGTERM)
     assert server.wait() == 0, server.output
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("ray") is not None, reason="Ray is installed here (nox -s ray tests --ray)"
+)
+def test_runner_ray_without_ray_says_how_to_install_it(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["runner", "--server", "http://127.0.0.1:1", "--agent", "agl_async.examples.evolution:agent"]
+    assert main([*args, "--ray", "2"]) == 2
+    assert "pip install 'agl-async[ray]'" in capsys.readouterr().err

@@ -220,11 +220,13 @@ async def test_same_idempotency_key_replays_the_first_answer() -> None:
         again = await http.post("/v1/enqueue_rollout", json={"input": 1}, headers=headers)
         assert first.status_code == again.status_code == 200
         assert again.json() == first.json() and again.headers["idempotent-replayed"] == "true"
-        # The key is per route, and other keys apply normally.
-        await http.post("/v1/add_resources", json={"resources": {}}, headers=headers)
+        # The key is bound to its request (another route is another request: 422, see
+        # test_idempotency_binding.py); other keys apply normally.
+        reused = await http.post("/v1/add_resources", json={"resources": {}}, headers=headers)
+        assert reused.status_code == 422
         await http.post("/v1/enqueue_rollout", json={"input": 1}, headers={"idempotency-key": "k-2"})
         assert len(await store.query_rollouts()) == 2
-        assert len(await store.query_resources()) == 1
+        assert len(await store.query_resources()) == 0
 
 
 async def test_a_retry_overtaking_its_original_waits_for_its_answer() -> None:

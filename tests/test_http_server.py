@@ -128,11 +128,12 @@ async def _until_requests_in_flight(server: LightningStoreServer, n: int) -> Non
         await anyio.sleep(0.01)
 
 
-def test_non_loopback_bind_without_token_warns(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="agl_async"):
+def test_non_loopback_bind_without_token_is_refused(caplog: pytest.LogCaptureFixture) -> None:
+    """(More in tests/test_secure_defaults.py.) Refused, naming the host and both ways out."""
+    with pytest.raises(ValueError, match=r"'0\.0\.0\.0'") as info:
         LightningStoreServer(InMemoryLightningStore(), host="0.0.0.0", port=0, auth_token="")
-    assert any("0.0.0.0" in r.getMessage() and "token" in r.getMessage() for r in caplog.records)
-    caplog.clear()
+    for hint in ("auth_token", "AGL_SERVER_TOKEN", "allow_unauthenticated"):
+        assert hint in str(info.value)
     with caplog.at_level(logging.WARNING, logger="agl_async"):
         LightningStoreServer(InMemoryLightningStore(), host="0.0.0.0", port=0, auth_token="s3cret")
         LightningStoreServer(InMemoryLightningStore(), host="127.0.0.1", port=0, auth_token="")
@@ -196,7 +197,7 @@ async def test_openapi_document_lists_every_route() -> None:
         async with httpx.AsyncClient(base_url=server.endpoint) as http:
             doc = (await http.get("/v1/openapi.json")).json()
     assert doc["openapi"].startswith("3.")
-    assert set(doc["paths"]) == {spec.path for spec in ROUTES.values()} | {"/v1/health"}
+    assert set(doc["paths"]) == {spec.path for spec in ROUTES.values()} | {"/v1/health", "/v1/traces"}
     enqueue = doc["paths"]["/v1/enqueue_rollout"]["post"]
     assert "Idempotency-Key" in [param["name"] for param in enqueue["parameters"]]
     schema_ref = enqueue["requestBody"]["content"]["application/json"]["schema"]["$ref"]

@@ -35,3 +35,13 @@ def test_database_drivers_load_only_with_their_store() -> None:
     sqlite = _loaded_after("from agl_async import SqliteLightningStore")
     assert "sqlite3" in sqlite and "asyncpg" not in sqlite
     assert "sqlite3" in _loaded_after("from agl_async import open_store\nopen_store('sqlite:///x.db')")
+
+
+def test_opentelemetry_is_imported_only_when_an_agent_runs_or_protobuf_arrives() -> None:
+    code = (
+        "import sys\nimport agl_async.trainer, agl_async.tracing, agl_async.traces, agl_async.http.server\n"
+        "from agl_async import LightningStoreServer, Trainer\n"
+        "print(' '.join(m for m in sys.modules if m.startswith(('opentelemetry', 'google'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split() == []

@@ -6,6 +6,7 @@ import pytest
 from conftest import BOTH_BACKENDS, make_span
 
 from agl_async import LightningStore
+from agl_async.types import AUTO_SEQUENCE_ID
 
 pytestmark = pytest.mark.anyio
 
@@ -33,6 +34,31 @@ async def test_added_spans_advance_the_sequence(store: LightningStore) -> None:
     started = await store.start_rollout(1)
     rid, aid = started.rollout_id, started.attempt.attempt_id
     await store.add_span(make_span(rid, aid, 7))
+    assert await store.get_next_span_sequence_id(rid, aid) == 8  # never issues one already used
+
+
+async def test_spans_added_with_sequence_id_zero_are_numbered_by_the_store(store: LightningStore) -> None:
+    # AUTO_SEQUENCE_ID: how OTLP ingestion and the runner's tracer write spans in one call.
+    started = await store.start_rollout(1)
+    rid, aid = started.rollout_id, started.attempt.attempt_id
+    assert AUTO_SEQUENCE_ID == 0
+    assert await store.get_next_span_sequence_id(rid, aid) == 1
+    added = await store.add_many_spans(
+        [
+            make_span(rid, aid, 0, span_id="a"),
+            make_span(rid, aid, 5, span_id="b"),
+            make_span(rid, aid, 0, span_id="c"),
+        ]
+    )
+    assert [(s.span_id, s.sequence_id) for s in added] == [("a", 2), ("b", 5), ("c", 6)]
+    single = await store.add_span(make_span(rid, aid, 0, span_id="d"))
+    assert single is not None and single.sequence_id == 7
+    assert [(s.span_id, s.sequence_id) for s in await store.query_spans(rid)] == [
+        ("a", 2),
+        ("b", 5),
+        ("c", 6),
+        ("d", 7),
+    ]
     assert await store.get_next_span_sequence_id(rid, aid) == 8  # never issues one already used
 
 

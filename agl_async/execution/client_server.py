@@ -4,12 +4,19 @@ Roles (``role``, default env ``AGL_CURRENT_ROLE`` or ``"both"``):
 
 * ``"algorithm"``: serve ``store`` with :class:`~agl_async.http.server.LightningStoreServer` on
   ``server_host:server_port`` and run the algorithm here against it. No runners.
-* ``"runner"``: connect ``LightningStoreClient(f"http://{host}:{port}")`` and run ``n_runners``
+* ``"runner"``: connect ``LightningStoreClient(f"http(s)://{host}:{port}")`` and run ``n_runners``
   runners — in this process when there is one, else one child process each — until they return.
 * ``"both"``: server + algorithm here and ``n_runners`` runner processes; with
   ``main_process="runner"`` (one runner) the runner runs here and the algorithm + server in a
   child process (which therefore receives ``store``: it must pickle; changes made there stay
   there).
+
+Across hosts (see docs/serving.md): ``auth_token`` (default env ``AGL_SERVER_TOKEN``),
+``ssl_certfile`` / ``ssl_keyfile`` (the server here serves HTTPS), ``verify`` (how runners check
+the server's certificate: httpx's convention, a CA bundle path crosses into runner processes),
+``tls`` (runners use ``https://``; default: when a certificate or a CA bundle is given) and
+``allow_unauthenticated`` (serve a non-loopback address without a token). Runner processes get
+the token and the CA path inside their pickled client, never on a command line.
 
 ``managed_store=False``: no server or client is made; ``store`` itself goes to the bundles (and so
 to the child processes, where it must pickle).
@@ -35,18 +42,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, Literal
 
 import anyio
 
 from .._backend import current_async_library
-from .._net import bind_socket, free_port, http_url
+from .._net import bind_socket, free_port
 from .._validate import check_count, check_seconds
-from ..http.client import LightningStoreClient
+from ..http._tls import Verify
 from ..http.server import LightningStoreServer
 from ..store.base import LightningStore
 from ._env import env_bool, env_choice, env_int, env_str
+from ._transport import Transport
 from .base import AlgorithmBundle, ExecutionStrategy, RunnerBundle
 from .events import ExecutionEvent, ProcessExecutionEvent, ThreadingExecutionEvent
 from .processes import (
@@ -88,11 +97,12 @@ async def _algorithm_child(
     event: ExecutionEvent,
     ready: ExecutionEvent,
     release: ExecutionEvent,
+    transport: Transport,
 ) -> None:
     """``main_process="runner"``: serve ``store`` and run the algorithm; when it ends, set the
     event, and keep serving until the parent's runner has finished (``release``)."""
     try:
-        async with _served(store, host, port, managed) as served:
+        async with _served(store, host, port, managed, transport) as served:
             ready.set()
             try:
                 await algorithm(served, event)
@@ -106,7 +116,7 @@ async def _algorithm_child(
 
 @contextlib.asynccontextmanager
 async def _served(
-    store: LightningStore, host: str, port: int, managed: bool
+    store: LightningStore, host: str, port: int, managed: bool, transport: Transport
 ) -> AsyncIterator[LightningStore]:
     """With ``managed``, serve ``store`` on ``host:port`` for the duration of the block (``async
     with`` the server: a task of a task group of this task) and yield the server; else yield
@@ -115,7 +125,7 @@ async def _served(
     if not managed:
         yield store
         return
-    async with LightningStoreServer(store, host=host, port=port) as server:
+    async with transport.server(store, host, port) as server:
         yield server
 
 
@@ -145,6 +155,13 @@ class ClientServerExecutionStrategy(ExecutionStrategy):
         main_process: Literal["algorithm", "runner"] = "algorithm",
         managed_store: bool | None = None,
         allowed_exit_codes: Iterable[int] = (0, -15),
+        *,
+        auth_token: str | None = None,
+        ssl_certfile: str | os.PathLike[str] | None = None,
+        ssl_keyfile: str | os.PathLike[str] | None = None,
+        verify: Verify = True,
+        tls: bool | None = None,
+        allow_unauthenticated: bool = False,
     ) -> None:
         self.role: Role = env_choice(  # type: ignore[assignment]
             "AGL_CURRENT_ROLE", "role", role, "both", ("algorithm", "runner", "both")
@@ -173,12 +190,27 @@ class ClientServerExecutionStrategy(ExecutionStrategy):
         if not all(isinstance(c, int) and not isinstance(c, bool) for c in codes):
             raise ValueError(f"allowed_exit_codes must be integers, got {codes!r}")
         self.allowed_exit_codes = codes
+        self._transport = Transport(
+            auth_token=auth_token,
+            ssl_certfile=ssl_certfile,
+            ssl_keyfile=ssl_keyfile,
+            verify=verify,
+            tls=tls,
+            allow_unauthenticated=allow_unauthenticated,
+        )
+        self.auth_token = self._transport.auth_token
+        self.ssl_certfile = self._transport.ssl_certfile
+        self.ssl_keyfile = self._transport.ssl_keyfile
+        self.verify = self._transport.verify
+        self.tls = self._transport.tls
+        self.allow_unauthenticated = self._transport.allow_unauthenticated
 
     def __repr__(self) -> str:
         return (
             f"ClientServerExecutionStrategy(role={self.role!r}, server_host={self.server_host!r}, "
             f"server_port={self.server_port}, n_runners={self.n_runners}, "
-            f"main_process={self.main_process!r}, managed_store={self.managed_store})"
+            f"main_process={self.main_process!r}, managed_store={self.managed_store}, "
+            f"tls={self.tls}, auth_token={'<set>' if self.auth_token else None})"
         )
 
     # ------------------------------------------------------------------ entry point
@@ -225,7 +257,7 @@ class ClientServerExecutionStrategy(ExecutionStrategy):
 
     def _served(self, store: LightningStore) -> contextlib.AbstractAsyncContextManager[LightningStore]:
         # Binds before anything is spawned: a port in use is an OSError naming it, and nothing runs.
-        return _served(store, self.server_host, self.server_port, self.managed_store)
+        return _served(store, self.server_host, self.server_port, self.managed_store, self._transport)
 
     async def _spawn_and_supervise(
         self,
@@ -271,10 +303,10 @@ class ClientServerExecutionStrategy(ExecutionStrategy):
             await supervisor.run()
 
     def _runner_store(self, store: LightningStore, endpoint: str) -> LightningStore:
-        return LightningStoreClient(endpoint) if self.managed_store else store
+        return self._transport.client(endpoint) if self.managed_store else store
 
     async def _run_runners(self, runner: RunnerBundle, store: LightningStore) -> None:
-        endpoint = http_url(self.server_host, self.server_port)
+        endpoint = self._transport.endpoint(self.server_host, self.server_port)
         if self.n_runners == 1:
             event = ThreadingExecutionEvent()
             supervisor = self._supervisor(event)
@@ -329,7 +361,7 @@ class ClientServerExecutionStrategy(ExecutionStrategy):
         event: ProcessExecutionEvent,
     ) -> None:
         server = served if isinstance(served, LightningStoreServer) else None
-        runner_store: LightningStore = LightningStoreClient(server.endpoint) if server is not None else store
+        runner_store = self._transport.client(server.endpoint) if server is not None else store
         specs = [
             (f"runner-{i}", _runner_child, (runner, runner_store, i, event, self.managed_store))
             for i in range(self.n_runners)
@@ -361,15 +393,26 @@ class ClientServerExecutionStrategy(ExecutionStrategy):
                 port = free_port(self.server_host)
             # Fail fast, naming the port, before the child that will serve on it is started.
             bind_socket(self.server_host, port, listen=False).close()
+            self._transport.check_server(self.server_host)  # and the token / certificate rules
         event, ready, release = ProcessExecutionEvent(), ProcessExecutionEvent(), ProcessExecutionEvent()
         try:
             spec = (
                 "algorithm",
                 _algorithm_child,
-                (algorithm, store, self.server_host, port, self.managed_store, event, ready, release),
+                (
+                    algorithm,
+                    store,
+                    self.server_host,
+                    port,
+                    self.managed_store,
+                    event,
+                    ready,
+                    release,
+                    self._transport,
+                ),
             )
             supervisor = self._supervisor(event)
-            endpoint = http_url(self.server_host, port, bound=True)
+            endpoint = self._transport.endpoint(self.server_host, port, bound=True)
             runner_store = self._runner_store(store, endpoint)
 
             async def runner_here() -> None:

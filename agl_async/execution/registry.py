@@ -22,6 +22,7 @@ STRATEGIES: dict[str, str] = {
     "shared_memory": "agl_async.execution.shared_memory:SharedMemoryExecutionStrategy",
     "cs": "agl_async.execution.client_server:ClientServerExecutionStrategy",
     "client_server": "agl_async.execution.client_server:ClientServerExecutionStrategy",
+    "ray": "agl_async.execution.ray:RayExecutionStrategy",  # issue 15; needs the ray extra
 }
 
 

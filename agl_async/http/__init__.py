@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from .._lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from .client import LightningStoreClient, StoreAuthError, StoreConnectionError
+    from .client import LightningStoreClient, StoreAuthError, StoreConnectionError, StoreTLSError
     from .server import LightningStoreServer
 
 # Imported on first access (PEP 562): runner processes need the client only, not the server's
@@ -19,6 +19,7 @@ _LAZY = {
     "LightningStoreClient": ".client",
     "StoreAuthError": ".client",
     "StoreConnectionError": ".client",
+    "StoreTLSError": ".client",
     "LightningStoreServer": ".server",
 }
 
@@ -26,4 +27,10 @@ _LAZY = {
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 
-__all__ = ["LightningStoreClient", "LightningStoreServer", "StoreAuthError", "StoreConnectionError"]
+__all__ = [
+    "LightningStoreClient",
+    "LightningStoreServer",
+    "StoreAuthError",
+    "StoreConnectionError",
+    "StoreTLSError",
+]

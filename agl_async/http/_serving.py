@@ -104,10 +104,14 @@ async def serve_on(
     graceful_timeout: float,
     log_level: str,
     on_server: Callable[[EmbeddedUvicorn], None],
+    ssl_certfile: str | None = None,
+    ssl_keyfile: str | None = None,
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` on the bound, listening ``sock`` until the server's ``request_stop()``; asyncio
-    only. ``on_server`` receives the server before it starts (to stop it later)."""
+    only. ``on_server`` receives the server before it starts (to stop it later). With
+    ``ssl_certfile`` (and ``ssl_keyfile``, unless the key is in the certificate file) it serves
+    HTTPS: uvicorn's TLS, Python's ``ssl`` defaults (TLS 1.2+)."""
     config = uvicorn.Config(
         app,
         lifespan="off",
@@ -120,6 +124,8 @@ async def serve_on(
         timeout_graceful_shutdown=graceful_timeout,  # type: ignore[arg-type]  # a float works
         server_header=False,
         date_header=False,
+        ssl_certfile=ssl_certfile,
+        ssl_keyfile=ssl_keyfile,
     )
     server = EmbeddedUvicorn(config, on_started=task_status.started)
     on_server(server)

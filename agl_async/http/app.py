@@ -13,7 +13,8 @@ store ``ValueError`` is a 400 ``value_error``; anything else is a bug, logged wi
 answered 500 ``internal_error``. Every error is the JSON body ``{"error": kind, "detail": message}``
 (:class:`~agl_async.http.protocol.ErrorBody`). The kinds: ``malformed_json``, ``bad_request``,
 ``client_disconnected``, ``value_error`` (400); ``unauthorized`` (401); ``not_found`` (404);
-``method_not_allowed`` (405); ``payload_too_large`` (413); ``validation_error`` (422);
+``method_not_allowed`` (405); ``payload_too_large`` (413); ``validation_error``,
+``idempotency_key_reused`` (422);
 ``internal_error`` (500).
 
 Adding a route that is not a store method (e.g. ``POST /v1/traces``, ``GET /metrics``, a dashboard)::
@@ -56,7 +57,7 @@ from .._validate import check_seconds
 from ..store.base import LightningStore
 from ..types import WorkerId
 from . import protocol as p
-from ._idempotency import IdempotencyCache
+from ._idempotency import IdempotencyCache, IdempotencyKeyReused, fingerprint
 
 __all__ = ["JSON", "Endpoint", "HTTPError", "StoreApp"]
 
@@ -65,6 +66,11 @@ logger = logging.getLogger("agl_async")
 JSON = "application/json"
 _MAX_KEY_LENGTH = 200
 _encoder = msgspec.json.Encoder()
+
+
+def _always(status: int) -> bool:
+    return True
+
 
 #: A route's handler: a request in, a response out (or :class:`HTTPError` raised).
 Endpoint = Callable[[Request], Awaitable[Response]]
@@ -250,9 +256,8 @@ class StoreApp:
         handler = self._special(spec.name) if spec.special else self._generic(spec.name)
         cache = self._idempotency
 
-        async def run(request: Request) -> tuple[int, bytes]:
+        async def run(body: bytes, request: Request) -> tuple[int, bytes]:
             try:
-                body = await self.read_body(request)
                 try:
                     args = decoder.decode(body or b"{}")
                 except msgspec.ValidationError as exc:
@@ -268,15 +273,20 @@ class StoreApp:
             if self._auth_header is not None:
                 self.check_auth(request)
             key = request.headers.get(p.IDEMPOTENCY_HEADER) if spec.mutating else None
-            if not key:
-                status, content = await run(request)
-                return Response(content, status, media_type=JSON)
-            if len(key) > _MAX_KEY_LENGTH:
+            if key and len(key) > _MAX_KEY_LENGTH:
                 detail = f"{p.IDEMPOTENCY_HEADER} longer than {_MAX_KEY_LENGTH} characters"
                 raise HTTPError(400, "bad_request", detail)
-            status, content, replayed = await cache.answer(
-                f"{spec.name}:{key}", lambda: run(request), keep=lambda status: status != 413
-            )
+            # Read (within the limit: 413) before any remembered answer may be replayed.
+            body = await self.read_body(request)
+            if not key:
+                status, content = await run(body, request)
+                return Response(content, status, media_type=JSON)
+            try:
+                status, content, replayed = await cache.answer(
+                    key, fingerprint("POST", spec.path, body), lambda: run(body, request), keep=_always
+                )
+            except IdempotencyKeyReused as exc:
+                raise HTTPError(422, "idempotency_key_reused", str(exc)) from None
             headers = {"idempotent-replayed": "true"} if replayed else None
             return Response(content, status, media_type=JSON, headers=headers)
 

@@ -16,6 +16,13 @@ Failures
     ``dequeue_rollout(timeout=inf)``): for those the HTTP read timeout is the wait plus
     ``request_timeout`` (or none), so the server's answer always arrives first.
 
+TLS
+    ``https://`` endpoints are verified per ``verify`` (httpx's convention: ``True``, ``False``, a
+    CA bundle path or an ``ssl.SSLContext``; see :mod:`agl_async.http._tls`). A certificate that
+    does not verify, a server that does not speak TLS, or an ``http://`` endpoint whose port speaks
+    TLS raises :class:`StoreTLSError` (a ``StoreConnectionError``) at the first attempt, naming the
+    endpoint: such a misconfiguration is never retried.
+
     The server's 400/404/413/422 answers are raised as ``ValueError`` with the server's message
     (exactly what the in-process store raises); 401/403 as :class:`StoreAuthError`
     (a ``PermissionError``); other answers as ``RuntimeError`` naming the endpoint.
@@ -37,6 +44,7 @@ import functools
 import inspect
 import math
 import os
+import ssl
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from http import HTTPStatus
 from types import TracebackType
@@ -50,10 +58,17 @@ from .._backend import loop_identity
 from .._validate import as_config, as_enqueue_requests, as_resources
 from ..store.base import LightningStore
 from ..types import AttemptedRollout, AttemptStatus, Rollout, Span, Unset, WorkerId
+from . import _tls
 from . import protocol as p
 from .transport import TRANSPORTS, AiohttpTransport, TransportName, resolve_transport  # [transport seam]
 
-__all__ = ["DEFAULT_RETRY_DELAYS", "LightningStoreClient", "StoreAuthError", "StoreConnectionError"]
+__all__ = [
+    "DEFAULT_RETRY_DELAYS",
+    "LightningStoreClient",
+    "StoreAuthError",
+    "StoreConnectionError",
+    "StoreTLSError",
+]
 
 #: Seconds to wait before each retry of a request that could not reach the server (7.85 s in all).
 DEFAULT_RETRY_DELAYS: tuple[float, ...] = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 4.0)
@@ -77,6 +92,11 @@ _error_decoder = msgspec.json.Decoder(p.ErrorBody)
 
 class StoreConnectionError(ConnectionError):
     """The store server could not be reached (after the retries) or did not answer in time."""
+
+
+class StoreTLSError(StoreConnectionError):
+    """TLS with the store server cannot work as configured (certificate not trusted, a peer that
+    does not speak TLS, plain HTTP to a TLS port). Raised at once: retrying cannot help."""
 
 
 class StoreAuthError(PermissionError):
@@ -141,7 +161,9 @@ class LightningStoreClient(LightningStore):
     """Talk to a ``LightningStoreServer`` at ``endpoint`` (e.g. ``"http://127.0.0.1:4747"``).
 
     ``auth_token`` (default: env ``AGL_SERVER_TOKEN``; ``""`` sends none) is sent as a bearer
-    token. ``request_timeout`` bounds each request that does not wait by design;
+    token. ``verify`` (``https://`` only) follows httpx: ``True``, ``False``, a CA bundle path, or an
+    ``ssl.SSLContext`` (which makes the client unpicklable: hand runner processes a path).
+    ``request_timeout`` bounds each request that does not wait by design;
     ``connect_timeout`` each connection attempt; ``retry_delays`` the retries (see the module
     docstring). ``max_connections`` caps the pool (concurrent requests of this client).
     ``transport``: what carries the requests under httpx's API — ``"auto"`` (aiohttp's pool on
@@ -156,6 +178,7 @@ class LightningStoreClient(LightningStore):
         self,
         endpoint: str,
         auth_token: str | None = None,
+        verify: _tls.Verify = True,
         *,
         request_timeout: float = 30.0,
         connect_timeout: float = 5.0,
@@ -174,6 +197,10 @@ class LightningStoreClient(LightningStore):
         if auth_token is None:
             auth_token = os.environ.get("AGL_SERVER_TOKEN") or None
         self.auth_token = auth_token or None
+        self.verify = _tls.check_verify(verify)
+        self._ssl: bool | ssl.SSLContext | None = None  # made from verify on first https use
+        if isinstance(self.verify, str) and self._https:
+            self._ssl = _tls.ssl_context_of(self.verify)  # a bad CA bundle is a ValueError now
         self.request_timeout = float(request_timeout)
         self.connect_timeout = float(connect_timeout)
         self.retry_delays = tuple(float(d) for d in retry_delays)
@@ -192,9 +219,16 @@ class LightningStoreClient(LightningStore):
 
     # ------------------------------------------------------------------ pickling: config only
     def __getstate__(self) -> dict[str, Any]:
+        if isinstance(self.verify, ssl.SSLContext):
+            raise TypeError(
+                f"LightningStoreClient({self.endpoint!r}, verify=<ssl.SSLContext>) does not pickle (an "
+                "SSLContext cannot cross into another process); pass verify='<CA bundle path>' to hand "
+                "this client to runner processes"
+            )
         return {
             "endpoint": self.endpoint,
             "auth_token": self.auth_token,
+            "verify": self.verify,
             "request_timeout": self.request_timeout,
             "connect_timeout": self.connect_timeout,
             "retry_delays": self.retry_delays,
@@ -206,6 +240,7 @@ class LightningStoreClient(LightningStore):
         self.__init__(  # type: ignore[misc]
             state["endpoint"],
             state["auth_token"] or "",
+            state.get("verify", True),
             request_timeout=state["request_timeout"],
             connect_timeout=state["connect_timeout"],
             retry_delays=state["retry_delays"],
@@ -234,9 +269,7 @@ class LightningStoreClient(LightningStore):
                     max_connections=self.max_connections, max_keepalive_connections=self.max_connections
                 ),
                 trust_env=False,  # a loopback store must not go through HTTP(S)_PROXY
-                # TLS settings only matter for https; for http, do not load the CA bundle, which
-                # would add tens of milliseconds to every runner process's start-up
-                verify=not self.endpoint.lower().startswith("http:"),
+                verify=self._ssl_setting(),
                 transport=transport,
             )
             self._http_owner = owner
@@ -244,6 +277,33 @@ class LightningStoreClient(LightningStore):
             # objects and AsyncClient.send (half of the client's CPU per call, measured)
             self._send = self._send_httpx if transport is None else transport.post
         return self._http
+
+    def _ssl_setting(self) -> bool | ssl.SSLContext:
+        # TLS settings only matter for https; for http, skip loading the CA bundle (20-200 ms
+        # of every runner process's start-up, measured by benchmarks/report.py figure 3)
+        if not self._https:
+            return False
+        if self._ssl is None:
+            self._ssl = _tls.ssl_context_of(self.verify)
+        return self._ssl
+
+    @property
+    def _https(self) -> bool:
+        return self.endpoint.lower().startswith("https:")
+
+    async def _tls_failure(self, name: str, exc: Exception, tries: int) -> StoreTLSError | None:
+        """The error to raise at once when ``exc`` is a TLS misconfiguration (see the module
+        docstring), else ``None``. Only the first failed try of a plain-HTTP call is probed
+        (one extra connection) for a port that speaks TLS."""
+        why = _tls.describe_tls_failure(exc)
+        if why is None and not self._https and tries == 1 and isinstance(exc, httpx.RemoteProtocolError):
+            url = httpx.URL(self.endpoint)
+            if await _tls.speaks_tls(url.host, url.port or 80, self.connect_timeout):
+                https = "https" + self.endpoint[len("http") :]
+                why = f"the server speaks HTTPS on this port: use {https} (and verify= for its CA)"
+        if why is None:
+            return None
+        return StoreTLSError(f"TLS with the LightningStoreServer at {self.endpoint} failed ({name}): {why}")
 
     async def close(self) -> None:
         """Close the connection pool of this process/loop (the client can be used again later)."""
@@ -297,6 +357,8 @@ class LightningStoreClient(LightningStore):
                 status, answer = await send(url, content, headers, timeout)
                 break
             except _RETRYABLE as exc:
+                if (tls_error := await self._tls_failure(name, exc, tries)) is not None:
+                    raise tls_error from exc
                 delay = next(delays, None)
                 if delay is None:
                     raise StoreConnectionError(

@@ -29,7 +29,8 @@ Signals
 
 Wire protocol and errors
     One ``POST /v1/<method>`` per store method (see :mod:`agl_async.http.protocol`), plus
-    ``GET /v1/health`` (never authenticated) and ``GET /v1/openapi.json``. Every error is a JSON body
+    ``GET /v1/health`` (never authenticated), ``GET /v1/openapi.json`` and OTLP/HTTP trace export
+    at ``POST /v1/traces`` (:mod:`agl_async.http.otlp`, whose errors are OTLP's). Every error is a JSON body
     ``{"error": kind, "detail": message}``: 400 for malformed JSON and for the store's
     ``ValueError`` (the client re-raises it as ``ValueError`` with the same message), 401 for a
     missing/wrong bearer token, 404 unknown route, 405 wrong method, 413 body over
@@ -40,7 +41,14 @@ Idempotency
     A mutating request may carry an ``Idempotency-Key`` header. The server remembers the answers
     to the last ``idempotency_cache_size`` keys (within ``idempotency_cache_bytes``); a retry with
     a known key gets the remembered answer (and a retry arriving while the first is still running
-    waits for it) instead of the change being applied twice.
+    waits for it) instead of the change being applied twice. A key is bound to its request
+    (method, path, body): reused for a different one it gets a 422 and changes nothing; auth (401)
+    and the body limit (413) are checked before anything is replayed.
+
+Across hosts (see docs/serving.md)
+    ``ssl_certfile`` / ``ssl_keyfile`` serve HTTPS (loaded when the server is made: a bad file is
+    a ``ValueError`` naming it). Binding an address that is not loopback without a token raises
+    ``ValueError`` unless ``allow_unauthenticated=True``. The token is never logged.
 """
 
 from __future__ import annotations
@@ -59,11 +67,13 @@ import anyio
 import msgspec
 from anyio.abc import TaskStatus
 
-from .._net import bind_socket, http_url, is_loopback
+from .._net import bind_socket, http_url
 from ..store.base import LightningStore
 from ..store.delegation import DelegatingStore
+from . import otlp
 from . import protocol as p
 from ._idempotency import IdempotencyCache
+from ._security import check_bind, check_certificate
 from ._serving import EmbeddedUvicorn, serve_on
 from .app import StoreApp
 
@@ -79,6 +89,7 @@ DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 APP_EXTENSIONS: list[str] = [
     "agl_async.http.metrics:install",  # GET /metrics and the request-metrics middleware (issue 14)
     "agl_async.http.dashboard:install",  # GET / and /v1/dashboard/... (issue 14)
+    "agl_async.http.otlp:install",  # POST /v1/traces (issue 11)
 ]
 
 
@@ -87,13 +98,18 @@ class LightningStoreServer(DelegatingStore):
 
     ``auth_token`` (default: env ``AGL_SERVER_TOKEN``; ``""`` disables) makes every route but
     health require ``Authorization: Bearer <token>``. Binding a non-loopback address without a
-    token logs a warning on the ``agl_async`` logger. Bodies over ``max_body_bytes`` get a 413.
+    token raises ``ValueError`` (naming the host, ``auth_token`` / ``AGL_SERVER_TOKEN`` and
+    ``allow_unauthenticated``) unless ``allow_unauthenticated=True``. ``ssl_certfile`` /
+    ``ssl_keyfile`` (PEM; the key may sit in the certificate file) serve HTTPS. Bodies over
+    ``max_body_bytes`` get a 413.
 
     ``dashboard`` serves the live dashboard at ``GET /`` (:mod:`agl_async.http.dashboard`; its
     data routes take the bearer token or the dashboard's session cookie) and ``metrics`` the
     Prometheus exposition at ``GET /metrics`` (:mod:`agl_async.http.metrics`, needs the
     ``metrics`` extra); both on by default, off: 404. They are settings of the extensions in
     :data:`APP_EXTENSIONS` (``app.options``).
+    ``reuse_port``: bind with ``SO_REUSEPORT``, so that several processes serving one shared store
+    (``agl-async serve --workers N``) listen on one address and the kernel spreads connections.
     """
 
     def __init__(
@@ -103,6 +119,9 @@ class LightningStoreServer(DelegatingStore):
         port: int = 4747,
         *,
         auth_token: str | None = None,
+        ssl_certfile: str | os.PathLike[str] | None = None,
+        ssl_keyfile: str | os.PathLike[str] | None = None,
+        allow_unauthenticated: bool = False,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         graceful_timeout: float = 5.0,
         idempotency_cache_size: int = 8192,
@@ -110,6 +129,7 @@ class LightningStoreServer(DelegatingStore):
         log_level: str = "warning",
         metrics: bool = True,
         dashboard: bool = True,
+        reuse_port: bool = False,  # [issue 12: agl-async serve --workers] several processes, one port
     ) -> None:
         if not isinstance(store, LightningStore):
             raise TypeError(f"LightningStoreServer serves a LightningStore, got {type(store).__name__}")
@@ -127,18 +147,16 @@ class LightningStoreServer(DelegatingStore):
         self.max_body_bytes = max_body_bytes
         self.graceful_timeout = graceful_timeout
         self.log_level = log_level
+        self.reuse_port = reuse_port  # [issue 12]
         self._server: EmbeddedUvicorn | None = None
         self._serving = False
         self._task: asyncio.Task[None] | None = None
         self._exit_stack: contextlib.AsyncExitStack | None = None
         self._done: anyio.Event | None = None
-        if not is_loopback(host) and not self.auth_token:
-            logger.warning(
-                "LightningStoreServer binds %s (not a loopback address) without an auth token: anyone who "
-                "can reach port %s can read and change the store; pass auth_token= or set AGL_SERVER_TOKEN",
-                host,
-                port,
-            )
+        # secure defaults and HTTPS (http/_security.py)
+        check_bind(host, self.auth_token, allow_unauthenticated)
+        self.allow_unauthenticated = allow_unauthenticated
+        self.ssl_certfile, self.ssl_keyfile = check_certificate(ssl_certfile, ssl_keyfile)
         self.app = StoreApp(
             store,
             auth_token=self.auth_token,
@@ -169,7 +187,7 @@ class LightningStoreServer(DelegatingStore):
     @property
     def endpoint(self) -> str:
         """Base URL for ``LightningStoreClient`` (``localhost`` is reported as ``127.0.0.1``)."""
-        return http_url(self.host, self.port, bound=True)
+        return http_url(self.host, self.port, bound=True, scheme="https" if self.ssl_certfile else "http")
 
     @property
     def started(self) -> bool:
@@ -206,6 +224,8 @@ class LightningStoreServer(DelegatingStore):
                 graceful_timeout=self.graceful_timeout,
                 log_level=self.log_level,
                 on_server=self._set_server,
+                ssl_certfile=self.ssl_certfile,
+                ssl_keyfile=self.ssl_keyfile,
                 task_status=_Started(started),
             )
         finally:
@@ -219,7 +239,9 @@ class LightningStoreServer(DelegatingStore):
         self._server = server
 
     def _bind(self) -> socket.socket:
-        sock = bind_socket(self.host, self._requested_port, what="LightningStoreServer")
+        sock = bind_socket(
+            self.host, self._requested_port, what="LightningStoreServer", reuse_port=self.reuse_port
+        )
         self._bound_port = sock.getsockname()[1]
         return sock
 
@@ -334,4 +356,6 @@ class _Started:
 
 @functools.cache
 def _openapi_bytes() -> bytes:
-    return msgspec.json.encode(p.openapi_document())
+    document = p.openapi_document()
+    document["paths"].update(otlp.openapi_paths())  # POST /v1/traces (agl_async.http.otlp)
+    return msgspec.json.encode(document)

@@ -35,6 +35,7 @@ import msgspec
 from .._validate import as_config, as_resources, check_worker_id
 from ..types import (
     ATTEMPT_STATUSES,
+    AUTO_SEQUENCE_ID,
     QUEUE_STATUSES,
     ROLLOUT_STATUSES,
     TERMINAL_ATTEMPT_STATUSES,
@@ -840,6 +841,9 @@ class Transaction:
         self.flush()  # attempts made in this transaction get their ids
         params = []
         for span, row, data in zip(spans, rows, encoded, strict=True):
+            if span.sequence_id == AUTO_SEQUENCE_ID:  # the store numbers it (OTLP, the runner's tracer)
+                span.sequence_id = row.next_span_seq
+                data = encode_json(span, f"span {span.span_id!r}")  # encoded once already: cannot fail
             params.append((row.key, span.sequence_id, data))
             if span.sequence_id >= row.next_span_seq:
                 row.next_span_seq = span.sequence_id + 1

@@ -264,10 +264,14 @@ class LightningStore(abc.ABC):
     @abc.abstractmethod
     async def add_span(self, span: Span) -> Span | None:
         """Store a span; it counts as a heartbeat of its attempt (a ``preparing`` or
-        ``unresponsive`` attempt becomes ``running``). Unknown rollout/attempt: ``ValueError``."""
+        ``unresponsive`` attempt becomes ``running``). Unknown rollout/attempt: ``ValueError``.
+
+        A span whose ``sequence_id`` is :data:`~agl_async.types.AUTO_SEQUENCE_ID` (0) gets the
+        attempt's next sequence id from the store (as :meth:`get_next_span_sequence_id` would
+        issue it), set on the returned span; any other value is kept as given."""
 
     async def add_many_spans(self, spans: Sequence[Span]) -> list[Span]:
-        """Store several spans, in order."""
+        """Store several spans, in order (sequence ids to assign are assigned in that order)."""
         out = []
         for span in spans:
             stored = await self.add_span(span)

@@ -29,6 +29,7 @@ import msgspec
 from .._validate import as_config, as_enqueue_requests, as_resources, check_seconds, check_worker_id
 from ..types import (
     ATTEMPT_STATUSES,
+    AUTO_SEQUENCE_ID,
     QUEUE_STATUSES,
     ROLLOUT_STATUSES,
     TERMINAL_ATTEMPT_STATUSES,
@@ -736,9 +737,13 @@ class InMemoryLightningStore(LightningStore):
         # [compact spans] kept as their JSON encoding: 3.7 KB instead of 6.5 KB for a span of
         # benchmarks/production.py (no Python object per attribute key and value); queries decode
         # fresh copies.
-        self._spans.setdefault(attempt.attempt_id, []).append((span.sequence_id, encoded))
-        if span.sequence_id >= self._span_seq.get(attempt.attempt_id, 1):
-            self._span_seq[attempt.attempt_id] = span.sequence_id + 1
+        seq, next_seq = span.sequence_id, self._span_seq.get(attempt.attempt_id, 1)
+        if seq == AUTO_SEQUENCE_ID:  # the store numbers it (OTLP ingestion, the runner's tracer)
+            span.sequence_id = seq = next_seq
+            encoded = _encode_span(span)  # the encoding must carry the number it was given
+        self._spans.setdefault(attempt.attempt_id, []).append((seq, encoded))
+        if seq >= next_seq:
+            self._span_seq[attempt.attempt_id] = seq + 1
         self._heartbeat(attempt, now)
         return span
 

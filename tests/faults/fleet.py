@@ -14,9 +14,10 @@ Entry points
     ``mutate --port P --clients N --rounds R``: N concurrent clients each calling every mutating
     route that must not duplicate (enqueue_rollout, enqueue_many_rollouts, dequeue_rollout,
     add_span, add_many_spans, update_attempt) R times; prints one JSON line of what it got.
-    ``load --port P --clients N --seconds S``: N concurrent store clients in this process, each
-    looping dequeue -> running -> spans -> succeeded until S seconds have passed; prints one JSON
-    line of counts and every request's latency.
+    ``load --port P --clients N --seconds S [--ca-file CA]``: N concurrent store clients in this
+    process, each looping dequeue -> running -> spans -> succeeded until S seconds have passed
+    (over HTTPS, verified with CA, when ``--ca-file`` is given); prints one JSON line of counts and
+    every request's latency.
 """
 
 from __future__ import annotations
@@ -185,7 +186,9 @@ async def _load_client(
             out["rollouts_done"] += 1
 
 
-async def _load(port: int, clients: int, seconds: float, spans: int, tag: str) -> dict[str, Any]:
+async def _load(
+    port: int, clients: int, seconds: float, spans: int, tag: str, ca_file: str | None = None
+) -> dict[str, Any]:
     out: dict[str, Any] = {
         "requests": 0,
         "errors": 0,
@@ -195,8 +198,8 @@ async def _load(port: int, clients: int, seconds: float, spans: int, tag: str) -
         "latencies": [],
     }
     deadline = time.monotonic() + seconds
-    endpoint = f"http://127.0.0.1:{port}"
-    store_clients = [LightningStoreClient(endpoint, auth_token="") for _ in range(clients)]
+    endpoint = f"{'https' if ca_file else 'http'}://127.0.0.1:{port}"
+    store_clients = [LightningStoreClient(endpoint, "", ca_file or True) for _ in range(clients)]
     try:
         async with anyio.create_task_group() as tg:
             for n, client in enumerate(store_clients):
@@ -270,7 +273,7 @@ def _mutate_main(args: argparse.Namespace) -> int:
 
 
 def _load_main(args: argparse.Namespace) -> int:
-    result = anyio.run(_load, args.port, args.clients, args.seconds, args.spans, args.tag)
+    result = anyio.run(_load, args.port, args.clients, args.seconds, args.spans, args.tag, args.ca_file)
     print(json.dumps(result), flush=True)
     return 0
 
@@ -294,6 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     load.add_argument("--seconds", type=float, default=30.0)
     load.add_argument("--spans", type=int, default=3)
     load.add_argument("--tag", default="load")
+    load.add_argument("--ca-file", default=None)
     load.set_defaults(handler=_load_main)
     mutate = commands.add_parser("mutate")
     mutate.add_argument("--port", type=int, required=True)

@@ -7,7 +7,8 @@ its deadline (a bounded loop; a claimed rollout is finished first). A feeder her
 topped up. Checked: zero errors, zero lost spans (what the clients were told they added is what
 the store holds), every finished rollout succeeded once, and the server's RSS growth stays under
 ``RSS_BOUND`` — the store keeps everything it is given, so the bound is stated as a fixed
-allowance plus a generous cost per stored span/rollout. The p99 latency is recorded.
+allowance plus a generous cost per stored span/rollout. The p99 latency is recorded. It runs
+over plain HTTP and over HTTPS (a throwaway CA's certificate).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import anyio
 import psutil
 import pytest
+from conftest import TLSFiles
 
 from agl_async import LightningStoreClient
 from agl_async.testing import free_port
@@ -58,16 +60,21 @@ async def _sample_rss(pid: int, until: float, samples: list[tuple[float, int]]) 
         await anyio.sleep(0.5)
 
 
-async def test_64_clients_for_30_seconds(figures: Callable[..., None]) -> None:
+@pytest.mark.parametrize("scheme", ["http", "https"])
+async def test_64_clients_for_30_seconds(
+    scheme: str, tls_files: TLSFiles, figures: Callable[..., None]
+) -> None:
     port = free_port()
-    server = popen("agl_async.cli", "serve", "--host", "127.0.0.1", "--port", str(port))
+    tls = ["--ssl-certfile", str(tls_files.cert), "--ssl-keyfile", str(tls_files.key)]
+    ca = ["--ca-file", str(tls_files.ca)] if scheme == "https" else []
+    server = popen("agl_async.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *(tls if ca else []))
     procs: list[Any] = []
     try:
         assert server.stdout is not None
         line = await anyio.to_thread.run_sync(server.stdout.readline)
         assert "listening on" in line, line
         rss_start = psutil.Process(server.pid).memory_info().rss
-        feeder = LightningStoreClient(f"http://127.0.0.1:{port}", auth_token="")
+        feeder = LightningStoreClient(f"{scheme}://127.0.0.1:{port}", "", str(tls_files.ca))
         counts = {"enqueued": 0}
         await feeder.enqueue_many_rollouts([{"input": n} for n in range(512)])
         counts["enqueued"] += 512
@@ -86,6 +93,7 @@ async def test_64_clients_for_30_seconds(figures: Callable[..., None]) -> None:
                 str(SPANS_PER_ROLLOUT),
                 "--tag",
                 f"p{n}",
+                *ca,
             )
             for n in range(PROCESSES)
         ]
@@ -131,6 +139,7 @@ async def test_64_clients_for_30_seconds(figures: Callable[..., None]) -> None:
     bound = RSS_FIXED + RSS_PER_ITEM * (spans_added + stats["total_rollouts"])
     peak = max(r for _, r in rss) if rss else rss_end
     figures(
+        scheme=scheme,
         clients=PROCESSES * CLIENTS_PER_PROCESS,
         seconds=SECONDS,
         wall_s=wall,
