@@ -115,8 +115,9 @@ def bench_compare(session: nox.Session) -> None:
 def bench_production(session: nox.Session) -> None:
     """Agent-Lightning's production store workloads on both systems (``benchmarks/production.py
     --scan``: about an hour on 2 cores; ``nox -s bench_production -- --quick``: under 3 minutes),
-    then docs/performance.md re-rendered with them."""
-    session.install("-e", ".")
+    then docs/performance.md re-rendered with them. Our agent writes its spans with OpenTelemetry
+    (the ``otel`` extra), as Agent-Lightning's does."""
+    session.install("-e", ".[otel]")
     peer_python = _peer_python(session)
     session.run(
         "python", "benchmarks/production.py", "--scan", "--peer", peer_python, *session.posargs, env=PEER_ENV

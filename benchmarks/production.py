@@ -16,9 +16,10 @@ trainer`` here, ``peer/agl_production.py trainer`` under ``--peer``), so neither
 into the other.
 
 * agl_async: ``Trainer(strategy=ClientServerExecutionStrategy(n_runners=P, managed_store=False),
-  concurrency=C)``; the agent writes its spans with one ``add_many_spans`` when it ends (as
-  Agent-Lightning's tracer exports a rollout's spans when its trace context closes; the runner
-  adds the final reward). P x C = the shape's in-flight count.
+  concurrency=C)``; the agent writes its spans with OpenTelemetry (``start_as_current_span``) and
+  the runner's tracer stores them when the agent returns (``agl-async[otel]``; without the SDK the
+  agent writes the same spans with one ``add_many_spans``); the runner adds the final reward.
+  P x C = the shape's in-flight count.
 * Agent-Lightning: its ``Trainer`` with ``{"type": "cs", "managed_store": False}``, one runner
   process per in-flight rollout, its default tracer (AgentOps, spans exported over OTLP to the
   store's ``/v1/traces``) and ``emit_reward``; its runner sleeps ``poll_interval`` whenever the
@@ -116,62 +117,96 @@ def _latencies(directory: str | None) -> W.LatencyLog:
 
 
 class ProductionAgent:
-    """The synthetic agent (``production_workload``): sleeps, writes its spans with one
-    ``add_many_spans`` when it ends, returns the final reward."""
+    """The synthetic agent (``production_workload``): sleeps, writes its spans, returns the final
+    reward (which the runner records).
+
+    With the runner's OpenTelemetry tracer on (``agl-async[otel]``: :mod:`agl_async.tracing`), the
+    spans are OpenTelemetry spans started with ``start_as_current_span``, exactly as
+    Agent-Lightning's agent writes them; the tracer stores them when the agent returns. Without
+    it, the agent writes the same spans with one ``add_many_spans`` when it ends."""
 
     def __init__(self, max_rounds: int, sleep: float) -> None:
         self.max_rounds, self.sleep = max_rounds, sleep
 
     async def __call__(self, task: str, resources: dict[str, Any]) -> float:
-        import anyio
+        from agl_async.tracing import tracing_enabled
 
-        from agl_async import Span
-        from agl_async.rollout_context import current_rollout
-
-        context = current_rollout()
-        assert context is not None, "run by the runner loop"
-        store, rollout_id, attempt_id = context.store, context.rollout_id, context.attempt_id
         plan = W.plan_rollout(task, self.max_rounds, self.sleep)
-        trace_id = uuid.uuid4().hex
-        sequence = 0
-
-        def span(name: str, parent: str | None, start: float, end: float, attributes: dict[str, Any]) -> Any:
-            nonlocal sequence
-            sequence += 1
-            return Span(
-                rollout_id=rollout_id,
-                attempt_id=attempt_id,
-                sequence_id=sequence,
-                trace_id=trace_id,
-                span_id=os.urandom(8).hex(),
-                name=name,
-                parent_id=parent,
-                start_time=start,
-                end_time=end,
-                attributes=attributes,
-            )
-
-        written = []
-        for round_ in plan.rounds:
-            head, *children = round_.steps
-            head_id = os.urandom(8).hex()
-            started = time.time()
-            head_at = len(written)
-            for step in children:
-                step_started = time.time()
-                await anyio.sleep(step.sleep)
-                written.append(span(step.name, head_id, step_started, time.time(), step.attributes))
-            parent = span(head.name, None, started, time.time(), {})
-            parent.span_id = head_id
-            written.insert(head_at, parent)
-            if round_.reward is not None:
-                now = time.time()
-                written.append(span("reward", None, now, now, {"reward": round_.reward}))
-        started = time.time()
-        await anyio.sleep(plan.final.sleep)
-        written.append(span("final", None, started, time.time(), plan.final.attributes))
-        await store.add_many_spans(written)  # once, at the end, as Agent-Lightning's tracer exports
+        if tracing_enabled():
+            await _spans_through_opentelemetry(plan)
+        else:
+            await _spans_through_the_store(plan)
         return plan.final_reward
+
+
+async def _spans_through_opentelemetry(plan: W.Plan) -> None:
+    import anyio
+    from opentelemetry import trace
+
+    tracer = trace.get_tracer("agl_async.benchmarks.production")
+    for round_ in plan.rounds:
+        head, *children = round_.steps
+        with tracer.start_as_current_span(head.name):
+            for step in children:
+                with tracer.start_as_current_span(step.name) as span:
+                    await anyio.sleep(step.sleep)
+                    span.set_attributes(step.attributes)
+        if round_.reward is not None:
+            with tracer.start_as_current_span("reward") as span:
+                span.set_attribute("reward", round_.reward)
+    with tracer.start_as_current_span(plan.final.name) as span:
+        await anyio.sleep(plan.final.sleep)
+        span.set_attributes(plan.final.attributes)
+
+
+async def _spans_through_the_store(plan: W.Plan) -> None:
+    import anyio
+
+    from agl_async import Span
+    from agl_async.rollout_context import current_rollout
+
+    context = current_rollout()
+    assert context is not None, "run by the runner loop"
+    store, rollout_id, attempt_id = context.store, context.rollout_id, context.attempt_id
+    trace_id = uuid.uuid4().hex
+    sequence = 0
+
+    def span(name: str, parent: str | None, start: float, end: float, attributes: dict[str, Any]) -> Any:
+        nonlocal sequence
+        sequence += 1
+        return Span(
+            rollout_id=rollout_id,
+            attempt_id=attempt_id,
+            sequence_id=sequence,
+            trace_id=trace_id,
+            span_id=os.urandom(8).hex(),
+            name=name,
+            parent_id=parent,
+            start_time=start,
+            end_time=end,
+            attributes=attributes,
+        )
+
+    written = []
+    for round_ in plan.rounds:
+        head, *children = round_.steps
+        head_id = os.urandom(8).hex()
+        started = time.time()
+        head_at = len(written)
+        for step in children:
+            step_started = time.time()
+            await anyio.sleep(step.sleep)
+            written.append(span(step.name, head_id, step_started, time.time(), step.attributes))
+        parent = span(head.name, None, started, time.time(), {})
+        parent.span_id = head_id
+        written.insert(head_at, parent)
+        if round_.reward is not None:
+            now = time.time()
+            written.append(span("reward", None, now, now, {"reward": round_.reward}))
+    started = time.time()
+    await anyio.sleep(plan.final.sleep)
+    written.append(span("final", None, started, time.time(), plan.final.attributes))
+    await store.add_many_spans(written)  # once, at the end, as Agent-Lightning's tracer exports
 
 
 class OursAdapter:
@@ -238,6 +273,9 @@ def cmd_trainer(args: argparse.Namespace) -> None:
         strategy=strategy, store=client, algorithm=ProductionAlgorithm(shape), concurrency=args.concurrency
     )
     trainer.fit(ProductionAgent(shape["max_rounds"], shape["sleep"]))
+    from agl_async.tracing import tracing_enabled
+
+    RESULT["spans_via"] = "opentelemetry" if tracing_enabled() else "add_many_spans"
     _latencies(args.latency_dir).flush()
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     RESULT["algorithm_cpu_s"] = me.ru_utime + me.ru_stime
@@ -548,6 +586,7 @@ def run_one(system: System, shape: W.Shape, config: dict[str, Any], log: Any) ->
         "seconds": seconds,
         "wall_s": finished - started,
         "ready_s": result.get("ready_s", float("nan")),
+        "spans_via": result.get("spans_via", "opentelemetry (peer)" if system.key == "peer" else "?"),
         **latency,
         "server_peak_rss_mib": sampler.peak("server"),
         "runners_peak_rss_mib": sampler.peak("runners"),
