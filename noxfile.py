@@ -1,4 +1,4 @@
-"""Developer tasks: ``nox -s tests lint typecheck docs bench bench_compare faults ray``."""
+"""Developer tasks: ``nox -s tests lint typecheck docs bench bench_compare bench_production faults ray``."""
 
 from __future__ import annotations
 
@@ -61,28 +61,66 @@ def bench(session: nox.Session) -> None:
     session.run("python", "benchmarks/report.py", "--no-peer", "--extras", *session.posargs)
 
 
+#: OpenTelemetry as Agent-Lightning 0.3.0 needs it: with 1.45 its OTLP exporter loses the agent's
+#: spans (docs/performance.md; the production benchmark checks every rollout's spans).
+PEER_PINS = [
+    "opentelemetry-api==1.44.0",
+    "opentelemetry-sdk==1.44.0",
+    "opentelemetry-exporter-otlp==1.44.0",
+    "opentelemetry-exporter-otlp-proto-http==1.44.0",
+    "opentelemetry-exporter-otlp-proto-grpc==1.44.0",
+    "opentelemetry-exporter-otlp-proto-common==1.44.0",
+    "opentelemetry-proto==1.44.0",
+    "opentelemetry-semantic-conventions==0.65b0",
+    "opentelemetry-instrumentation==0.65b0",
+]
+PEER_ENV = {"LITELLM_LOCAL_MODEL_COST_MAP": "True"}  # else its import retries a download for seconds
+
+
+def _peer_python(session: nox.Session) -> str:
+    """Agent-Lightning 0.3.0's interpreter: ``AGL_PEER_PYTHON``, else ``.nox/agentlightning-0.3.0``
+    (made on first use with ``pip install agentlightning==0.3.0`` and the OpenTelemetry pins)."""
+    if os.environ.get("AGL_PEER_PYTHON"):
+        return os.environ["AGL_PEER_PYTHON"]
+    peer_python = os.path.abspath(os.path.join(PEER_VENV, "bin", "python"))
+    check = (
+        "import importlib.metadata as m; "
+        "print('have', m.version('agentlightning'), m.version('opentelemetry-sdk'))"
+    )
+    have = os.path.exists(peer_python) and session.run(
+        peer_python, "-c", check, external=True, silent=True, success_codes=[0, 1], env=PEER_ENV
+    )
+    if not (isinstance(have, str) and "have 0.3.0 1.44.0" in have):
+        session.run("python", "-m", "venv", "--clear", PEER_VENV)
+        pip = [peer_python, "-m", "pip", "install", "-q"]
+        session.run(*pip, "agentlightning==0.3.0", external=True, env=PEER_ENV)
+        session.run(*pip, *PEER_PINS, external=True, env=PEER_ENV)
+    return peer_python
+
+
 @nox.session
 def bench_compare(session: nox.Session) -> None:
     """``bench`` side by side with Agent-Lightning 0.3.0 (same workloads, interleaved A B A B).
 
-    The peer runs in its own venv, ``.nox/agentlightning-0.3.0`` (made with ``pip install
-    agentlightning==0.3.0`` on first use, reused afterwards), or the interpreter named by
-    ``AGL_PEER_PYTHON`` when that is set. It is never imported into this session's venv."""
+    The peer runs in its own venv (see :func:`_peer_python`); it is never imported into this
+    session's venv."""
     session.install("-e", ".")
-    env = {"LITELLM_LOCAL_MODEL_COST_MAP": "True"}  # else its import retries a download for seconds
-    peer_python = os.environ.get("AGL_PEER_PYTHON") or os.path.abspath(
-        os.path.join(PEER_VENV, "bin", "python")
-    )
-    if not os.environ.get("AGL_PEER_PYTHON"):
-        check = "import importlib.metadata as m; print('have', m.version('agentlightning'))"
-        have = os.path.exists(peer_python) and session.run(
-            peer_python, "-c", check, external=True, silent=True, success_codes=[0, 1], env=env
-        )
-        if not (isinstance(have, str) and "have 0.3.0" in have):
-            session.run("python", "-m", "venv", "--clear", PEER_VENV)
-            session.run(
-                peer_python, "-m", "pip", "install", "-q", "agentlightning==0.3.0", external=True, env=env
-            )
+    peer_python = _peer_python(session)
     session.run(
-        "python", "benchmarks/report.py", "--peer", peer_python, "--extras", *session.posargs, env=env
+        "python", "benchmarks/report.py", "--peer", peer_python, "--extras", *session.posargs, env=PEER_ENV
     )
+
+
+@nox.session
+def bench_production(session: nox.Session) -> None:
+    """Agent-Lightning's production store workloads on both systems (``benchmarks/production.py
+    --scan``: about an hour on 2 cores; ``nox -s bench_production -- --quick``: under 3 minutes),
+    then docs/performance.md re-rendered with them. Our agent writes its spans with OpenTelemetry
+    (the ``otel`` extra), as Agent-Lightning's does."""
+    session.install("-e", ".[otel]")
+    peer_python = _peer_python(session)
+    session.run(
+        "python", "benchmarks/production.py", "--scan", "--peer", peer_python, *session.posargs, env=PEER_ENV
+    )
+    if "--quick" not in session.posargs:
+        session.run("python", "benchmarks/report.py", "--docs-only")

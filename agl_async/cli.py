@@ -55,7 +55,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     store = f", store={args.store}" if args.store else ""
     print(
         f"agl-async demo: evolution strategy on a toy linear task; mode={args.mode}, "
-        f"runners={args.runners}, epochs={args.epochs}, seed={args.seed}{store}",
+        f"runners={args.runners}, concurrency={args.concurrency}, epochs={args.epochs}, "
+        f"seed={args.seed}{store}",
         flush=True,
     )
     if args.store:
@@ -80,6 +81,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             port=args.port,
             progress=sys.stdout,
             store=args.store,
+            concurrency=args.concurrency,
         )
     except ValueError as exc:  # e.g. --store holds a run with other options
         raise CLIError(str(exc)) from None
@@ -145,6 +147,7 @@ async def _demo_with_dashboard(args: argparse.Namespace) -> None:
             port=port if args.mode == "cs" else None,
             progress=sys.stdout,
             store=store,
+            concurrency=args.concurrency,
         )
         print_summary(history, sys.stdout)
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -432,8 +435,9 @@ def _cmd_runner(args: argparse.Namespace) -> int:
         verify=verify,
         tls=scheme == "https",
     )
-    trainer = Trainer(strategy=strategy, max_rollouts=args.max_rollouts)
-    print(f"agl-async: {args.n} runner(s) of {args.agent} attached to {endpoint}", flush=True)
+    trainer = Trainer(strategy=strategy, max_rollouts=args.max_rollouts, concurrency=args.concurrency)
+    slots = f" x {args.concurrency} concurrent rollouts" if args.concurrency > 1 else ""
+    print(f"agl-async: {args.n} runner(s){slots} of {args.agent} attached to {endpoint}", flush=True)
     try:
         trainer.fit(agent)
     except (RuntimeError, OSError, ConnectionError) as exc:
@@ -590,6 +594,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--runners", type=_runners, default=4, metavar="N", help=f"runners, 1..{MAX_RUNNERS} (default 4)"
     )
+    demo.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        default=1,
+        metavar="C",
+        help="rollouts each runner works on at once (default 1)",
+    )
     demo.add_argument("--epochs", type=_positive_int, default=12, metavar="E", help="epochs (default 12)")
     demo.add_argument("--seed", type=_int, default=0, help="seed of the tasks and the search (default 0)")
     demo.add_argument(
@@ -681,7 +692,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="attach runner processes to a store server",
         description=(
             "Attach N runners to the store server at --server: each dequeues rollouts, calls the "
-            "agent(task_input, resources) and records its reward. N > 1 starts N worker processes. "
+            "agent(task_input, resources) and records its reward, up to C rollouts at once "
+            "(--concurrency). N > 1 starts N worker processes. "
             "Runs until every runner has done --max-rollouts rollouts, or until Ctrl-C."
         ),
     )
@@ -704,11 +716,19 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"runners, 1..{MAX_RUNNERS} (default 1; more than one: one process each)",
     )
     runner.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        default=1,
+        metavar="C",
+        help="rollouts each runner works on at once (default 1): N x C in flight; "
+        "I/O-bound agents: raise C; CPU-bound agents: raise N",
+    )
+    runner.add_argument(
         "--max-rollouts",
         type=_positive_int,
         default=None,
         metavar="M",
-        help="stop each runner after M rollouts",
+        help="stop each runner after M rollouts (all its concurrent ones together)",
     )
     _token_options(runner, "bearer token of the server")
     runner.add_argument(

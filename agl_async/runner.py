@@ -54,6 +54,8 @@ import anyio
 
 from ._threads import run_in_daemon_thread
 from .execution.events import ExecutionEvent
+from .rollout_context import RolloutContext  # [context hook]
+from .rollout_context import _current as _current_rollout  # [context hook]
 from .semconv import REWARD_SPAN_NAME
 from .store.base import LightningStore
 from .tracing import trace_attempt
@@ -291,6 +293,7 @@ async def _run_attempt(
         async with anyio.create_task_group() as tg:
             if interval > 0:
                 tg.start_soon(_heartbeat, store, worker_id, rollout_id, attempt_id, interval)
+            context = _current_rollout.set(RolloutContext(store, rollout, worker_id))  # [context hook]
             # The agent's call runs here, in the host of the task group, and whatever it raises is
             # caught here: only a cancellation of this runner leaves the task group as an
             # exception (never an exception group around the agent's own error).
@@ -306,6 +309,7 @@ async def _run_attempt(
             except BaseException as exc:  # the agent's error, recorded below
                 error, error_traceback = exc, traceback.format_exc()
             finally:
+                _current_rollout.reset(context)  # [context hook]
                 tg.cancel_scope.cancel()
     except BaseException:
         # Cancelled (or interrupted) while the agent ran: do not leave the attempt "running".
@@ -433,20 +437,27 @@ async def runner_loop(
 
 
 class RunnerBundle:
-    """``runner(store, worker_id, event)`` for the strategy: :func:`runner_loop` with an agent;
-    picklable when the agent is."""
+    """``runner(store, worker_id, event)`` for the strategy: ``concurrency`` slots of
+    :func:`runner_loop` with an agent (:func:`agl_async.concurrency.run_slots`, each slot with a
+    worker id of its own, unique across processes and hosts); picklable when the agent is."""
 
-    def __init__(self, agent: Agent, max_rollouts: int | None, heartbeat_interval: float) -> None:
+    def __init__(
+        self, agent: Agent, max_rollouts: int | None, heartbeat_interval: float, concurrency: int = 1
+    ) -> None:
         self.agent = agent
         self.max_rollouts = max_rollouts
         self.heartbeat_interval = heartbeat_interval
+        self.concurrency = concurrency
 
     async def __call__(self, store: LightningStore, worker_id: int, event: ExecutionEvent) -> None:
-        await runner_loop(
+        from .concurrency import run_slots  # [concurrency hook] (it imports this module)
+
+        await run_slots(
             store,
             worker_id,
             event,
             self.agent,
+            concurrency=self.concurrency,
             max_rollouts=self.max_rollouts,
             heartbeat_interval=self.heartbeat_interval,
         )

@@ -4,8 +4,9 @@ The trainer builds two *bundles* and hands them to the strategy:
 
 * the algorithm bundle publishes ``initial_resources`` (before anything else), sets the
   algorithm's ``store`` and awaits :meth:`Algorithm.run <agl_async.algorithm.Algorithm.run>`;
-* each runner bundle runs :func:`~agl_async.runner.runner_loop` with the agent (what a runner
-  does, and how it stops, is described in :mod:`agl_async.runner`).
+* each runner bundle runs ``concurrency`` slots (:func:`agl_async.concurrency.run_slots`), each
+  the loop of :func:`~agl_async.runner.runner_loop` with the agent (what a runner does, and how
+  it stops, is described in :mod:`agl_async.runner`).
 
 Both bundles are small picklable objects (client-server mode sends them to worker processes), so
 the agent and the algorithm must pickle too: a module-level function or class instance, not a
@@ -112,9 +113,11 @@ class Trainer:
     after the run). ``algorithm`` ``None`` with a dataset means :class:`~agl_async.algorithm.Baseline`;
     with no dataset the algorithm side only waits for the stop event, so the run lasts until it is
     stopped (Ctrl-C, cancellation): for runners serving an algorithm elsewhere.
-    ``max_rollouts`` caps the rollouts of *each* runner. ``initial_resources`` (a mapping of JSON
-    values) is published with ``add_resources`` before the algorithm starts. ``heartbeat_interval``:
-    seconds between runner heartbeats while an agent call runs.
+    ``max_rollouts`` caps the rollouts of *each* runner. ``concurrency``: rollouts each runner
+    works on at once (:mod:`agl_async.concurrency`), so ``n_runners x concurrency`` are in
+    flight. ``initial_resources`` (a mapping of JSON values) is published with ``add_resources``
+    before the algorithm starts. ``heartbeat_interval``: seconds between runner heartbeats while an
+    agent call runs.
 
     Shutdown and errors are the strategy's: the run ends when the algorithm returns (runners finish
     their current rollout within the grace period); an exception in a bundle stops the run and is
@@ -132,9 +135,13 @@ class Trainer:
         val_dataset: Sequence[Any] | None = None,
         max_rollouts: int | None = None,
         initial_resources: Mapping[str, Any] | None = None,
+        concurrency: int = 1,
         *,
         heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
     ) -> None:
+        from .concurrency import check_concurrency  # [concurrency hook]
+
+        self.concurrency = check_concurrency(concurrency)
         if n_runners is not None:
             check_count(n_runners, "n_runners")
         if max_rollouts is not None and (
@@ -174,7 +181,7 @@ class Trainer:
             algorithm = Baseline()
         return (
             _AlgorithmBundle(algorithm, train_dataset, val_dataset, self.initial_resources),
-            RunnerBundle(agent, self.max_rollouts, self.heartbeat_interval),
+            RunnerBundle(agent, self.max_rollouts, self.heartbeat_interval, self.concurrency),
         )
 
     def fit(

@@ -754,6 +754,7 @@ alternating A B A B so that drift of the machine hits both. This page is generat
 ```bash
 nox -s bench_compare      # makes .nox/agentlightning-0.3.0 (pip install agentlightning==0.3.0) on first use
 nox -s bench              # agl_async alone
+nox -s bench_production   # Agent-Lightning's production store workloads, both systems (about an hour)
 # or, with an existing Agent-Lightning venv:
 AGL_PEER_PYTHON=/path/to/venv/bin/python python benchmarks/report.py
 ```
@@ -783,7 +784,58 @@ def render_docs(report: dict[str, Any]) -> str:
     errors = render_errors(report)
     if errors:
         parts += ["## Failed samples", "", errors, ""]
+    parts += render_production()
     return "\n".join(parts)
+
+
+PRODUCTION_INTRO = """\
+Agent-Lightning's maintainers benchmark their store with a synthetic agent and three algorithm
+modes (`tests/benchmark/benchmark_store.py` and the matrix of `.github/workflows/benchmark.yml` in
+their repository). `benchmarks/production.py` re-creates that workload (our own code:
+`benchmarks/production_workload.py`) and runs it on both systems in the topology their benchmark
+uses — a store server process, a trainer process with the client-server strategy and
+`managed_store=False`, runner processes, everything over HTTP — scaled to this machine:
+Agent-Lightning with one runner process per in-flight rollout, at its runner's default 5 s
+empty-queue poll and tuned to 0.1 s; agl_async with a few processes x `concurrency`. The `scan-*`
+shapes raise the in-flight count until the rate stops growing: each system's best configuration.
+CPU per rollout counts every process (server, algorithm, runners) during the measured phase, which
+starts once every runner is registered. Peak RSS of the runners is the sum of each runner-side
+process's peak (Agent-Lightning's forked runners share pages with their parent, which RSS counts
+in each). Run it with `nox -s bench_production` (or `python benchmarks/production.py --scan --peer
+PYTHON`; `--quick` for a smoke run under 3 minutes).
+"""
+
+
+def render_production() -> list[str]:
+    """The section of docs/performance.md for ``benchmarks/production.py``'s latest full run."""
+    path = RESULTS / "production-latest.json"
+    if not path.exists():
+        return []
+    import production  # benchmarks/production.py
+
+    report = json.loads(path.read_text())
+    return [
+        "## Production workloads (Agent-Lightning's store benchmark, re-created)",
+        "",
+        PRODUCTION_INTRO,
+        f"Measured {report['started']} → {report['finished']} on {report['cores']} cores; load average "
+        f"{report.get('load_start')} at start, {report.get('load_end')} at end (each run's load is in "
+        "its row; the figures of a loaded machine are not those of an idle one).",
+        "",
+        "### Targets",
+        "",
+        production.render_targets(report),
+        "",
+        "### Shapes",
+        "",
+        production.render_shapes(report),
+        "",
+        "### Runs (medians)",
+        "",
+        production.render(report),
+        "",
+        *([f"- {n}" for n in report.get("notes", [])] + [""] if report.get("notes") else []),
+    ]
 
 
 def write_outputs(report: dict[str, Any], docs: bool) -> None:
@@ -809,7 +861,11 @@ def main() -> None:
     parser.add_argument(
         "--deadline", help="HH:MM (UTC): start no repetition of figure 6 that would end after it"
     )
-    parser.add_argument("--figures", default="1,2,3,4,5,6", help="comma-separated figure numbers")
+    parser.add_argument(
+        "--figures",
+        default="1,2,3,4,5,6",
+        help="comma-separated figure numbers; 7 also runs benchmarks/production.py (about an hour)",
+    )
     parser.add_argument("--peer", default=os.environ.get("AGL_PEER_PYTHON"), help="Agent-Lightning's python")
     parser.add_argument("--no-peer", action="store_true", help="measure agl_async only")
     parser.add_argument("--extras", action="store_true", help="also run store_ops.py and models.py")
@@ -871,6 +927,12 @@ def main() -> None:
             until = (now.replace(hour=hour, minute=minute, second=0, microsecond=0) - now).total_seconds()
             budget = until if budget is None else min(budget, until)
         run_cells([c for c in cells if c.figure == "6"], systems, args.repeat_long or repeat, log, budget)
+        if "7" in figures:  # its own runs and result files; docs/performance.md includes them
+            production = [sys.executable, str(HERE / "production.py"), "--scan"]
+            production += ["--peer", peer.python] if peer is not None else []
+            production += ["--quick"] if args.quick else []
+            log(f"[fig 7] {' '.join(production)}")
+            subprocess.run(production, cwd=ROOT, check=False)
     except KeyboardInterrupt:  # Ctrl-C: stop measuring, report what has been measured
         log("interrupted: the report covers the samples measured so far")
         interrupted = True

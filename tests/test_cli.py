@@ -145,7 +145,9 @@ def test_demo_is_deterministic_whatever_the_number_of_runners() -> None:
 
     one = run_demo(runners=1, epochs=3, latency=0, progress=None)
     three = run_demo(runners=3, epochs=3, latency=0, progress=None)
+    slots = run_demo(runners=2, epochs=3, latency=0, progress=None, concurrency=8)
     assert [(s.train_reward, s.val_reward) for s in one] == [(s.train_reward, s.val_reward) for s in three]
+    assert [(s.train_reward, s.val_reward) for s in one] == [(s.train_reward, s.val_reward) for s in slots]
     assert one[-1].train_reward > one[0].train_reward
 
 

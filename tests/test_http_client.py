@@ -1,5 +1,8 @@
 """LightningStoreClient: pickling into another process, retries and their bound, idempotent retries,
-error mapping, HTTP timeouts around long waits, cancellation of long polls."""
+error mapping, HTTP timeouts around long waits, cancellation of long polls.
+
+Every test runs on both transports (agl_async.http.transport): the default (aiohttp's pool on
+asyncio) and httpx's own, forced through ``AGL_HTTP_TRANSPORT=httpx``."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import pickle
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio
 import httpx
@@ -21,6 +25,16 @@ from agl_async.http.client import StoreConnectionError
 from agl_async.testing import free_port, serve_store
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(autouse=True, params=["auto", "httpx"])
+def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The transport every client of the test uses (inherited by spawned processes)."""
+    if request.param == "httpx":
+        monkeypatch.setenv("AGL_HTTP_TRANSPORT", "httpx")
+    else:
+        monkeypatch.delenv("AGL_HTTP_TRANSPORT", raising=False)
+    return str(request.param)
 
 
 @asynccontextmanager
@@ -293,14 +307,17 @@ async def test_finish_and_dequeue_is_one_request() -> None:
         client = LightningStoreClient(server.endpoint, auth_token="")
         requests: list[str] = []
 
-        async def count(request: httpx.Request) -> None:
-            requests.append(request.url.path)
-
         first = await store.enqueue_rollout(1)
         second = await store.enqueue_rollout(2)
         claimed = await client.dequeue_rollout(worker_id="w")
         assert claimed is not None and claimed.rollout_id == first.rollout_id
-        client._client().event_hooks["request"].append(count)
+        send = client._send
+
+        async def count(url: str, *args: Any) -> tuple[int, bytes]:
+            requests.append(httpx.URL(url).path)
+            return await send(url, *args)
+
+        client._send = count
         nxt = await client.finish_and_dequeue(claimed.rollout_id, claimed.attempt.attempt_id, worker_id="w")
         assert requests == ["/v1/finish_and_dequeue"]
         assert nxt is not None and nxt.rollout_id == second.rollout_id

@@ -283,3 +283,27 @@ async def test_span_sequence_id_must_be_an_integer(store: LightningStore) -> Non
     with pytest.raises(ValueError, match="sequence_id"):
         await store.add_many_spans([good, bad])
     assert await store.query_spans(started.rollout_id) == []
+
+
+async def test_a_span_with_attributes_that_are_not_json_values_is_refused(store: LightningStore) -> None:
+    started = await store.start_rollout(1)
+    good = make_span(started.rollout_id, started.attempt.attempt_id, 1)
+    bad = make_span(started.rollout_id, started.attempt.attempt_id, 2, attributes={"handle": object()})
+    with pytest.raises(ValueError):
+        await store.add_span(bad)
+    with pytest.raises(ValueError):
+        await store.add_many_spans([good, bad])
+    assert await store.query_spans(started.rollout_id) == []
+
+
+async def test_the_store_keeps_a_snapshot_of_an_added_span(store: LightningStore) -> None:
+    started = await store.start_rollout(1)
+    span = make_span(started.rollout_id, started.attempt.attempt_id, 1, attributes={"step": [1]})
+    await store.add_span(span)
+    span.attributes["step"].append(2)  # the caller's object, changed after the call
+    span.name = "renamed"
+    [stored] = await store.query_spans(started.rollout_id)
+    assert (stored.name, stored.attributes) == ("step", {"step": [1]})
+    stored.attributes["step"].append(3)  # a query's answer is the caller's too
+    [again] = await store.query_spans(started.rollout_id)
+    assert again.attributes == {"step": [1]}

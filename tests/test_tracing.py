@@ -382,7 +382,8 @@ def test_the_runners_span_writes_are_not_traced_by_an_instrumented_http_client()
             async def wait(self): await self.event.wait()
 
         async def main():
-            async with serve_store(InMemoryLightningStore()) as client:
+            # httpx's own transport: the instrumentation under test hooks httpx's send
+            async with serve_store(InMemoryLightningStore(), transport="httpx") as client:
                 rollout = await client.enqueue_rollout({"id": 7, "spans": 3, "sleep": 0})
                 stop = Stop()
                 async with anyio.create_task_group() as tg:

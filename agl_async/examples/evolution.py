@@ -207,7 +207,7 @@ class EvolutionStrategy(Algorithm):
             "pairs": self.pairs,
             "mu": self.mu,
             "sigma": self.sigma,
-            "rng": self.rng.getstate(),
+            "rng": _json_rng_state(self.rng),
             "history": msgspec.to_builtins(self.history),
         }
         if self._state_id is None:
@@ -377,6 +377,7 @@ def run_demo(
     port: int | None = None,
     progress: TextIO | None = sys.stdout,
     store: str | None = None,
+    concurrency: int = 1,
 ) -> list[EpochStats]:
     """Run the example end to end (blocking) and return the per-epoch statistics.
 
@@ -385,8 +386,11 @@ def run_demo(
     ``store``: a store URL (:func:`~agl_async.open_store`); ``None`` is a fresh in-memory store. On
     a durable store (``sqlite:///demo.db``) an interrupted run continues where it stopped when it
     is started again with the same ``seed``; a larger ``epochs`` extends a finished one.
+    ``concurrency``: rollouts each runner works on at once (``runners x concurrency`` in flight).
     """
-    trainer, algorithm, train, val = _setup(mode, runners, epochs, seed, latency, port, progress, store)
+    trainer, algorithm, train, val = _setup(
+        mode, runners, epochs, seed, latency, port, progress, store, concurrency
+    )
     try:
         trainer.fit(agent, train, val)
     finally:
@@ -404,11 +408,14 @@ async def run_demo_async(
     port: int | None = None,
     progress: TextIO | None = sys.stdout,
     store: LightningStore | str | None = None,
+    concurrency: int = 1,
 ) -> list[EpochStats]:
     """:func:`run_demo` inside the caller's event loop, on ``store`` (a store or a store URL) when
     given, so that the caller can serve it meanwhile (``agl-async demo --dashboard``). The store is
     the caller's to close. Cancelling it stops the run."""
-    trainer, algorithm, train, val = _setup(mode, runners, epochs, seed, latency, port, progress, store)
+    trainer, algorithm, train, val = _setup(
+        mode, runners, epochs, seed, latency, port, progress, store, concurrency
+    )
     await trainer.fit_async(agent, train, val)
     return algorithm.history
 
@@ -422,6 +429,7 @@ def _setup(
     port: int | None,
     progress: TextIO | None,
     store: LightningStore | str | None,
+    concurrency: int = 1,
 ) -> tuple[Any, EvolutionStrategy, list[Any], list[Any]]:
     from ..trainer import Trainer  # the trainer imports the execution layer: only when running
 
@@ -440,7 +448,8 @@ def _setup(
         raise ValueError(f"unknown mode {mode!r}: expected 'shm' or 'cs'")
     train, val = make_tasks(seed, latency=latency)
     algorithm = EvolutionStrategy(epochs=epochs, seed=seed, progress=progress)
-    return Trainer(strategy=strategy, algorithm=algorithm, store=store), algorithm, list(train), list(val)
+    trainer = Trainer(strategy=strategy, algorithm=algorithm, store=store, concurrency=concurrency)
+    return trainer, algorithm, list(train), list(val)
 
 
 def _free_port() -> int:
@@ -449,3 +458,10 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _json_rng_state(rng: random.Random) -> list[Any]:
+    """``rng.getstate()`` as JSON values (lists, not tuples: resources are JSON, and the store
+    refuses what would not come back as it went in); ``setstate`` takes it back with a tuple."""
+    version, internal, gauss_next = rng.getstate()
+    return [version, list(internal), gauss_next]

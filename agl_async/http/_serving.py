@@ -76,6 +76,19 @@ class EmbeddedUvicorn(uvicorn.Server):
             task.cancel()
 
 
+def _http_protocol() -> type[Any]:
+    """uvicorn's HTTP protocol class (httptools' C parser when installed), writes corked."""
+    from ._corked import corked
+
+    if _has_httptools():
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+        return corked(HttpToolsProtocol)
+    from uvicorn.protocols.http.h11_impl import H11Protocol  # pragma: no cover - non-CPython
+
+    return corked(H11Protocol)  # pragma: no cover
+
+
 def _has_httptools() -> bool:
     try:
         import httptools  # noqa: F401
@@ -105,7 +118,8 @@ async def serve_on(
         log_level=log_level,
         log_config=None,  # an embedded server leaves the host's logging configuration alone
         access_log=False,
-        http="httptools" if _has_httptools() else "h11",
+        http=_http_protocol(),  # [corked writes hook] agl_async/http/_corked.py
+        proxy_headers=False,  # a store server reads no X-Forwarded-* headers: skip the middleware
         timeout_keep_alive=60,  # longer than httpx's 5 s idle expiry: the client closes first
         timeout_graceful_shutdown=graceful_timeout,  # type: ignore[arg-type]  # a float works
         server_header=False,

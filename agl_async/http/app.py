@@ -59,7 +59,7 @@ from ..types import WorkerId
 from . import protocol as p
 from ._idempotency import IdempotencyCache, IdempotencyKeyReused, fingerprint
 
-__all__ = ["JSON", "Endpoint", "HTTPError", "StoreApp"]
+__all__ = ["JSON", "RUN_OVER", "Endpoint", "HTTPError", "StoreApp"]
 
 logger = logging.getLogger("agl_async")
 
@@ -71,6 +71,9 @@ _encoder = msgspec.json.Encoder()
 def _always(status: int) -> bool:
     return True
 
+
+#: What a dequeue route's handler returns once the run is over (answered ``204 No Content``).
+RUN_OVER: Any = object()
 
 #: A route's handler: a request in, a response out (or :class:`HTTPError` raised).
 Endpoint = Callable[[Request], Awaitable[Response]]
@@ -205,9 +208,11 @@ class StoreApp:
         self._closing = anyio.Event()
 
     def end_run(self) -> None:
-        """The run this server serves is over: long polls end now, no rollout is claimed any more,
-        and every store route's answer carries :data:`~agl_async.http.protocol.RUN_OVER_HEADER`,
-        so that connected runners stop (exit 0) instead of finding the server gone later."""
+        """The run this server serves is over: long polls end now, no rollout is claimed any more
+        (``dequeue_rollout`` / ``finish_and_dequeue`` answer ``204 No Content``: the attempt of a
+        ``finish_and_dequeue`` is still recorded), and every store route's answer carries
+        :data:`~agl_async.http.protocol.RUN_OVER_HEADER`; so that connected runners stop (exit 0)
+        instead of finding the server gone later."""
         self._run_over_headers = {p.RUN_OVER_HEADER: "1"}
         self.end_long_polls()
 
@@ -278,7 +283,10 @@ class StoreApp:
                     raise HTTPError(422, "validation_error", str(exc)) from None
                 except msgspec.DecodeError as exc:
                     raise HTTPError(400, "malformed_json", f"malformed JSON: {exc}") from None
-                return 200, _encoder.encode(await handler(args, request))
+                result = await handler(args, request)
+                if result is RUN_OVER:  # a dequeue once the run is over: nothing claimed, and said so
+                    return 204, b""
+                return 200, _encoder.encode(result)
             except Exception as exc:
                 error = _error_of(exc, spec.path)
                 return error.status, error.body()
@@ -355,16 +363,18 @@ class StoreApp:
     async def _dequeue(self, request: Request, worker_id: WorkerId | None, timeout: float | None) -> Any:
         s = self.store
         check_seconds(timeout)
-        if self.run_over:  # nothing is handed out once the run is over (the answer says so)
-            return None
+        if self.run_over:  # nothing is handed out once the run is over: 204, see end_run()
+            return RUN_OVER
         claimed = await s.dequeue_rollout(worker_id, timeout=0 if timeout else timeout)
         if claimed is not None or not timeout:
             return claimed
-        claimed = await self._long_poll(
-            request,
-            lambda: s.dequeue_rollout(worker_id, timeout=timeout),
-            lambda: s.dequeue_rollout(worker_id),
-        )
+
+        async def look() -> Any:  # the last look of a poll ended early: none once the run is over
+            return RUN_OVER if self.run_over else await s.dequeue_rollout(worker_id)
+
+        claimed = await self._long_poll(request, lambda: s.dequeue_rollout(worker_id, timeout=timeout), look)
+        if claimed is RUN_OVER or (claimed is None and self.run_over):
+            return RUN_OVER
         if claimed is not None and await request.is_disconnected():
             # The claim landed as its client left: nobody would run it. Put it back at the head
             # of the queue rather than leave it "preparing" until a watchdog notices.

@@ -33,8 +33,8 @@ Idempotency
     enqueues, claims or stores anything twice.
 
 The end of a run
-    Once its server says the run is over (an ``agl-run-over`` header on any answer:
-    ``LightningStoreServer.end_run``), :attr:`~agl_async.LightningStore.run_over` is true: the
+    Once its server says the run is over (``LightningStoreServer.end_run``: a dequeue is answered
+    ``204 No Content``, nothing claimed), :attr:`~agl_async.LightningStore.run_over` is true: the
     runner loop stops on it, so runners attached to a server whose algorithm has finished exit 0
     at once instead of retrying a server that has gone away.
 
@@ -52,7 +52,8 @@ import logging
 import math
 import os
 import ssl
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from http import HTTPStatus
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
@@ -66,6 +67,7 @@ from ..store.base import LightningStore
 from ..types import AttemptedRollout, AttemptStatus, Rollout, Span, Unset, WorkerId
 from . import _tls
 from . import protocol as p
+from .transport import TRANSPORTS, AiohttpTransport, TransportName, resolve_transport  # [transport seam]
 
 __all__ = [
     "DEFAULT_RETRY_DELAYS",
@@ -194,6 +196,9 @@ class LightningStoreClient(LightningStore):
     ``request_timeout`` bounds each request that does not wait by design;
     ``connect_timeout`` each connection attempt; ``retry_delays`` the retries (see the module
     docstring). ``max_connections`` caps the pool (concurrent requests of this client).
+    ``transport``: what carries the requests under httpx's API — ``"auto"`` (aiohttp's pool on
+    asyncio for ``http://``, else httpx's), ``"httpx"`` or ``"aiohttp"``
+    (:mod:`agl_async.http.transport`).
     """
 
     #: A long poll abandoned mid-request may have been answered with a claim already.
@@ -209,7 +214,11 @@ class LightningStoreClient(LightningStore):
         connect_timeout: float = 5.0,
         retry_delays: Sequence[float] = DEFAULT_RETRY_DELAYS,
         max_connections: int = 100,
+        transport: TransportName = "auto",
     ) -> None:
+        if transport not in TRANSPORTS:  # [transport seam]
+            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}; got {transport!r}")
+        self.transport: TransportName = transport
         if not isinstance(endpoint, str) or not endpoint.startswith(("http://", "https://")):
             raise ValueError(
                 f"endpoint must be an http(s) URL such as 'http://127.0.0.1:4747', got {endpoint!r}"
@@ -227,13 +236,14 @@ class LightningStoreClient(LightningStore):
         self.retry_delays = tuple(float(d) for d in retry_delays)
         self.max_connections = int(max_connections)
         self._http: httpx.AsyncClient | None = None
+        self._send: _Send = _not_connected
         self._http_owner: tuple[int, object] | None = None
         self.run_over = False  # learnt from the server's answers (LightningStore.run_over)
         self._headers = {"content-type": "application/json"}
         if self.auth_token:
             self._headers["authorization"] = f"Bearer {self.auth_token}"
         self._timeout = httpx.Timeout(self.request_timeout, connect=self.connect_timeout).as_dict()
-        self._urls = {name: httpx.URL(self.endpoint + spec.path) for name, spec in p.ROUTES.items()}
+        self._url_text = {name: self.endpoint + spec.path for name, spec in p.ROUTES.items()}
 
     def __repr__(self) -> str:
         return f"LightningStoreClient({self.endpoint!r})"
@@ -254,6 +264,7 @@ class LightningStoreClient(LightningStore):
             "connect_timeout": self.connect_timeout,
             "retry_delays": self.retry_delays,
             "max_connections": self.max_connections,
+            "transport": self.transport,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -265,6 +276,7 @@ class LightningStoreClient(LightningStore):
             connect_timeout=state["connect_timeout"],
             retry_delays=state["retry_delays"],
             max_connections=state["max_connections"],
+            transport=state.get("transport", "auto"),
         )
 
     # ------------------------------------------------------------------ connection pool
@@ -276,6 +288,10 @@ class LightningStoreClient(LightningStore):
             or self._http_owner[0] != owner[0]
             or (self._http_owner[1] is not owner[1])
         ):
+            # [transport seam] aiohttp's pool on asyncio for http:// (agl_async.http.transport)
+            transport = None
+            if resolve_transport(self.transport, self.endpoint) == "aiohttp":
+                transport = AiohttpTransport(max_connections=self.max_connections)
             self._http = httpx.AsyncClient(
                 base_url=self.endpoint,
                 headers=self._headers,
@@ -285,8 +301,12 @@ class LightningStoreClient(LightningStore):
                 ),
                 trust_env=False,  # a loopback store must not go through HTTP(S)_PROXY
                 verify=self._ssl_setting(),
+                transport=transport,
             )
             self._http_owner = owner
+            # [transport seam] over our aiohttp transport a call skips httpx's Request/Response
+            # objects and AsyncClient.send (half of the client's CPU per call, measured)
+            self._send = self._send_httpx if transport is None else transport.post
         return self._http
 
     def _ssl_setting(self) -> bool | ssl.SSLContext:
@@ -357,20 +377,15 @@ class LightningStoreClient(LightningStore):
             timeout = httpx.Timeout(self.request_timeout + wait, connect=self.connect_timeout).as_dict()
         else:
             timeout = self._timeout
-        http = self._client()
-        url = self._urls[name]
+        self._client()
+        send = self._send
+        url = self._url_text[name]
         delays = iter(self.retry_delays)
         tries = 0
         while True:
             tries += 1
-            # Built directly rather than through ``post()``: skips URL/header/cookie merging
-            # (~10% of the client's CPU per call, measured). The timeout must travel in the
-            # request's extensions, as ``build_request`` would put it.
-            request = httpx.Request(
-                "POST", url, content=content, headers=headers, extensions={"timeout": timeout}
-            )
             try:
-                response = await http.send(request)
+                status, answer = await send(url, content, headers, timeout)
                 break
             except _RETRYABLE as exc:
                 if (tls_error := await self._tls_failure(name, exc, tries)) is not None:
@@ -387,14 +402,15 @@ class LightningStoreClient(LightningStore):
                     f"the LightningStoreServer at {self.endpoint} did not answer {name} in time: "
                     f"{type(exc).__name__}"
                 ) from exc
-        status = response.status_code
-        if p.RUN_OVER_HEADER in response.headers and not self.run_over:
-            self.run_over = True
-            logger.info("the LightningStoreServer at %s says the run is over", self.endpoint)
+        if status == 204:  # a claim refused because the run is over (LightningStoreServer.end_run)
+            if not self.run_over:
+                self.run_over = True
+                logger.info("the LightningStoreServer at %s says the run is over", self.endpoint)
+            return None  # type: ignore[return-value]  # only the dequeue routes answer 204
         if status == 200:
-            result: R = _decoders[name].decode(response.content)
+            result: R = _decoders[name].decode(answer)
             return result
-        detail = self._error_detail(response)
+        detail = _error_detail(status, answer)
         if status in (401, 403):
             raise StoreAuthError(f"the LightningStoreServer at {self.endpoint} refused {name}: {detail}")
         if 400 <= status < 500:
@@ -403,12 +419,20 @@ class LightningStoreClient(LightningStore):
             f"the LightningStoreServer at {self.endpoint} failed {name} (HTTP {status}): {detail}"
         )
 
-    @staticmethod
-    def _error_detail(response: httpx.Response) -> str:
-        try:
-            return _error_decoder.decode(response.content).detail
-        except msgspec.MsgspecError:
-            return response.text or response.reason_phrase
+    async def _send_httpx(
+        self, url: str, content: bytes, headers: dict[str, str], timeout: dict[str, float | None]
+    ) -> tuple[int, bytes]:
+        """One POST through httpx's own client (trio, TLS, ``AGL_HTTP_TRANSPORT=httpx``).
+
+        Built directly rather than through ``post()``: skips URL/header/cookie merging (~10% of
+        the client's CPU per call, measured). The timeout travels in the request's extensions,
+        as ``build_request`` would put it."""
+        assert self._http is not None
+        request = httpx.Request(
+            "POST", url, content=content, headers=headers, extensions={"timeout": timeout}
+        )
+        response = await self._http.send(request)
+        return response.status_code, response.content
 
     async def health(self) -> bool:
         """Whether the server answers its health check (one request, no retries)."""
@@ -482,3 +506,28 @@ def _wait_of(timeout: float | None, *, none_waits: bool) -> float | None:
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
         raise ValueError(f"timeout must be a number or None, got {timeout!r}")
     return max(float(timeout), 0.0)
+
+
+#: ``send(url, content, headers, timeout) -> (status, body)``: one POST (raises httpx's exceptions).
+_Send = Callable[[str, bytes, dict[str, str], dict[str, float | None]], Awaitable[tuple[int, bytes]]]
+
+
+async def _not_connected(
+    url: str, content: bytes, headers: dict[str, str], timeout: dict[str, float | None]
+) -> tuple[int, bytes]:
+    raise RuntimeError("LightningStoreClient: _client() must run before a request is sent")
+
+
+def _error_detail(status: int, body: bytes) -> str:
+    """The server's error message from a non-200 answer (its JSON body, else the raw text)."""
+    try:
+        return _error_decoder.decode(body).detail
+    except msgspec.MsgspecError:
+        pass
+    text = body.decode("utf-8", "replace").strip()
+    if text:
+        return text
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return f"HTTP {status}"

@@ -269,6 +269,11 @@ def openapi_document(title: str = "agl_async LightningStore", version: str = "1"
                         "description": "The method's result",
                         "content": {"application/json": {"schema": result_schema}},
                     },
+                    **(
+                        {"204": {"description": "The run is over (end_run): nothing claimed"}}
+                        if spec.name in ("dequeue_rollout", "finish_and_dequeue")
+                        else {}
+                    ),
                     "400": error_response("Malformed JSON, or the store rejected the arguments (ValueError)"),
                     "401": error_response("Missing or wrong bearer token"),
                     "413": error_response("Request body over the server's limit"),

@@ -305,7 +305,7 @@ LATEST_ATTEMPT = QUERY_ATTEMPTS + " DESC LIMIT 1"
 LIVE_ATTEMPTS = (
     f"SELECT {ATTEMPT_COLS} FROM agl_attempts WHERE rollout_id = $1 AND status IN ('preparing', 'running')"
 )
-ATTEMPTS_BY_ID = f"SELECT {ATTEMPT_COLS} FROM agl_attempts WHERE attempt_id = ANY($1::text[])"
+ATTEMPTS_BY_ID = f"SELECT {ATTEMPT_COLS}, next_span_seq FROM agl_attempts WHERE attempt_id = ANY($1::text[])"
 # Spans $2 (attempt ids) up to sequence ids $3 arrived at $1: heartbeats, and the next sequence ids.
 SPANS_HEARTBEAT = """
 UPDATE agl_attempts t SET last_heartbeat_time = $1, next_span_seq = GREATEST(t.next_span_seq, u.top + 1),
@@ -358,28 +358,35 @@ NEXT_DEADLINE = "SELECT min(deadline) FROM agl_attempts WHERE deadline IS NOT NU
 # ------------------------------------------------------------------------------------ spans
 # A span ($3: its JSON, $4: its sequence id) of a *running* attempt $2 of rollout $1 at $5: stored
 # and counted as a heartbeat in one statement. No row: not running or unknown (the locked path).
+# A sequence id $4 of 0 (AUTO_SEQUENCE_ID) takes the attempt's next one. Returns the span's
+# sequence id; no row: not running or unknown (the locked path).
 ADD_SPAN_FAST = """
 WITH a AS (
-    UPDATE agl_attempts SET last_heartbeat_time = $5, next_span_seq = GREATEST(next_span_seq, $4 + 1),
+    UPDATE agl_attempts SET last_heartbeat_time = $5,
+        next_span_seq = CASE WHEN $4 = 0 THEN next_span_seq + 1 ELSE GREATEST(next_span_seq, $4 + 1) END,
         deadline = LEAST(start_time + timeout_s, $5 + unresponsive_s)
     WHERE attempt_id = $2 AND rollout_id = $1 AND status = 'running'
-    RETURNING sequence_id
+    RETURNING sequence_id, CASE WHEN $4 = 0 THEN next_span_seq - 1 ELSE $4 END AS span_seq
 )
 INSERT INTO agl_spans (rollout_id, attempt_id, attempt_seq, sequence_id, data)
-SELECT $1, $2, a.sequence_id, $4, $3 FROM a
-RETURNING id
+SELECT $1, $2, a.sequence_id, a.span_seq, $3 FROM a
+RETURNING sequence_id
 """
 INSERT_SPANS = """
 INSERT INTO agl_spans (rollout_id, attempt_id, attempt_seq, sequence_id, data)
 SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::bigint[], $5::text[])
 """
 DELETE_ATTEMPT_SPANS = "DELETE FROM agl_spans WHERE attempt_id = $1"
-SPANS_OF_ROLLOUT = "SELECT data FROM agl_spans WHERE rollout_id = $1 ORDER BY attempt_seq, sequence_id, id"
-SPANS_OF_ATTEMPT = (
-    "SELECT data FROM agl_spans WHERE rollout_id = $1 AND attempt_id = $2 ORDER BY sequence_id, id"
+# Spans are read as (data, sequence_id): the column holds the sequence id (a span added with 0 was
+# numbered by the store after its JSON was written).
+SPANS_OF_ROLLOUT = (
+    "SELECT data, sequence_id FROM agl_spans WHERE rollout_id = $1 ORDER BY attempt_seq, sequence_id, id"
 )
+SPANS_OF_ATTEMPT = """
+SELECT data, sequence_id FROM agl_spans WHERE rollout_id = $1 AND attempt_id = $2 ORDER BY sequence_id, id
+"""
 SPANS_OF_LATEST_ATTEMPT = """
-SELECT s.data FROM agl_spans s
+SELECT s.data, s.sequence_id FROM agl_spans s
 JOIN agl_rollouts r ON r.rollout_id = s.rollout_id AND r.latest_attempt_id = s.attempt_id
 WHERE s.rollout_id = $1 ORDER BY s.sequence_id, s.id
 """

@@ -75,6 +75,7 @@ from .._validate import (
 )
 from ..types import (
     ATTEMPT_STATUSES,
+    AUTO_SEQUENCE_ID,
     QUEUE_STATUSES,
     ROLLOUT_STATUSES,
     TERMINAL_ATTEMPT_STATUSES,
@@ -131,6 +132,7 @@ _MODES = frozenset({"train", "val", "test"})
 REWARD_KEY = "reward"
 #: How many due attempts the watchdog ends per round.
 _SETTLE_BATCH = 256
+_span_decoder = msgspec.json.Decoder(Span)
 
 
 class _Tx:
@@ -1269,7 +1271,9 @@ class PostgresLightningStore(LightningStore):
             await self._rt()
             now = self._now()
             args = (span.rollout_id, span.attempt_id, data, span.sequence_id, now)
-            if await self._autocommit("fetchval", sql.ADD_SPAN_FAST, *args) is not None:
+            seq = await self._autocommit("fetchval", sql.ADD_SPAN_FAST, *args)
+            if seq is not None:
+                span.sequence_id = seq  # AUTO_SEQUENCE_ID: the one the store gave it
                 return span
         await self._add_spans([span], [data])
         return span
@@ -1303,16 +1307,23 @@ class PostgresLightningStore(LightningStore):
                         raise ValueError(f"rollout {s.rollout_id!r} has no attempts")
                     aid = latest
                 wanted[s.rollout_id, s.attempt_id] = aid
-            found = {
-                rec["attempt_id"]: AttemptRow.of(rec)
-                for rec in await tx.conn.fetch(sql.ATTEMPTS_BY_ID, sorted(set(wanted.values())))
-            }
+            recs = await tx.conn.fetch(sql.ATTEMPTS_BY_ID, sorted(set(wanted.values())))
+            found = {rec["attempt_id"]: AttemptRow.of(rec) for rec in recs}
+            next_seq: dict[str, int] = {rec["attempt_id"]: rec["next_span_seq"] for rec in recs}
             of: list[AttemptRow] = []
             for s in spans:
                 a = found.get(wanted[s.rollout_id, s.attempt_id])
                 if a is None or a.rollout_id != s.rollout_id:
                     raise ValueError(f"attempt {s.attempt_id!r} not found in rollout {s.rollout_id!r}")
                 of.append(a)
+            # Sequence ids: AUTO_SEQUENCE_ID takes the attempt's next one, in the order given.
+            following = {aid: rec_seq for aid, rec_seq in next_seq.items()}
+            top: dict[str, int] = {}
+            for s, a in zip(spans, of, strict=True):
+                if s.sequence_id == AUTO_SEQUENCE_ID:
+                    s.sequence_id = following[a.attempt_id]
+                following[a.attempt_id] = max(following[a.attempt_id], s.sequence_id + 1)
+                top[a.attempt_id] = max(top.get(a.attempt_id, s.sequence_id), s.sequence_id)
             await tx.conn.execute(
                 sql.INSERT_SPANS,
                 [s.rollout_id for s in spans],
@@ -1321,9 +1332,6 @@ class PostgresLightningStore(LightningStore):
                 [s.sequence_id for s in spans],
                 data,
             )
-            top: dict[str, int] = {}
-            for s, a in zip(spans, of, strict=True):
-                top[a.attempt_id] = max(top.get(a.attempt_id, s.sequence_id), s.sequence_id)
             await tx.conn.execute(sql.SPANS_HEARTBEAT, tx.now, list(top), list(top.values()))
             # A span makes a preparing attempt running, and brings back an unresponsive one while
             # it may (see the module docstring): the rare case, one attempt at a time.
@@ -1348,7 +1356,10 @@ class PostgresLightningStore(LightningStore):
             return []
         else:
             recs = await self._read("fetch", sql.SPANS_OF_ATTEMPT, rollout_id, attempt_id)
-        return [msgspec.json.decode(rec[0], type=Span) for rec in recs]
+        spans = [_span_decoder.decode(rec[0]) for rec in recs]
+        for span, rec in zip(spans, recs, strict=True):
+            span.sequence_id = rec[1]  # the column is the truth (AUTO_SEQUENCE_ID spans were numbered)
+        return spans
 
     async def get_next_span_sequence_id(self, rollout_id: str, attempt_id: str) -> int:
         async def run(tx: _Tx) -> int:
