@@ -284,9 +284,19 @@ def _endpoint_of(process: subprocess.Popen[str]) -> str:
     return "http://" + line.split("http://", 1)[1].split()[0].rstrip(";,")
 
 
+def _kill(process: subprocess.Popen[str]) -> None:
+    """Whatever happened in the test: no server left (its workers die with it: PDEATHSIG)."""
+    if process.poll() is None:
+        process.kill()
+        process.communicate(timeout=60)
+
+
 def _stop(process: subprocess.Popen[str]) -> tuple[int, str]:
-    process.send_signal(signal.SIGINT)
-    out, _ = process.communicate(timeout=60)
+    try:
+        process.send_signal(signal.SIGINT)
+        out, _ = process.communicate(timeout=60)
+    finally:
+        _kill(process)
     return process.returncode, out
 
 
@@ -352,10 +362,13 @@ def test_ctrl_c_stops_every_worker_cleanly(pg_dsn: str) -> None:
     import psutil
 
     server = _serve("--store", pg_dsn, "--port", "0", "--workers", "2")
-    _endpoint_of(server)
-    workers = psutil.Process(server.pid).children()
-    os.killpg(server.pid, signal.SIGINT)  # what a Ctrl-C in the terminal sends: the whole group
-    out, _ = server.communicate(timeout=60)
+    try:
+        _endpoint_of(server)
+        workers = psutil.Process(server.pid).children()
+        os.killpg(server.pid, signal.SIGINT)  # what a Ctrl-C in the terminal sends: the whole group
+        out, _ = server.communicate(timeout=60)
+    finally:
+        _kill(server)
     assert server.returncode == 0, out
     assert "SIGINT received, stopping the servers" in out and "servers stopped" in out
     assert "error" not in out
@@ -366,10 +379,13 @@ def test_a_worker_that_dies_stops_the_others(pg_dsn: str) -> None:
     import psutil
 
     server = _serve("--store", pg_dsn, "--port", "0", "--workers", "2")
-    _endpoint_of(server)
-    first, second = psutil.Process(server.pid).children()
-    first.kill()
-    out, _ = server.communicate(timeout=60)
+    try:
+        _endpoint_of(server)
+        first, second = psutil.Process(server.pid).children()
+        first.kill()
+        out, _ = server.communicate(timeout=60)
+    finally:
+        _kill(server)
     assert server.returncode == 1, out
     assert f"store server process {first.pid} exited with code -9; stopped the others" in out
     second.wait(timeout=30)
